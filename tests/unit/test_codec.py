@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from podshim.ttrpc.codec import (
@@ -82,9 +82,7 @@ def test_oversized_body_is_skipped_as_it_arrives(
 def test_real_limit_oversized_body_is_never_buffered() -> None:
     length = MAX_BODY + 1
     dec = FrameDecoder()
-    assert dec.feed(HEADER.pack(length, 9, TYPE_REQUEST, 0)) == [
-        Oversized(9, TYPE_REQUEST, length)
-    ]
+    assert dec.feed(HEADER.pack(length, 9, TYPE_REQUEST, 0)) == [Oversized(9, TYPE_REQUEST, length)]
     block = bytes(1 << 20)
     sent = 0
     while sent < length:

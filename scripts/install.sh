@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Idempotent set-up of a Debian 12 machine for podshim: system packages and the
+# Python environment in .venv (podshim installed editable, with the dev tools).
+# Runs as root (containerd, runc and the tests need it).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PKGS=(containerd runc crun busybox-static containernetworking-plugins iproute2 util-linux
+      python3-venv gcc)
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "install.sh: apt-get install ${missing[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# The Debian package starts a system containerd on machines with systemd; podshim's
+# tests and demo never use it (each starts a private instance), so it is left alone.
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.podshim-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  .venv/bin/pip install -q --disable-pip-version-check --upgrade pip >/dev/null
+  .venv/bin/pip install -q --disable-pip-version-check -e '.[dev]' >/dev/null
+  touch "$stamp"
+fi

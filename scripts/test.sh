@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Install what is missing, then run the checks CI runs: ruff, mypy --strict, pytest.
+# Extra arguments go to pytest, e.g. `scripts/test.sh -m "not integration"` for the
+# fast unit tests only.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh
+.venv/bin/ruff check .
+.venv/bin/mypy
+exec .venv/bin/pytest "$@"

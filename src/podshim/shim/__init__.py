@@ -1,0 +1,1 @@
+"""The shim daemon: task service, process supervision and event publishing."""

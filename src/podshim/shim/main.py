@@ -1,0 +1,45 @@
+"""Entry point of ``containerd-shim-podshim-v1``.
+
+This module is imported for every ``start`` and ``delete`` containerd runs, so it imports
+only the standard library pieces each action needs, late.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from podshim.shim.flags import FlagError, parse
+
+RUNTIME_TYPE = "io.containerd.podshim.v1"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        flags = parse(args)
+    except FlagError as exc:
+        print(f"containerd-shim-podshim-v1: {exc}", file=sys.stderr)
+        return 2
+    if flags.version:
+        from podshim import __version__
+
+        print(f"containerd-shim-podshim-v1:\n  Version: {__version__}\n  Runtime: {RUNTIME_TYPE}")
+        return 0
+    if flags.action == "start":
+        from podshim.shim.start import start
+
+        return start(flags)
+    if flags.action == "delete":
+        from podshim.shim.delete import delete
+
+        return delete(flags)
+    if flags.action == "":
+        from podshim.shim.daemon import serve
+
+        return serve(flags)
+    print(f"containerd-shim-podshim-v1: unknown action {flags.action!r}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

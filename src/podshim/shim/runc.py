@@ -1,0 +1,192 @@
+"""Driving the OCI runtime (runc, or crun with the same command line).
+
+Argument building is pure (one ``*_args`` function per subcommand, unit-tested for both
+runtimes); execution goes through the shim's one :class:`~podshim.shim.reaper.Reaper`.
+Failures become :mod:`podshim.errors` kinds whose message names the runtime, the
+subcommand and the runtime's own error text (read from its JSON log).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from podshim import errors as errdefs
+from podshim.shim.reaper import Reaper, Result
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeConfig:
+    """Which OCI runtime binary to run and where it keeps its state."""
+
+    binary: str = "runc"
+    root: str = "/run/podshim/runc"
+    systemd_cgroup: bool = False
+    no_pivot_root: bool = False
+    no_new_keyring: bool = False
+
+
+def global_args(cfg: RuntimeConfig, namespace: str, log_path: str) -> list[str]:
+    """``runc --root <root>/<ns> --log <log> --log-format json [--systemd-cgroup]``."""
+    args = [cfg.binary, "--root", os.path.join(cfg.root, namespace), "--log", log_path]
+    args += ["--log-format", "json"]
+    if cfg.systemd_cgroup:
+        args.append("--systemd-cgroup")
+    return args
+
+
+def create_args(
+    cfg: RuntimeConfig, cid: str, bundle: str, pid_file: str, console_socket: str | None
+) -> list[str]:
+    args = ["create", "--bundle", bundle, "--pid-file", pid_file]
+    if console_socket:
+        args += ["--console-socket", console_socket]
+    if cfg.no_pivot_root:
+        args.append("--no-pivot")
+    if cfg.no_new_keyring:
+        args.append("--no-new-keyring")
+    return [*args, cid]
+
+
+def exec_args(cid: str, process_json: str, pid_file: str, console_socket: str | None) -> list[str]:
+    args = ["exec", "--process", process_json, "--detach", "--pid-file", pid_file]
+    if console_socket:
+        args += ["--console-socket", console_socket]
+    return [*args, cid]
+
+
+def kill_args(cid: str, signal: int, all_: bool) -> list[str]:
+    return ["kill", *(["--all"] if all_ else []), cid, str(signal)]
+
+
+def delete_args(cid: str, force: bool) -> list[str]:
+    return ["delete", *(["--force"] if force else []), cid]
+
+
+def last_error(log_path: str, offset: int) -> str:
+    """The last ``error``/``fatal`` message the runtime wrote to its JSON log past
+    ``offset`` ("" when none)."""
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(offset)
+            lines = f.read().splitlines()
+    except OSError:
+        return ""
+    msg = ""
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and entry.get("level") in ("error", "fatal"):
+            msg = str(entry.get("msg", ""))
+    return msg
+
+
+_NOT_FOUND_HINTS = (
+    "container does not exist",
+    "container not running",
+    "process already finished",
+    "no such process",
+    "not exist",
+)
+
+
+class Runc:
+    """One OCI runtime, bound to a containerd namespace and a bundle's log file."""
+
+    def __init__(self, cfg: RuntimeConfig, namespace: str, reaper: Reaper, log_path: str) -> None:
+        self.cfg = cfg
+        self.namespace = namespace
+        self.reaper = reaper
+        self.log_path = log_path
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.cfg.binary)
+
+    def _log_size(self) -> int:
+        try:
+            return os.stat(self.log_path).st_size
+        except OSError:
+            return 0
+
+    async def _run(
+        self,
+        args: Sequence[str],
+        *,
+        input: bytes | None = None,
+        stdio: tuple[int, int, int] | None = None,
+    ) -> Result:
+        argv = global_args(self.cfg, self.namespace, self.log_path) + list(args)
+        offset = self._log_size()
+        try:
+            if stdio is None:
+                res = await self.reaper.run(argv, input=input)
+            else:
+                res = await self.reaper.run(argv, stdin=stdio[0], stdout=stdio[1], stderr=stdio[2])
+        except FileNotFoundError:
+            raise errdefs.FailedPrecondition(
+                f"OCI runtime binary {self.cfg.binary!r} not found"
+            ) from None
+        if res.status != 0:
+            detail = (
+                last_error(self.log_path, offset) or res.stderr.decode(errors="replace").strip()
+            )
+            detail = detail or f"exit status {res.status}"
+            msg = f"{self.name} {args[0]} failed: {detail}"
+            if any(h in detail for h in _NOT_FOUND_HINTS):
+                raise errdefs.NotFound(msg)
+            raise errdefs.Unknown(msg)
+        return res
+
+    async def create(
+        self,
+        cid: str,
+        bundle: str,
+        pid_file: str,
+        stdio: tuple[int, int, int],
+        console_socket: str | None = None,
+    ) -> None:
+        await self._run(create_args(self.cfg, cid, bundle, pid_file, console_socket), stdio=stdio)
+
+    async def start(self, cid: str) -> None:
+        await self._run(["start", cid])
+
+    async def exec(
+        self,
+        cid: str,
+        process_json: str,
+        pid_file: str,
+        stdio: tuple[int, int, int],
+        console_socket: str | None = None,
+    ) -> None:
+        await self._run(exec_args(cid, process_json, pid_file, console_socket), stdio=stdio)
+
+    async def kill(self, cid: str, signal: int, all_: bool = False) -> None:
+        await self._run(kill_args(cid, signal, all_))
+
+    async def delete(self, cid: str, force: bool = False) -> None:
+        await self._run(delete_args(cid, force))
+
+    async def pause(self, cid: str) -> None:
+        await self._run(["pause", cid])
+
+    async def resume(self, cid: str) -> None:
+        await self._run(["resume", cid])
+
+    async def ps(self, cid: str) -> list[int]:
+        res = await self._run(["ps", "--format", "json", cid])
+        pids = json.loads(res.stdout or b"[]")
+        return [int(p) for p in pids or []]
+
+    async def update(self, cid: str, resources: dict[str, Any]) -> None:
+        await self._run(["update", "--resources", "-", cid], input=json.dumps(resources).encode())
+
+    async def state(self, cid: str) -> dict[str, Any]:
+        res = await self._run(["state", cid])
+        out: dict[str, Any] = json.loads(res.stdout)
+        return out

@@ -1,0 +1,114 @@
+"""The ``start`` action: print the address of a listening shim socket, spawning the
+serving daemon when this task's group has none yet.
+
+containerd waits for this process *and* for EOF on its stdout/stderr pipe, then dials the
+printed address once. So: nothing but the address is printed; the socket listens before
+it is printed; the daemon gets /dev/null for stdio and its own session; the listening
+socket is handed to it as fd 3. Standard library only, and as little work as possible:
+this runs for every pod and every container.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import sys
+
+from podshim.shim.flags import Flags
+from podshim.shim.paths import group_id, read_annotations, socket_address, socket_path
+
+LISTEN_FD = 3
+
+
+def _alive(path: str) -> bool:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def _listen(path: str) -> socket.socket | None:
+    """Bind and listen at ``path``; None when another live shim holds it."""
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    for _ in range(50):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.bind(path)
+        except OSError as exc:
+            s.close()
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            if _alive(path):
+                return None
+            try:  # stale socket of a dead shim
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            continue
+        os.chmod(path, 0o600)
+        s.listen(128)
+        return s
+    raise OSError(errno.EADDRINUSE, f"cannot bind {path}")
+
+
+def _daemon_argv(flags: Flags, bundle: str) -> list[str]:
+    """Re-exec ourselves without an action: the console script when we were started
+    through it (so ``ps`` shows the shim's name), else ``python -m``."""
+    me = sys.argv[0]
+    if os.path.isabs(me) and os.access(me, os.X_OK) and not me.endswith(".py"):
+        head = [me]
+    else:
+        head = [sys.executable, "-m", "podshim.shim.main"]
+    tail = ["-namespace", flags.namespace, "-id", flags.id, "-address", flags.address]
+    tail += ["-bundle", bundle] + (["-debug"] if flags.debug else [])
+    return head + tail
+
+
+def _spawn_daemon(flags: Flags, bundle: str, sock: socket.socket) -> None:
+    argv = _daemon_argv(flags, bundle)
+    os.set_inheritable(sock.fileno(), True)  # dup2(3, 3) would keep CLOEXEC otherwise
+    devnull = os.open(os.devnull, os.O_RDWR)
+    try:
+        os.posix_spawn(
+            argv[0],
+            argv,
+            os.environ,
+            file_actions=[
+                (os.POSIX_SPAWN_DUP2, devnull, 0),
+                (os.POSIX_SPAWN_DUP2, devnull, 1),
+                (os.POSIX_SPAWN_DUP2, devnull, 2),
+                (os.POSIX_SPAWN_DUP2, sock.fileno(), LISTEN_FD),
+            ],
+            setsid=True,
+        )
+    finally:
+        os.close(devnull)
+
+
+def start(flags: Flags) -> int:
+    bundle = os.getcwd()
+    if not flags.id or not flags.namespace or not flags.address:
+        print("start: -id, -namespace and -address are required", file=sys.stderr)
+        return 2
+    group = group_id(flags.id, read_annotations(bundle))
+    path = socket_path(flags.address, flags.namespace, group)
+    sock = _listen(path)
+    if sock is not None:
+        try:
+            _spawn_daemon(flags, bundle, sock)
+        except OSError:
+            os.unlink(path)
+            raise
+        finally:
+            sock.close()
+    address = socket_address(path)
+    with open(os.path.join(bundle, "address"), "w") as f:
+        f.write(address)
+    sys.stdout.write(address)
+    sys.stdout.flush()
+    return 0

@@ -1,0 +1,290 @@
+"""A process's stdio: containerd's FIFOs on one side, pipes or a pty on the other.
+
+Like containerd's runc shim, podshim never hands containerd's FIFOs to the container.
+The container gets pipes (or a pty slave); the shim pumps
+
+* stdin FIFO -> pipe (or pty master), closing the pipe on EOF, and
+* pipe (or pty master) -> stdout/stderr FIFOs.
+
+FIFO rules (see the protocol brief, gotcha 6): output FIFOs are opened O_RDWR (never
+blocks, and a reader of our own keeps writes from failing while containerd restarts);
+the stdin FIFO is opened O_RDONLY|O_NONBLOCK plus a writer of our own, so a missing
+client never looks like EOF; CloseIO drops that writer so containerd's close is EOF.
+When the process exits, :meth:`ProcessIO.wait_output` waits until every byte it wrote
+reached the FIFOs, so quick processes lose no output.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import socket
+import struct
+import tempfile
+import termios
+from urllib.parse import urlparse
+
+from podshim import errors as errdefs
+
+log = logging.getLogger("podshim.stdio")
+
+CHUNK = 32 * 1024
+
+
+def fifo_path(uri: str) -> str:
+    """Plain paths and ``fifo://`` URIs name a FIFO; other schemes are refused."""
+    if "://" not in uri:
+        return uri
+    u = urlparse(uri)
+    if u.scheme == "fifo":
+        return u.path
+    raise errdefs.InvalidArgument(f"unsupported stdio URI scheme {u.scheme!r} in {uri!r}")
+
+
+class Pump:
+    """Copies ``src`` to ``dst`` on the event loop until EOF (or EIO, a pty's EOF).
+
+    Both fds are made non-blocking. ``close_dst`` closes the destination at EOF (stdin
+    pipes: that is how the process sees EOF). Output that cannot be written because the
+    reader went away is dropped, never raised.
+    """
+
+    def __init__(self, src: int, dst: int, *, close_src: bool, close_dst: bool) -> None:
+        self.src, self.dst = src, dst
+        self._close_src, self._close_dst = close_src, close_dst
+        self._buf = b""
+        self._loop = asyncio.get_running_loop()
+        self.done: asyncio.Future[None] = self._loop.create_future()
+        os.set_blocking(src, False)
+        os.set_blocking(dst, False)
+        self._loop.add_reader(src, self._readable)
+
+    def _readable(self) -> None:
+        try:
+            data = os.read(self.src, CHUNK)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            if exc.errno != errno.EIO:
+                log.debug("stdio read fd %d: %s", self.src, exc)
+            data = b""
+        if not data:
+            self._finish()
+            return
+        self._buf = data
+        self._loop.remove_reader(self.src)
+        self._flush()
+
+    def _flush(self) -> None:
+        while self._buf:
+            try:
+                n = os.write(self.dst, self._buf)
+            except BlockingIOError:
+                self._loop.add_writer(self.dst, self._writable)
+                return
+            except OSError as exc:  # reader gone (EPIPE): drop the output
+                log.debug("stdio write fd %d: %s", self.dst, exc)
+                n = len(self._buf)
+            self._buf = self._buf[n:]
+        if not self.done.done():
+            self._loop.add_reader(self.src, self._readable)
+
+    def _writable(self) -> None:
+        self._loop.remove_writer(self.dst)
+        self._flush()
+
+    def _finish(self) -> None:
+        self._loop.remove_reader(self.src)
+        self._loop.remove_writer(self.dst)
+        if self._close_src:
+            _close(self.src)
+        if self._close_dst:
+            _close(self.dst)
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def cancel(self) -> None:
+        """Stop pumping now and close what this pump owns."""
+        self._finish()
+
+
+def _close(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)
+
+
+def _open_output(path: str) -> int:
+    return os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+
+
+class ProcessIO:
+    """The stdio of one process (a container init or an exec).
+
+    Use: ``io = ProcessIO(stdin, stdout, stderr, terminal)``; ``await io.open()``; give
+    ``io.child_fds`` (and ``io.console_socket`` for a terminal) to the runtime; after it
+    returns call ``await io.started()``; on exit ``await io.wait_output(timeout)``;
+    finally ``io.close()``.
+    """
+
+    def __init__(self, stdin: str, stdout: str, stderr: str, terminal: bool) -> None:
+        self.stdin, self.stdout, self.stderr = stdin, stdout, stderr
+        self.terminal = terminal
+        self.child_fds: tuple[int, int, int] = (-1, -1, -1)
+        self.console_socket: str | None = None
+        self._owned: list[int] = []  # fds closed by close()
+        self._child_ends: list[int] = []  # closed once the runtime has them
+        self._stdin_keep = -1  # our own writer on the stdin FIFO
+        self._pumps: list[Pump] = []
+        self._out_pumps: list[Pump] = []
+        self._master = -1
+        self._console_dir: str | None = None
+        self._console_listener: socket.socket | None = None
+
+    async def open(self) -> None:
+        """Open the FIFOs and create the pipes (or the console socket)."""
+        try:
+            if self.terminal:
+                self._open_console_socket()
+            else:
+                self._open_pipes()
+        except BaseException:
+            self.close()
+            raise
+
+    def _fifo_in(self) -> int:
+        path = fifo_path(self.stdin)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        self._owned.append(fd)
+        self._stdin_keep = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        return fd
+
+    def _fifo_out(self, uri: str) -> int:
+        fd = _open_output(fifo_path(uri))
+        self._owned.append(fd)
+        return fd
+
+    def _open_pipes(self) -> None:
+        devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        self._child_ends.append(devnull)
+        fds = [devnull, devnull, devnull]
+        if self.stdin:
+            src = self._fifo_in()
+            r, w = os.pipe()
+            self._child_ends.append(r)
+            fds[0] = r
+            self._pumps.append(Pump(src, w, close_src=False, close_dst=True))
+        out_fds: dict[str, int] = {}
+        for i, uri in ((1, self.stdout), (2, self.stderr)):
+            if not uri:
+                continue
+            dst = out_fds.get(uri)
+            if dst is None:
+                dst = out_fds[uri] = self._fifo_out(uri)
+            r, w = os.pipe()
+            self._child_ends.append(w)
+            fds[i] = w
+            pump = Pump(r, dst, close_src=True, close_dst=False)
+            self._pumps.append(pump)
+            self._out_pumps.append(pump)
+        self.child_fds = (fds[0], fds[1], fds[2])
+
+    def _open_console_socket(self) -> None:
+        self._console_dir = tempfile.mkdtemp(prefix="pty", dir=_console_base())
+        path = os.path.join(self._console_dir, "c.sock")
+        lst = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        lst.bind(path)
+        lst.listen(1)
+        lst.setblocking(False)
+        self._console_listener = lst
+        self.console_socket = path
+        devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        self._child_ends.append(devnull)
+        self.child_fds = (devnull, devnull, devnull)
+
+    async def started(self, timeout: float = 30.0) -> None:
+        """The runtime has started the process: drop our copies of its ends, and for
+        a terminal receive the pty master and start pumping."""
+        for fd in self._child_ends:
+            _close(fd)
+        self._child_ends.clear()
+        if not self.terminal:
+            return
+        assert self._console_listener is not None
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(timeout):
+            conn, _ = await loop.sock_accept(self._console_listener)
+        with conn:
+            conn.setblocking(True)
+            conn.settimeout(timeout)
+            _, fds, _, _ = socket.recv_fds(conn, 1024, 1)
+        if not fds:
+            raise errdefs.Unknown("runtime sent no pty master on the console socket")
+        self._master = fds[0]
+        self._owned.append(self._master)
+        self._cleanup_console_socket()
+        if self.stdin:
+            src = self._fifo_in()
+            self._pumps.append(Pump(src, os.dup(self._master), close_src=False, close_dst=True))
+        if self.stdout:
+            pump = Pump(
+                os.dup(self._master), self._fifo_out(self.stdout), close_src=True, close_dst=False
+            )
+            self._pumps.append(pump)
+            self._out_pumps.append(pump)
+
+    def _cleanup_console_socket(self) -> None:
+        if self._console_listener is not None:
+            self._console_listener.close()
+            self._console_listener = None
+        if self._console_dir is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(self._console_dir, "c.sock"))
+                os.rmdir(self._console_dir)
+            self._console_dir = None
+
+    def close_stdin(self) -> None:
+        """CloseIO: from now on containerd closing its stdin FIFO writer is EOF."""
+        if self._stdin_keep >= 0:
+            _close(self._stdin_keep)
+            self._stdin_keep = -1
+
+    def resize(self, width: int, height: int) -> None:
+        """ResizePty: set the pty's window size."""
+        if self._master < 0:
+            raise errdefs.FailedPrecondition("process has no terminal")
+        fcntl.ioctl(self._master, termios.TIOCSWINSZ, struct.pack("HHHH", height, width, 0, 0))
+
+    async def wait_output(self, timeout: float) -> bool:
+        """Wait until all output reached the FIFOs (EOF on every output pipe). False when
+        something (e.g. a daemonized grandchild) still holds a pipe after ``timeout``."""
+        futs = [p.done for p in self._out_pumps]
+        if not futs:
+            return True
+        done, _ = await asyncio.wait(futs, timeout=timeout)
+        return len(done) == len(futs)
+
+    def close(self) -> None:
+        """Stop every pump and close every fd this object opened. Idempotent."""
+        for p in self._pumps:
+            p.cancel()
+        self._pumps.clear()
+        self._out_pumps.clear()
+        for fd in self._child_ends + self._owned:
+            _close(fd)
+        self._child_ends.clear()
+        self._owned.clear()
+        self.close_stdin()
+        self._master = -1
+        self._cleanup_console_socket()
+
+
+def _console_base() -> str:
+    from podshim.shim.paths import RUN_DIR
+
+    base = os.path.join(RUN_DIR, "console")
+    os.makedirs(base, mode=0o700, exist_ok=True)
+    return base

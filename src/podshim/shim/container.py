@@ -1,0 +1,361 @@
+"""A container run by the OCI runtime: the Linux counterpart of runhcs's hcsTask.
+
+Implements :class:`~podshim.shim.task.Task`. Every process exit arrives through the
+shim's one reaper; every state change goes through the tables in ``states.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from google.protobuf import any_pb2
+
+from podshim import errors as errdefs
+from podshim.api.events import task_pb2 as ev
+from podshim.api.types import mount_pb2
+from podshim.shim import mount
+from podshim.shim.paths import valid_id
+from podshim.shim.process import Process
+from podshim.shim.runc import Runc, RuntimeConfig
+from podshim.shim.states import Status
+from podshim.shim.task import ExecRequest, ExitInfo, ProcessState, ShimContext
+
+log = logging.getLogger("podshim.container")
+
+
+def ts(at: float) -> Any:
+    from google.protobuf import timestamp_pb2
+
+    t = timestamp_pb2.Timestamp()
+    t.FromNanoseconds(int(at * 1e9))
+    return t
+
+
+def load_spec(bundle: str) -> dict[str, Any]:
+    """Read ``<bundle>/config.json``. Raises InvalidArgument naming the problem."""
+    path = os.path.join(bundle, "config.json")
+    try:
+        with open(path, "rb") as f:
+            spec = json.load(f)
+    except FileNotFoundError:
+        raise errdefs.InvalidArgument(f"bundle {bundle}: missing config.json") from None
+    except (OSError, ValueError) as exc:
+        raise errdefs.InvalidArgument(f"{path}: invalid OCI spec: {exc}") from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("process"), dict):
+        raise errdefs.InvalidArgument(f"{path}: invalid OCI spec: no process")
+    if not isinstance(spec.get("root"), dict):
+        raise errdefs.InvalidArgument(f"{path}: invalid OCI spec: no root")
+    return spec
+
+
+def private_pid_ns(spec: dict[str, Any]) -> bool:
+    nss = spec.get("linux", {}).get("namespaces", []) or []
+    return any(ns.get("type") == "pid" and not ns.get("path") for ns in nss)
+
+
+class Container:
+    """A runc container with its init and execs."""
+
+    def __init__(
+        self,
+        ctx: ShimContext,
+        tid: str,
+        bundle: str,
+        runtime: RuntimeConfig,
+        spec: dict[str, Any],
+        rootfs: Sequence[mount_pb2.Mount],
+        *,
+        terminal: bool,
+        stdin: str,
+        stdout: str,
+        stderr: str,
+    ) -> None:
+        self.ctx = ctx
+        self.id = tid
+        self.bundle = bundle
+        self.spec = spec
+        self.rootfs = list(rootfs)
+        self.runc = Runc(runtime, ctx.namespace, ctx.reaper, os.path.join(bundle, "log.json"))
+        self.init = Process(tid, "", bundle, terminal, stdin, stdout, stderr)
+        self.execs: dict[str, Process] = {}
+        self.execs_spec: dict[str, bytes] = {}  # exec id -> OCI process JSON for runc
+        self._mounted = False
+
+    # -- lifecycle ------------------------------------------------------------------
+    @property
+    def pid(self) -> int:
+        return self.init.pid
+
+    async def create(self) -> None:
+        """Mount the rootfs, open stdio, ``runc create``; publishes /tasks/create.
+        On failure everything done so far is undone."""
+        try:
+            self._record_runtime()
+            self._mount_rootfs()
+            await self.init.io.open()
+            pid_file = os.path.join(self.bundle, "init.pid")
+            await self.runc.create(
+                self.id,
+                self.bundle,
+                pid_file,
+                self.init.io.child_fds,
+                self.init.io.console_socket,
+            )
+            await self.init.io.started()
+            self.init.pid = _read_pid(pid_file)
+        except BaseException:
+            await self._undo_create()
+            raise
+        self.init.monitor = asyncio.get_running_loop().create_task(self._monitor(self.init))
+        self.ctx.publisher.publish(
+            ev.TaskCreate(
+                container_id=self.id,
+                bundle=self.bundle,
+                rootfs=self.rootfs,
+                io=ev.TaskIO(
+                    stdin=self.init.io.stdin,
+                    stdout=self.init.io.stdout,
+                    stderr=self.init.io.stderr,
+                    terminal=self.init.io.terminal,
+                ),
+                pid=self.init.pid,
+            )
+        )
+
+    def _record_runtime(self) -> None:
+        """Leave what the ``delete`` action needs to clean up without us."""
+        from podshim.shim.delete import RUNTIME_FILE
+
+        cfg = self.runc.cfg
+        with open(os.path.join(self.bundle, RUNTIME_FILE), "w") as f:
+            json.dump({"binary": cfg.binary, "root": cfg.root}, f)
+
+    async def _undo_create(self) -> None:
+        self.init.io.close()
+        with contextlib.suppress(errdefs.ShimError):
+            await self.runc.delete(self.id, force=True)
+        self._unmount_rootfs()
+
+    def _mount_rootfs(self) -> None:
+        target = os.path.join(self.bundle, "rootfs")
+        for m in self.rootfs:
+            try:
+                mount.mount(m.type, m.source, target, list(m.options))
+            except OSError as exc:
+                raise errdefs.Unknown(f"task {self.id}: rootfs: {exc}") from None
+            self._mounted = True
+
+    def _unmount_rootfs(self) -> None:
+        if self._mounted or self.rootfs:
+            try:
+                mount.unmount_all(os.path.join(self.bundle, "rootfs"))
+            except OSError as exc:
+                log.warning("task %s: %s", self.id, exc)
+            self._mounted = False
+
+    async def _monitor(self, p: Process) -> None:
+        """Wait for ``p``'s exit from the reaper, then report it (the only exit path)."""
+        ex = await self.ctx.reaper.watch(p.pid)
+        if p is self.init and not private_pid_ns(self.spec):
+            # Without its own pid namespace nothing kills the rest: do it like runc's shim.
+            with contextlib.suppress(errdefs.ShimError):
+                await self.runc.kill(self.id, 9, all_=True)
+        if await p.exited_with(ex.status, ex.at):
+            self.ctx.publisher.publish(
+                ev.TaskExit(
+                    container_id=self.id,
+                    id=p.exec_id or self.id,
+                    pid=p.pid,
+                    exit_status=ex.status,
+                    exited_at=ts(ex.at),
+                )
+            )
+
+    def _proc(self, exec_id: str) -> Process:
+        if not exec_id:
+            return self.init
+        p = self.execs.get(exec_id)
+        if p is None:
+            raise errdefs.NotFound(f"exec {exec_id} of task {self.id}: not found")
+        return p
+
+    async def start(self, exec_id: str) -> int:
+        p = self._proc(exec_id)
+        async with p.lock:
+            p.machine.check("start")
+            if p is self.init:
+                await self.runc.start(self.id)
+                p.machine.fire("start")
+                self.ctx.publisher.publish(ev.TaskStart(container_id=self.id, pid=p.pid))
+            else:
+                await self._start_exec(p)
+        return p.pid
+
+    async def _start_exec(self, p: Process) -> None:
+        if self.init.status is not Status.RUNNING:
+            raise errdefs.FailedPrecondition(
+                f"task {self.id}: cannot exec in a {self.init.status.name.lower()} task"
+            )
+        await p.io.open()
+        pid_file = os.path.join(self.bundle, f"{p.exec_id}.pid")
+        fd, spec_path = tempfile.mkstemp(prefix=f".{p.exec_id}-", suffix=".json", dir=self.bundle)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(self.execs_spec[p.exec_id])
+            await self.runc.exec(self.id, spec_path, pid_file, p.io.child_fds, p.io.console_socket)
+            await p.io.started()
+            p.pid = _read_pid(pid_file)
+        except BaseException:
+            p.io.close()
+            p.failed_to_start()
+            raise
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(spec_path)
+        p.machine.fire("start")
+        p.monitor = asyncio.get_running_loop().create_task(self._monitor(p))
+        self.ctx.publisher.publish(
+            ev.TaskExecStarted(container_id=self.id, exec_id=p.exec_id, pid=p.pid)
+        )
+
+    def state(self, exec_id: str) -> ProcessState:
+        return self._proc(exec_id).state()
+
+    async def kill(self, exec_id: str, signal: int, all_: bool) -> None:
+        if all_ and exec_id:
+            raise errdefs.FailedPrecondition(
+                f"task {self.id}: cannot signal all processes of an exec"
+            )
+        p = self._proc(exec_id)
+        p.machine.check_kill()
+        if p is self.init:
+            await self.runc.kill(self.id, signal, all_=all_)
+            return
+        if not p.pid:
+            raise errdefs.FailedPrecondition(f"{p.what}: not started")
+        if p.has_exited:
+            raise errdefs.NotFound(f"{p.what}: process already finished")
+        try:
+            os.kill(p.pid, signal)  # not yet reaped, so the pid is still this process's
+        except ProcessLookupError:
+            raise errdefs.NotFound(f"{p.what}: process already finished") from None
+
+    async def exec(self, req: ExecRequest) -> None:
+        if not valid_id(req.exec_id):
+            raise errdefs.InvalidArgument(f"exec id {req.exec_id!r}: invalid identifier")
+        if req.exec_id in self.execs:
+            raise errdefs.AlreadyExists(f"exec {req.exec_id} of task {self.id}: already exists")
+        if self.init.status is not Status.RUNNING:
+            raise errdefs.FailedPrecondition(
+                f"task {self.id}: cannot exec in a {self.init.status.name.lower()} task"
+            )
+        try:
+            process = json.loads(req.spec.value)
+        except ValueError as exc:
+            raise errdefs.InvalidArgument(
+                f"exec {req.exec_id}: invalid process spec: {exc}"
+            ) from None
+        if not isinstance(process, dict) or not process.get("args"):
+            raise errdefs.InvalidArgument(f"exec {req.exec_id}: process spec has no args")
+        process["terminal"] = req.terminal
+        self.execs_spec[req.exec_id] = json.dumps(process).encode()
+        self.execs[req.exec_id] = Process(
+            self.id, req.exec_id, self.bundle, req.terminal, req.stdin, req.stdout, req.stderr
+        )
+        self.ctx.publisher.publish(ev.TaskExecAdded(container_id=self.id, exec_id=req.exec_id))
+
+    async def delete(self, exec_id: str) -> tuple[int, ExitInfo]:
+        p = self._proc(exec_id)
+        p.check_delete()
+        if p is not self.init:
+            p.machine.fire("delete")
+            p.release()
+            del self.execs[exec_id]
+            self.execs_spec.pop(exec_id, None)
+            return p.pid, p.exit or ExitInfo(0, time.time())
+        if p.status is Status.CREATED:
+            # Never started: kill the waiting init and let the monitor record its exit.
+            with contextlib.suppress(errdefs.ShimError):
+                await self.runc.kill(self.id, 9)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(10):
+                    await p.wait()
+        try:
+            await self.runc.delete(self.id)
+        except errdefs.NotFound:
+            pass
+        except errdefs.ShimError:
+            await self.runc.delete(self.id, force=True)
+        p.machine.fire("delete")
+        for e in self.execs.values():
+            e.release()
+        p.release()
+        self._unmount_rootfs()
+        ex = p.exit or ExitInfo(137, time.time())
+        self.ctx.publisher.publish(
+            ev.TaskDelete(
+                container_id=self.id, pid=p.pid, exit_status=ex.status, exited_at=ts(ex.at)
+            )
+        )
+        return p.pid, ex
+
+    async def wait(self, exec_id: str) -> ExitInfo:
+        return await self._proc(exec_id).wait()
+
+    async def pids(self) -> list[tuple[int, str]]:
+        if self.init.has_exited:
+            return []
+        by_pid = {e.pid: eid for eid, e in self.execs.items() if e.pid}
+        return [(pid, by_pid.get(pid, "")) for pid in await self.runc.ps(self.id)]
+
+    async def pause(self) -> None:
+        self.init.machine.check("pause")
+        await self.runc.pause(self.id)
+        self.init.machine.fire("pause")
+        self.ctx.publisher.publish(ev.TaskPaused(container_id=self.id))
+
+    async def resume(self) -> None:
+        self.init.machine.check("resume")
+        await self.runc.resume(self.id)
+        self.init.machine.fire("resume")
+        self.ctx.publisher.publish(ev.TaskResumed(container_id=self.id))
+
+    async def update(self, resources: any_pb2.Any) -> None:
+        if self.init.has_exited:
+            raise errdefs.NotFound(f"task {self.id}: process already finished")
+        try:
+            value = json.loads(resources.value)
+        except ValueError as exc:
+            raise errdefs.InvalidArgument(f"task {self.id}: invalid resources: {exc}") from None
+        if not isinstance(value, dict):
+            raise errdefs.InvalidArgument(f"task {self.id}: resources must be a JSON object")
+        await self.runc.update(self.id, value)
+
+    async def stats(self) -> any_pb2.Any:
+        if not self.init.pid or self.init.has_exited:
+            raise errdefs.NotFound(f"task {self.id}: no running process to measure")
+        from podshim.cgroups.stats import metrics_any_for_pid
+
+        return metrics_any_for_pid(self.init.pid)
+
+    def close_io(self, exec_id: str) -> None:
+        self._proc(exec_id).close_io()
+
+    def resize(self, exec_id: str, width: int, height: int) -> None:
+        self._proc(exec_id).resize(width, height)
+
+
+def _read_pid(path: str) -> int:
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError) as exc:
+        raise errdefs.Unknown(f"cannot read pid file {path}: {exc}") from None

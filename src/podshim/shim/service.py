@@ -1,0 +1,199 @@
+"""``containerd.task.v2.Task``: routes each call to its task; all behaviour lives in
+the tasks (see the contracts in ``task.py``).
+
+Like runhcs's service.go, every method is thin: look the task up, call it, translate the
+answer to protobuf. Errors propagate as :mod:`podshim.errors` kinds; the ttrpc server
+turns them into status codes in its one place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable
+
+from google.protobuf import any_pb2, empty_pb2
+from google.protobuf import timestamp_pb2 as ts_pb2
+
+from podshim import __version__
+from podshim import errors as errdefs
+from podshim.api.runc.options import oci_pb2
+from podshim.api.task.v2 import shim_pb2 as pb
+from podshim.shim.config import Config, from_options
+from podshim.shim.container import Container, load_spec
+from podshim.shim.paths import valid_id
+from podshim.shim.task import ExecRequest, ExitInfo, ShimContext, Task
+from podshim.ttrpc.services import CallContext
+
+log = logging.getLogger("podshim.service")
+
+
+def _ts(at: float) -> ts_pb2.Timestamp:
+    t = ts_pb2.Timestamp()
+    t.FromNanoseconds(int(at * 1e9))
+    return t
+
+
+def _check_id(tid: str) -> None:
+    if not valid_id(tid):
+        raise errdefs.InvalidArgument(f"task id {tid!r}: invalid identifier")
+
+
+class TaskService:
+    """The Task API of one shim process, for every task it holds."""
+
+    def __init__(self, ctx: ShimContext, request_shutdown: Callable[[], None]) -> None:
+        self.ctx = ctx
+        self.tasks: dict[str, Task] = {}
+        self._creating: set[str] = set()
+        self._request_shutdown = request_shutdown
+        #: shim-wide settings: fixed by the first Create
+        self.config: Config | None = None
+
+    def _task(self, tid: str) -> Task:
+        _check_id(tid)
+        task = self.tasks.get(tid)
+        if task is None:
+            raise errdefs.NotFound(f"task {tid}: not found")
+        return task
+
+    @property
+    def empty(self) -> bool:
+        """No task held (and none being created): the shim may exit."""
+        return not self.tasks and not self._creating
+
+    # -- RPCs --------------------------------------------------------------------------
+    async def Create(self, req: pb.CreateTaskRequest, _: CallContext) -> pb.CreateTaskResponse:
+        _check_id(req.id)
+        if req.id in self.tasks or req.id in self._creating:
+            raise errdefs.AlreadyExists(f"task {req.id}: already exists")
+        if req.checkpoint:
+            raise errdefs.NotImplemented("restoring from a checkpoint is not supported (no CRIU)")
+        if not os.path.isabs(req.bundle) or not os.path.isdir(req.bundle):
+            raise errdefs.InvalidArgument(
+                f"task {req.id}: bundle {req.bundle!r} is not a directory"
+            )
+        self._creating.add(req.id)
+        try:
+            cfg = from_options(req.options if req.HasField("options") else None, self.config)
+            if self.config is None:
+                self.config = cfg
+            spec = load_spec(req.bundle)
+            task = Container(
+                self.ctx,
+                req.id,
+                req.bundle,
+                cfg.runtime,
+                spec,
+                req.rootfs,
+                terminal=req.terminal,
+                stdin=req.stdin,
+                stdout=req.stdout,
+                stderr=req.stderr,
+            )
+            await task.create()
+            self.tasks[req.id] = task
+        finally:
+            self._creating.discard(req.id)
+        log.info("created task %s pid %d", req.id, task.pid)
+        return pb.CreateTaskResponse(pid=task.pid)
+
+    async def Start(self, req: pb.StartRequest, _: CallContext) -> pb.StartResponse:
+        return pb.StartResponse(pid=await self._task(req.id).start(req.exec_id))
+
+    async def State(self, req: pb.StateRequest, _: CallContext) -> pb.StateResponse:
+        st = self._task(req.id).state(req.exec_id)
+        resp = pb.StateResponse(
+            id=st.exec_id or st.id,
+            bundle=st.bundle,
+            pid=st.pid,
+            status=st.status.wire,  # type: ignore[arg-type]
+            stdin=st.stdin,
+            stdout=st.stdout,
+            stderr=st.stderr,
+            terminal=st.terminal,
+            exec_id=st.exec_id,
+        )
+        if st.exit is not None:
+            resp.exit_status = st.exit.status
+            resp.exited_at.CopyFrom(_ts(st.exit.at))
+        return resp
+
+    async def Delete(self, req: pb.DeleteRequest, _: CallContext) -> pb.DeleteResponse:
+        task = self._task(req.id)
+        pid, ex = await task.delete(req.exec_id)
+        if not req.exec_id:
+            self.tasks.pop(req.id, None)
+            log.info("deleted task %s", req.id)
+        return pb.DeleteResponse(pid=pid, exit_status=ex.status, exited_at=_ts(ex.at))
+
+    async def Pids(self, req: pb.PidsRequest, _: CallContext) -> pb.PidsResponse:
+        resp = pb.PidsResponse()
+        for pid, exec_id in await self._task(req.id).pids():
+            info = resp.processes.add(pid=pid)
+            if exec_id:
+                details = oci_pb2.ProcessDetails(exec_id=exec_id)
+                info.info.CopyFrom(
+                    any_pb2.Any(
+                        type_url="containerd.runc.v1.ProcessDetails",
+                        value=details.SerializeToString(),
+                    )
+                )
+        return resp
+
+    async def Pause(self, req: pb.PauseRequest, _: CallContext) -> empty_pb2.Empty:
+        await self._task(req.id).pause()
+        return empty_pb2.Empty()
+
+    async def Resume(self, req: pb.ResumeRequest, _: CallContext) -> empty_pb2.Empty:
+        await self._task(req.id).resume()
+        return empty_pb2.Empty()
+
+    async def Checkpoint(self, req: pb.CheckpointTaskRequest, _: CallContext) -> empty_pb2.Empty:
+        self._task(req.id)
+        raise errdefs.NotImplemented(
+            "checkpoint is not supported by podshim: CRIU does not work on this kernel"
+        )
+
+    async def Kill(self, req: pb.KillRequest, _: CallContext) -> empty_pb2.Empty:
+        await self._task(req.id).kill(req.exec_id, req.signal, req.all)
+        return empty_pb2.Empty()
+
+    async def Exec(self, req: pb.ExecProcessRequest, _: CallContext) -> empty_pb2.Empty:
+        await self._task(req.id).exec(
+            ExecRequest(req.exec_id, req.terminal, req.stdin, req.stdout, req.stderr, req.spec)
+        )
+        return empty_pb2.Empty()
+
+    async def ResizePty(self, req: pb.ResizePtyRequest, _: CallContext) -> empty_pb2.Empty:
+        self._task(req.id).resize(req.exec_id, req.width, req.height)
+        return empty_pb2.Empty()
+
+    async def CloseIO(self, req: pb.CloseIORequest, _: CallContext) -> empty_pb2.Empty:
+        if req.stdin:
+            self._task(req.id).close_io(req.exec_id)
+        return empty_pb2.Empty()
+
+    async def Update(self, req: pb.UpdateTaskRequest, _: CallContext) -> empty_pb2.Empty:
+        await self._task(req.id).update(req.resources)
+        return empty_pb2.Empty()
+
+    async def Wait(self, req: pb.WaitRequest, _: CallContext) -> pb.WaitResponse:
+        ex: ExitInfo = await self._task(req.id).wait(req.exec_id)
+        return pb.WaitResponse(exit_status=ex.status, exited_at=_ts(ex.at))
+
+    async def Stats(self, req: pb.StatsRequest, _: CallContext) -> pb.StatsResponse:
+        return pb.StatsResponse(stats=await self._task(req.id).stats())
+
+    async def Connect(self, req: pb.ConnectRequest, _: CallContext) -> pb.ConnectResponse:
+        task = self._task(req.id)
+        return pb.ConnectResponse(
+            shim_pid=os.getpid(), task_pid=task.pid, version=f"podshim {__version__}"
+        )
+
+    async def Shutdown(self, req: pb.ShutdownRequest, _: CallContext) -> empty_pb2.Empty:
+        """Ends the shim when it holds no task; otherwise a successful no-op."""
+        if self.empty:
+            asyncio.get_running_loop().call_soon(self._request_shutdown)
+        return empty_pb2.Empty()

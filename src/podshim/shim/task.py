@@ -1,0 +1,137 @@
+"""The Task and Exec contracts every kind of task in a podshim shim fulfils.
+
+The Task service (``service.py``) only routes calls: all behaviour, and every error kind,
+is stated here and implemented by :class:`~podshim.shim.container.Container` (a runc
+container), by the pod sandbox task, and by the fakes in the tests, which pass the same
+contract tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from google.protobuf import any_pb2
+
+from podshim.shim.events import Publisher
+from podshim.shim.reaper import Reaper
+from podshim.shim.states import Status
+
+
+@dataclass(frozen=True, slots=True)
+class ExitInfo:
+    """A process's end: exit code or 128+signal, and when (unix time)."""
+
+    status: int
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessState:
+    """What ``State`` reports for one process."""
+
+    id: str
+    exec_id: str
+    bundle: str
+    pid: int
+    status: Status
+    stdin: str
+    stdout: str
+    stderr: str
+    terminal: bool
+    exit: ExitInfo | None
+
+
+@dataclass(frozen=True, slots=True)
+class ExecRequest:
+    exec_id: str
+    terminal: bool
+    stdin: str
+    stdout: str
+    stderr: str
+    spec: any_pb2.Any
+
+
+@dataclass
+class ShimContext:
+    """What every task of one shim shares."""
+
+    namespace: str
+    reaper: Reaper
+    publisher: Publisher
+
+
+class Task(Protocol):
+    """A task of the shim: a container (init process plus execs) or a pod sandbox.
+
+    ``exec_id == ""`` always means the init process. Unless a method says otherwise, an
+    unknown exec id MUST raise NotFound.
+    """
+
+    id: str
+    bundle: str
+
+    @property
+    def pid(self) -> int:
+        """The init pid reported by Create/Start/State/Connect (0 before Create)."""
+        ...
+
+    async def start(self, exec_id: str) -> int:
+        """Start init or an exec and return its pid. Starting a process that is not
+        Created MUST raise FailedPrecondition. Publishes /tasks/start or
+        /tasks/exec-started before the process's /tasks/exit."""
+        ...
+
+    def state(self, exec_id: str) -> ProcessState:
+        """The process's current state. MUST NOT block."""
+        ...
+
+    async def kill(self, exec_id: str, signal: int, all_: bool) -> None:
+        """Signal a process. An exited process MUST raise NotFound; ``all_`` with a
+        non-empty exec id MUST raise FailedPrecondition."""
+        ...
+
+    async def exec(self, req: ExecRequest) -> None:
+        """Add an exec in Created. A duplicate exec id MUST raise AlreadyExists; a task
+        whose init is not running MUST raise FailedPrecondition. Publishes
+        /tasks/exec-added."""
+        ...
+
+    async def delete(self, exec_id: str) -> tuple[int, ExitInfo]:
+        """Delete an exited (or never started) process and return (pid, exit). A running
+        process MUST raise FailedPrecondition. Deleting init releases everything the task
+        holds and publishes /tasks/delete, always after its /tasks/exit."""
+        ...
+
+    async def wait(self, exec_id: str) -> ExitInfo:
+        """Block until the process has exited (also before Start), then return its exit;
+        any number of times."""
+        ...
+
+    async def pids(self) -> list[tuple[int, str]]:
+        """Every process of the task as (pid, exec id or "")."""
+        ...
+
+    async def pause(self) -> None:
+        """Freeze the task (FailedPrecondition unless running); publishes /tasks/paused."""
+        ...
+
+    async def resume(self) -> None:
+        """Thaw the task (FailedPrecondition unless paused); publishes /tasks/resumed."""
+        ...
+
+    async def update(self, resources: any_pb2.Any) -> None:
+        """Apply new LinuxResources (InvalidArgument for an undecodable value)."""
+        ...
+
+    async def stats(self) -> any_pb2.Any:
+        """cgroups v1 or v2 Metrics. A task without live processes MUST raise NotFound."""
+        ...
+
+    def close_io(self, exec_id: str) -> None:
+        """Close the process's stdin once containerd closes its end."""
+        ...
+
+    def resize(self, exec_id: str, width: int, height: int) -> None:
+        """Resize the process's pty (FailedPrecondition without one)."""
+        ...

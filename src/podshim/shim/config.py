@@ -10,7 +10,7 @@ override the runtime settings. Example (every key optional; these are the defaul
     systemd_cgroup = false
     log_level = "info"            # debug | info | warn | error (-debug forces debug)
     log_format = "text"           # text (logrus-like) | json
-    default_host = "none"         # pod host kind: none | namespaces
+    default_host = "namespaces"   # pod host kind: namespaces | none
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ class Config:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     log_level: str = "info"
     log_format: str = "text"
-    default_host: str = "none"
+    default_host: str = "namespaces"
     source: str = ""  # the file it came from, "" for defaults
 
 

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from google.protobuf import any_pb2, empty_pb2
 from google.protobuf import timestamp_pb2 as ts_pb2
@@ -22,9 +23,12 @@ from podshim.api.runc.options import oci_pb2
 from podshim.api.task.v2 import shim_pb2 as pb
 from podshim.shim.config import Config, from_options
 from podshim.shim.container import Container, load_spec
-from podshim.shim.paths import valid_id
+from podshim.shim.paths import CONTAINER_TYPE_ANNOTATION, SANDBOX_ID_ANNOTATION, valid_id
 from podshim.shim.task import ExecRequest, ExitInfo, ShimContext, Task
 from podshim.ttrpc.services import CallContext
+
+if TYPE_CHECKING:
+    from podshim.pod.pod import Pod
 
 log = logging.getLogger("podshim.service")
 
@@ -50,6 +54,8 @@ class TaskService:
         self._request_shutdown = request_shutdown
         #: shim-wide settings: fixed by the first Create
         self.config: Config | None = None
+        #: the pod this shim serves, once a sandbox was created
+        self.pod: Pod | None = None
 
     def _task(self, tid: str) -> Task:
         _check_id(tid)
@@ -62,6 +68,39 @@ class TaskService:
     def empty(self) -> bool:
         """No task held (and none being created): the shim may exit."""
         return not self.tasks and not self._creating
+
+    async def _create(self, req: pb.CreateTaskRequest, cfg: Config, spec: dict[str, Any]) -> Task:
+        """A sandbox makes this shim's pod; a CRI container joins it; else standalone."""
+        from podshim.pod.pod import Pod, spec_annotations
+
+        ann = spec_annotations(spec)
+        kind = ann.get(CONTAINER_TYPE_ANNOTATION)
+        stdio = (req.terminal, req.stdin, req.stdout, req.stderr)
+        if kind == "sandbox":
+            if self.pod is not None:
+                raise errdefs.FailedPrecondition(
+                    f"sandbox {req.id}: this shim already holds pod {self.pod.id}"
+                )
+            pod = await Pod.create(self.ctx, req.id, req.bundle, spec, cfg.default_host)
+            assert pod.sandbox is not None
+            self.pod = pod
+            return pod.sandbox
+        if kind == "container":
+            sid = ann.get(SANDBOX_ID_ANNOTATION, "")
+            if self.pod is None or self.pod.id != sid:
+                raise errdefs.FailedPrecondition(
+                    f"task {req.id}: pod sandbox {sid!r} is not held by this shim"
+                )
+            return await self.pod.create_workload(
+                req.id, req.bundle, spec, cfg.runtime, req.rootfs, stdio, self._known
+            )
+        task = Container(self.ctx, req.id, req.bundle, cfg.runtime, spec, req.rootfs,
+                         terminal=req.terminal, stdin=req.stdin, stdout=req.stdout, stderr=req.stderr)  # fmt: skip
+        await task.create()
+        return task
+
+    def _known(self, tid: str) -> bool:
+        return tid in self.tasks
 
     # -- RPCs --------------------------------------------------------------------------
     async def Create(self, req: pb.CreateTaskRequest, _: CallContext) -> pb.CreateTaskResponse:
@@ -79,20 +118,7 @@ class TaskService:
             cfg = from_options(req.options if req.HasField("options") else None, self.config)
             if self.config is None:
                 self.config = cfg
-            spec = load_spec(req.bundle)
-            task = Container(
-                self.ctx,
-                req.id,
-                req.bundle,
-                cfg.runtime,
-                spec,
-                req.rootfs,
-                terminal=req.terminal,
-                stdin=req.stdin,
-                stdout=req.stdout,
-                stderr=req.stderr,
-            )
-            await task.create()
+            task = await self._create(req, cfg, load_spec(req.bundle))
             self.tasks[req.id] = task
         finally:
             self._creating.discard(req.id)
@@ -125,6 +151,10 @@ class TaskService:
         pid, ex = await task.delete(req.exec_id)
         if not req.exec_id:
             self.tasks.pop(req.id, None)
+            if self.pod is not None:
+                self.pod.forget(req.id)
+                if req.id == self.pod.id:
+                    self.pod.release()
             log.info("deleted task %s", req.id)
         return pb.DeleteResponse(pid=pid, exit_status=ex.status, exited_at=_ts(ex.at))
 

@@ -1,0 +1,251 @@
+"""The pod sandbox task: hcsshim's ``wcowPodSandboxTask`` rebuilt for Linux pods.
+
+No container and no pause process: the task has a *fake* init whose state machine is
+the seed's (Created -> Running -> Exited, Created -> Exited), and owns the pod host.
+
+Lifetime (the seed's, with its defects fixed on purpose):
+
+* ``close()`` runs once: tear down the host, publish ``/tasks/exit``, release waiters.
+  Wait on the init blocks until then (the seed's ``Task.Wait``).
+* The init exits by Kill (or DeleteExec in Created); its exit closes the task.
+* Host death (the pod's PID-namespace init died) kills every workload, force-exits the
+  init with status 1 and closes the task.
+
+Deliberate deviations from the seed, each tested:
+
+1. DeleteExec of init *waits for close*, so ``/tasks/exit`` always precedes
+   ``/tasks/delete`` (the seed could publish delete first).
+2. Stats with no host does not crash: it answers an empty Metrics of the host's cgroup
+   version (the seed dereferenced the nil UVM on some paths).
+3. ForceExit honours its status. Kill exits the fake init with 128+signal, like a real
+   pause process killed by that signal (runc.v2 reports 137 after StopPodSandbox); the
+   seed reported 0 (Running) or 1 (Created) whatever the signal.
+4. Kill with ``all`` signals the workloads first and the sandbox last, and still reaches
+   the workloads when the sandbox has already exited (then answers NotFound for it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from google.protobuf import any_pb2
+
+from podshim import errors as errdefs
+from podshim.api.events import task_pb2 as ev
+from podshim.pod.host import Host
+from podshim.shim.states import Machine, Status
+from podshim.shim.task import ExecRequest, ExitInfo, ProcessState, ShimContext
+
+log = logging.getLogger("podshim.sandbox")
+
+C, R, S, D = Status.CREATED, Status.RUNNING, Status.STOPPED, Status.DELETED
+
+#: the fake init's table (the seed's wcowPodSandboxExec)
+SANDBOX_INIT_TABLE: dict[str, dict[Status, Status]] = {
+    "start": {C: R},
+    "exit": {C: S, R: S},
+    "delete": {C: D, S: D},
+}
+
+
+def _ts(at: float) -> Any:
+    from google.protobuf import timestamp_pb2
+
+    t = timestamp_pb2.Timestamp()
+    t.FromNanoseconds(int(at * 1e9))
+    return t
+
+
+class SandboxTask:
+    """A pod's sandbox task. ``pid`` is the pod's anchor pid for its whole life."""
+
+    def __init__(
+        self,
+        ctx: ShimContext,
+        tid: str,
+        bundle: str,
+        host: Host,
+        pid: int,
+        kill_workloads: Callable[[int], Awaitable[None]],
+    ) -> None:
+        self.ctx = ctx
+        self.id = tid
+        self.bundle = bundle
+        self.host = host
+        self._pid = pid
+        self._kill_workloads = kill_workloads
+        self.machine = Machine(SANDBOX_INIT_TABLE, f"sandbox {tid}")
+        self.exit: ExitInfo | None = None
+        self._init_exited = asyncio.Event()
+        self._closed = asyncio.Event()
+        self._closing = False
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def pid(self) -> int:
+        return self._pid
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    def begin(self) -> None:
+        """After a successful Create: publish /tasks/create and watch init and host."""
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._wait_init_exit(), name="podSandboxTask::waitInitExit"),
+            loop.create_task(self._wait_host_exit(), name="podSandboxTask::waitHostExit"),
+        ]
+        self.ctx.publisher.publish(
+            ev.TaskCreate(container_id=self.id, bundle=self.bundle, io=ev.TaskIO(), pid=self._pid)
+        )
+
+    # -- the fake init ---------------------------------------------------------------
+    def _no_exec(self, exec_id: str) -> None:
+        if exec_id:
+            raise errdefs.NotFound(f"exec {exec_id} of sandbox {self.id}: not found")
+
+    def force_exit(self, status: int) -> None:
+        """Move the init to Exited with ``status`` (idempotent; no event: close sends it)."""
+        if self._init_exited.is_set():
+            return
+        if self.machine.can("exit"):
+            self.machine.fire("exit")
+        self.exit = ExitInfo(status, time.time())
+        self._init_exited.set()
+
+    async def _wait_init_exit(self) -> None:
+        await self._init_exited.wait()
+        await self.close()
+
+    async def _wait_host_exit(self) -> None:
+        status = await self.host.wait()
+        if self._closing:
+            return
+        log.warning("sandbox %s: pod host exited with %d: stopping the pod", self.id, status)
+        with contextlib.suppress(Exception):
+            await self._kill_workloads(9)
+        self.force_exit(1)
+
+    async def close(self) -> None:
+        """Tear down the host, publish /tasks/exit, release waiters. Runs once."""
+        if self._closing:
+            await self._closed.wait()
+            return
+        self._closing = True
+        try:
+            await self.host.close()
+        except Exception:
+            log.exception("sandbox %s: closing the pod host", self.id)
+        ex = self.exit or ExitInfo(1, time.time())
+        self.ctx.publisher.publish(
+            ev.TaskExit(
+                container_id=self.id,
+                id=self.id,
+                pid=self._pid,
+                exit_status=ex.status,
+                exited_at=_ts(ex.at),
+            )
+        )
+        self._closed.set()
+
+    # -- Task ---------------------------------------------------------------------------
+    async def start(self, exec_id: str) -> int:
+        self._no_exec(exec_id)
+        self.machine.fire("start")
+        self.ctx.publisher.publish(ev.TaskStart(container_id=self.id, pid=self._pid))
+        return self._pid
+
+    def state(self, exec_id: str) -> ProcessState:
+        self._no_exec(exec_id)
+        return ProcessState(
+            id=self.id,
+            exec_id="",
+            bundle=self.bundle,
+            pid=self._pid,
+            status=self.machine.state if not self._init_exited.is_set() else Status.STOPPED,
+            stdin="",
+            stdout="",
+            stderr="",
+            terminal=False,
+            exit=self.exit,
+        )
+
+    async def kill(self, exec_id: str, signal: int, all_: bool) -> None:
+        if exec_id and all_:
+            raise errdefs.FailedPrecondition(
+                f"sandbox {self.id}: cannot signal all processes of an exec"
+            )
+        self._no_exec(exec_id)
+        if all_:
+            await self._kill_workloads(signal)  # workloads first, even after the sandbox exited
+        if self._init_exited.is_set():
+            raise errdefs.NotFound(f"sandbox {self.id}: process already finished")
+        if signal:
+            self.force_exit(128 + signal)
+
+    async def exec(self, req: ExecRequest) -> None:
+        raise errdefs.NotImplemented(f"sandbox {self.id}: a pod sandbox runs no processes")
+
+    async def delete(self, exec_id: str) -> tuple[int, ExitInfo]:
+        self._no_exec(exec_id)
+        self.machine.check("delete")  # Running -> FailedPrecondition
+        if self.machine.state is Status.CREATED:
+            self.force_exit(0)
+        await self.close()  # /tasks/exit before /tasks/delete
+        self.machine.fire("delete")
+        for t in self._tasks:
+            t.cancel()
+        ex = self.exit or ExitInfo(0, time.time())
+        self.ctx.publisher.publish(
+            ev.TaskDelete(
+                container_id=self.id, pid=self._pid, exit_status=ex.status, exited_at=_ts(ex.at)
+            )
+        )
+        return self._pid, ex
+
+    async def wait(self, exec_id: str) -> ExitInfo:
+        self._no_exec(exec_id)
+        await self._closed.wait()
+        assert self.exit is not None
+        return self.exit
+
+    async def pids(self) -> list[tuple[int, str]]:
+        pid = self.host.init_pid
+        return [(pid, "")] if pid and not self._closed.is_set() else []
+
+    async def pause(self) -> None:
+        raise errdefs.NotImplemented(f"sandbox {self.id}: a pod sandbox cannot be paused")
+
+    async def resume(self) -> None:
+        raise errdefs.NotImplemented(f"sandbox {self.id}: a pod sandbox cannot be resumed")
+
+    async def update(self, resources: any_pb2.Any) -> None:
+        raise errdefs.NotImplemented(f"sandbox {self.id}: update the pod's containers instead")
+
+    async def stats(self) -> any_pb2.Any:
+        got = await self.host.stats()
+        if got is not None:
+            return got
+        from podshim.cgroups import mode
+        from podshim.cgroups.stats import pack
+
+        if mode() == "unified":
+            from podshim.api.cgroups.v2 import metrics_pb2 as v2
+
+            return pack(v2.Metrics())
+        from podshim.api.cgroups.v1 import metrics_pb2 as v1
+
+        return pack(v1.Metrics())
+
+    def close_io(self, exec_id: str) -> None:
+        self._no_exec(exec_id)
+
+    def resize(self, exec_id: str, width: int, height: int) -> None:
+        self._no_exec(exec_id)
+        raise errdefs.FailedPrecondition(f"sandbox {self.id}: not a tty")

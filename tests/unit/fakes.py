@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from google.protobuf import any_pb2
 
@@ -45,7 +46,8 @@ class FakeHost:
         died = self._died
         assert died is not None
         closed: asyncio.Future[bool] = asyncio.ensure_future(self._closed.wait())
-        await asyncio.wait([died, closed], return_when=asyncio.FIRST_COMPLETED)
+        waits: list[asyncio.Future[Any]] = [died, closed]
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         closed.cancel()
         return died.result() if died.done() else 0
 

@@ -1,0 +1,258 @@
+"""Paths and configuration files of a private lab containerd.
+
+Everything an instance owns is derived from one random token:
+
+* scratch dir ``<base>/podshim-lab-<token>``: ``config.toml``, the log, the
+  containerd root (``root/``), the CNI conf dir and built image archives;
+* state dir ``<run>/podshim-lab-<token>`` (kept short: unix socket paths must stay
+  below ~100 bytes): the gRPC socket, runtime bundles, runc state, CNI IPAM data;
+* the CNI bridge ``psl<token>`` (at most 15 characters, a Linux limit).
+
+The TOML writer here only knows the few value types a containerd config needs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = [
+    "CRI_PLUGIN",
+    "LabPaths",
+    "RuntimeHandler",
+    "TomlValue",
+    "render_cni_conflist",
+    "render_config",
+    "toml_value",
+]
+
+CRI_PLUGIN = "io.containerd.grpc.v1.cri"
+CNI_BIN_DIR = "/usr/lib/cni"
+MAX_SOCKET_PATH = 100
+
+TomlScalar = str | int | float | bool
+TomlValue = TomlScalar | Sequence[TomlScalar]
+
+
+@dataclass(frozen=True)
+class RuntimeHandler:
+    """A CRI runtime handler (``[...containerd.runtimes.<name>]``).
+
+    ``runtime_type`` ``io.containerd.<name>.<ver>`` makes containerd run the
+    binary ``containerd-shim-<name>-<ver>`` found on its PATH.  ``options`` is the
+    handler's ``options`` table (for non-runc runtimes: ``TypeUrl``/``ConfigPath``).
+    """
+
+    runtime_type: str
+    options: Mapping[str, TomlValue] = field(default_factory=dict)
+    pod_annotations: Sequence[str] = ()
+    container_annotations: Sequence[str] = ()
+    privileged_without_host_devices: bool = False
+
+
+@dataclass(frozen=True)
+class LabPaths:
+    """Every path (and the bridge name) owned by one lab instance."""
+
+    token: str
+    scratch: Path
+    state: Path
+
+    @classmethod
+    def create(cls, base_dir: Path, run_dir: Path, token: str) -> LabPaths:
+        """Derive the paths for ``token`` under ``base_dir`` and ``run_dir``."""
+        paths = cls(
+            token,
+            Path(base_dir).absolute() / f"podshim-lab-{token}",
+            Path(run_dir).absolute() / f"podshim-lab-{token}",
+        )
+        if len(str(paths.address).encode()) + len(".ttrpc") >= MAX_SOCKET_PATH:
+            raise ValueError(f"socket path too long (>= {MAX_SOCKET_PATH}): {paths.address}")
+        return paths
+
+    @property
+    def root(self) -> Path:
+        """containerd's ``--root`` (persistent data: content, snapshots, metadata)."""
+        return self.scratch / "root"
+
+    @property
+    def address(self) -> Path:
+        """The gRPC socket."""
+        return self.state / "containerd.sock"
+
+    @property
+    def config(self) -> Path:
+        """The generated ``config.toml``."""
+        return self.scratch / "config.toml"
+
+    @property
+    def log(self) -> Path:
+        """containerd's (and the subreaper's) combined stdout/stderr."""
+        return self.scratch / "containerd.log"
+
+    @property
+    def pidfile(self) -> Path:
+        """Where the subreaper publishes containerd's pid."""
+        return self.scratch / "containerd.pid"
+
+    @property
+    def cni_conf_dir(self) -> Path:
+        """CNI network configuration directory for the CRI plugin."""
+        return self.scratch / "cni" / "net.d"
+
+    @property
+    def images(self) -> Path:
+        """Cache of built image archives."""
+        return self.scratch / "images"
+
+    @property
+    def runc_root(self) -> Path:
+        """runc state root used by the CRI ``runc`` handler (and ``ctr run --runc-root``)."""
+        return self.state / "runc"
+
+    @property
+    def fifo_dir(self) -> Path:
+        """Where :meth:`Containerd.ctr` puts ``ctr``'s stdio FIFOs."""
+        return self.state / "fifo"
+
+    @property
+    def ipam_dir(self) -> Path:
+        """host-local IPAM data directory."""
+        return self.state / "cni-ipam"
+
+    @property
+    def opt(self) -> Path:
+        """The ``io.containerd.internal.v1.opt`` path (``<opt>/bin`` is put on shim PATH)."""
+        return self.root / "opt"
+
+    @property
+    def bridge(self) -> str:
+        """Name of the CNI bridge (<= 15 characters)."""
+        return f"psl{self.token}"[:15]
+
+    @property
+    def subnet(self) -> str:
+        """A per-instance /24 for pod IPs (never routed: no gateway, no masquerade)."""
+        return f"10.88.{int(self.token, 16) % 256}.0/24"
+
+    def owned_dirs(self) -> tuple[Path, Path]:
+        """The two directory trees the instance creates and removes."""
+        return self.scratch, self.state
+
+
+_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def toml_key(key: str) -> str:
+    """A TOML key, quoted unless it is a bare key."""
+    return key if _BARE_KEY.match(key) else json.dumps(key)
+
+
+def toml_value(value: TomlValue) -> str:
+    """Render a scalar or a flat array as TOML (JSON strings are valid TOML strings)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    return "[" + ", ".join(toml_value(v) for v in value) + "]"
+
+
+def _table(lines: list[str], name: str, values: Mapping[str, TomlValue]) -> None:
+    lines.append("")
+    lines.append(f"[{name}]")
+    lines.extend(f"  {toml_key(k)} = {toml_value(v)}" for k, v in values.items())
+
+
+def render_config(
+    paths: LabPaths,
+    *,
+    cri: bool,
+    runtimes: Mapping[str, RuntimeHandler],
+    sandbox_image: str,
+    log_level: str = "debug",
+    default_runtime: str = "runc",
+    snapshotter: str = "overlayfs",
+) -> str:
+    """The containerd ``config.toml`` (version 2) for this instance."""
+    lines = [
+        "# generated by podshim.lab; private instance " + paths.token,
+        "version = 2",
+        f"root = {toml_value(str(paths.root))}",
+        f"state = {toml_value(str(paths.state))}",
+        f"disabled_plugins = {toml_value([] if cri else [CRI_PLUGIN])}",
+    ]
+    _table(lines, "grpc", {"address": str(paths.address)})
+    _table(lines, "debug", {"level": log_level})
+    _table(lines, 'plugins."io.containerd.internal.v1.opt"', {"path": str(paths.opt)})
+    if not cri:
+        return "\n".join(lines) + "\n"
+    cri_t = f'plugins."{CRI_PLUGIN}"'
+    _table(
+        lines,
+        cri_t,
+        {
+            "sandbox_image": sandbox_image,
+            "stream_server_address": "127.0.0.1",
+            "stream_server_port": "0",
+            "netns_mounts_under_state_dir": True,
+            "restrict_oom_score_adj": True,
+            "disable_apparmor": True,
+            "enable_selinux": False,
+        },
+    )
+    _table(
+        lines,
+        f"{cri_t}.cni",
+        {"bin_dir": CNI_BIN_DIR, "conf_dir": str(paths.cni_conf_dir), "max_conf_num": 1},
+    )
+    _table(
+        lines,
+        f"{cri_t}.containerd",
+        {"snapshotter": snapshotter, "default_runtime_name": default_runtime},
+    )
+    handlers: dict[str, RuntimeHandler] = {
+        "runc": RuntimeHandler("io.containerd.runc.v2", {"Root": str(paths.runc_root)})
+    }
+    handlers.update(runtimes)
+    for name, handler in handlers.items():
+        table = f"{cri_t}.containerd.runtimes.{toml_key(name)}"
+        values: dict[str, TomlValue] = {"runtime_type": handler.runtime_type}
+        if handler.pod_annotations:
+            values["pod_annotations"] = list(handler.pod_annotations)
+        if handler.container_annotations:
+            values["container_annotations"] = list(handler.container_annotations)
+        if handler.privileged_without_host_devices:
+            values["privileged_without_host_devices"] = True
+        _table(lines, table, values)
+        if handler.options:
+            _table(lines, f"{table}.options", handler.options)
+    return "\n".join(lines) + "\n"
+
+
+def render_cni_conflist(paths: LabPaths) -> str:
+    """A bridge + loopback conflist: pods get an IP, no traffic leaves the host."""
+    conf = {
+        "cniVersion": "0.4.0",
+        "name": f"podshim-lab-{paths.token}",
+        "plugins": [
+            {
+                "type": "bridge",
+                "bridge": paths.bridge,
+                "isGateway": False,
+                "ipMasq": False,
+                "hairpinMode": False,
+                "ipam": {
+                    "type": "host-local",
+                    "dataDir": str(paths.ipam_dir),
+                    "ranges": [[{"subnet": paths.subnet}]],
+                },
+            },
+            {"type": "loopback"},
+        ],
+    }
+    return json.dumps(conf, indent=2) + "\n"

@@ -1,0 +1,89 @@
+"""``podshim``: the operator command line.
+
+Subcommands live in :data:`COMMANDS`; each one imports what it needs only when it
+runs, so ``podshim --help`` (and every other subcommand) stays fast.
+
+* ``podshim demo``: a smoke run of podshim against a private, embedded containerd.
+* ``podshim version``: print podshim's version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+__all__ = ["COMMANDS", "Command", "build_parser", "main"]
+
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: its help text, an optional argument setup and its handler."""
+
+    name: str
+    help: str
+    run: Callable[[argparse.Namespace], int]
+    description: str = ""
+    configure: Callable[[argparse.ArgumentParser], None] | None = None
+
+
+def _version(args: argparse.Namespace) -> int:
+    from podshim import __version__
+
+    print(f"podshim {__version__}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from podshim import demo
+
+    return demo.run()
+
+
+COMMANDS: tuple[Command, ...] = (
+    Command(
+        "demo",
+        "smoke-run podshim against a private, embedded containerd",
+        _demo,
+        description=(
+            "Start a private containerd (own root, state and socket; the machine's containerd "
+            "is not touched), show podshim's ttrpc client talking to it and to the shims, run "
+            "a busybox container through podshim (io.containerd.podshim.v1) and runc, then "
+            "tear everything down. Needs root, containerd, ctr, runc and busybox-static."
+        ),
+    ),
+    Command("version", "print podshim's version", _version),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand of :data:`COMMANDS`."""
+    parser = argparse.ArgumentParser(
+        prog="podshim",
+        description="podshim operator tool (the shim itself is containerd-shim-podshim-v1).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for command in COMMANDS:
+        p = sub.add_parser(
+            command.name, help=command.help, description=command.description or command.help
+        )
+        if command.configure is not None:
+            command.configure(p)
+        p.set_defaults(handler=command.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console-script entry point: parse ``argv`` and run the subcommand."""
+    args = build_parser().parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        print("podshim: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

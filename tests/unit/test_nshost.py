@@ -1,0 +1,648 @@
+"""The namespaces pod host: spec checks (pure) and real namespaces, cgroups and init (root)."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import os
+import secrets
+import signal
+import subprocess
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from podshim import errors as errdefs
+from podshim.pod import cgroup as cg
+from podshim.pod.nshost import NamespacesHost, classify_sysctl, plan_from_spec
+from podshim.shim.reaper import Reaper, set_child_subreaper
+
+ROOT = os.geteuid() == 0
+CGROUP_ROOT = "/sys/fs/cgroup"
+
+
+def run(coro: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(asyncio.wait_for(coro(), 240))
+
+
+async def poll(cond: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    """Wait (generously: the machine may be loaded) until ``cond()`` holds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not cond():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+# -- pure checks ---------------------------------------------------------------------
+
+
+def test_sysctl_classification() -> None:
+    def own(key: str, pod_id: str = "") -> str:
+        return classify_sysctl(key, net=True, ipc=True, uts=True, pod_id=pod_id)
+
+    assert own("net.ipv4.ip_forward") == "network"
+    assert own("net.core.somaxconn") == "network"
+    for key in ("kernel.shmmni", "kernel.shmmax", "kernel.shm_rmid_forced", "kernel.msgmax"):
+        assert own(key) == "ipc"
+    assert own("kernel.sem") == "ipc"
+    assert own("fs.mqueue.msg_max") == "ipc"
+    assert own("kernel.domainname") == "uts"
+    with pytest.raises(errdefs.InvalidArgument, match=r'"kernel.hostname".*hostname'):
+        own("kernel.hostname")
+    with pytest.raises(errdefs.InvalidArgument, match=r'"kernel\.panic" is not in a separate'):
+        own("kernel.panic", "p1")
+    with pytest.raises(errdefs.InvalidArgument, match="not in a separate kernel namespace"):
+        own("vm.swappiness")
+    with pytest.raises(errdefs.InvalidArgument, match="not in a separate kernel namespace"):
+        own("kernel.semaphore_thing")
+    with pytest.raises(errdefs.InvalidArgument, match="not allowed in host network namespace"):
+        classify_sysctl("net.ipv4.ip_forward", net=False, ipc=True, uts=True)
+    with pytest.raises(errdefs.InvalidArgument, match="not allowed in host IPC namespace"):
+        classify_sysctl("kernel.shmmni", net=True, ipc=False, uts=True)
+    with pytest.raises(errdefs.InvalidArgument, match="not allowed in host UTS namespace"):
+        classify_sysctl("kernel.domainname", net=True, ipc=True, uts=False)
+    for bad in ("net/ipv4/ip_forward", "NET.ipv4.x", "net..x", ".net", "net.x;rm", "", "a b"):
+        with pytest.raises(errdefs.InvalidArgument, match="not a valid sysctl name"):
+            own(bad)
+
+
+def test_cgroups_path_validation() -> None:
+    assert cg.validate_cgroups_path("") == ""
+    assert cg.validate_cgroups_path("/k8s.io/abc") == "/k8s.io/abc"
+    assert cg.validate_cgroups_path("//k8s.io//abc/") == "/k8s.io/abc"
+    with pytest.raises(errdefs.InvalidArgument, match="systemd form"):
+        cg.validate_cgroups_path("system.slice:cri-containerd:abc", "p1")
+    with pytest.raises(errdefs.InvalidArgument, match="must be absolute"):
+        cg.validate_cgroups_path("k8s.io/abc")
+    with pytest.raises(errdefs.InvalidArgument, match="root cgroup"):
+        cg.validate_cgroups_path("/")
+    for bad in ("/k8s.io/../etc", "/a/./b", "/a/b c", "/a/b\nc"):
+        with pytest.raises(errdefs.InvalidArgument, match="invalid component"):
+            cg.validate_cgroups_path(bad)
+    assert cg.shares_to_weight(2) == 1
+    assert cg.shares_to_weight(262144) == 10000
+    assert cg.shares_to_weight(1024) == 39
+
+
+def test_resources_from_spec_annotations_override() -> None:
+    spec: dict[str, Any] = {
+        "linux": {"resources": {"cpu": {"shares": 2}, "memory": {"limit": 0}}},
+        "annotations": {
+            cg.ANN_CPU_SHARES: "512",
+            cg.ANN_CPU_QUOTA: "50000",
+            cg.ANN_CPU_PERIOD: "100000",
+            cg.ANN_MEMORY: "268435456",
+        },
+    }
+    assert cg.resources_from_spec(spec) == cg.Resources(512, 50000, 100000, 268435456)
+    spec["annotations"] = {cg.ANN_CPU_SHARES: "0"}
+    assert cg.resources_from_spec(spec) == cg.Resources(cpu_shares=2)
+    assert cg.resources_from_spec({}).empty()
+    with pytest.raises(errdefs.InvalidArgument, match="not an integer"):
+        cg.resources_from_spec({"annotations": {cg.ANN_MEMORY: "lots"}}, "p1")
+    with pytest.raises(errdefs.InvalidArgument, match="cpu period"):
+        cg.resources_from_spec({"annotations": {cg.ANN_CPU_PERIOD: "10"}})
+
+
+def test_plan_rejects_what_it_cannot_pin(tmp_path: Path) -> None:
+    def ns(*entries: dict[str, str]) -> dict[str, Any]:
+        return {"linux": {"namespaces": list(entries)}}
+
+    for t in ("user", "cgroup", "time", "bogus"):
+        with pytest.raises(
+            errdefs.InvalidArgument, match=f"podshim cannot pin a {t} namespace for pod p1"
+        ):
+            plan_from_spec(ns({"type": t}), "p1")
+    for t in ("ipc", "uts", "pid"):
+        with pytest.raises(errdefs.InvalidArgument, match=f"given {t} namespace"):
+            plan_from_spec(ns({"type": t, "path": "/proc/1/ns/" + t}), "p1")
+    missing = str(tmp_path / "no-such-netns")
+    with pytest.raises(errdefs.InvalidArgument, match="does not exist"):
+        plan_from_spec(ns({"type": "network", "path": missing}), "p1")
+    with pytest.raises(errdefs.InvalidArgument, match="listed twice"):
+        plan_from_spec(ns({"type": "ipc"}, {"type": "ipc"}), "p1")
+    with pytest.raises(errdefs.InvalidArgument, match="without a UTS namespace"):
+        plan_from_spec({"hostname": "h", **ns({"type": "ipc"})}, "p1")
+    with pytest.raises(errdefs.InvalidArgument, match="host network namespace"):
+        plan_from_spec({"linux": {"namespaces": [], "sysctl": {"net.ipv4.ip_forward": "1"}}}, "p")
+
+    plan = plan_from_spec(
+        {
+            "hostname": "h",
+            "process": {"oomScoreAdj": -998},
+            "linux": {
+                "namespaces": [
+                    {"type": "pid"},
+                    {"type": "ipc"},
+                    {"type": "uts"},
+                    {"type": "mount"},
+                    {"type": "network", "path": str(tmp_path)},
+                ],
+                "sysctl": {"kernel.shmmni": "1000", "net.ipv4.ip_forward": "1"},
+                "cgroupsPath": "/k8s.io/x",
+            },
+        },
+        "p1",
+    )
+    assert plan.pins == ["ipc", "uts"]
+    assert plan.netns == str(tmp_path)
+    assert plan.pid
+    assert plan.oom_score_adj == -998
+    assert plan.sysctls == [
+        ("kernel.shmmni", "1000", "ipc"),
+        ("net.ipv4.ip_forward", "1", "network"),
+    ]
+    # a netns without a path is made (and pinned) by the host
+    assert plan_from_spec(ns({"type": "network"}), "p1").pins == ["network"]
+
+
+def test_missing_init_binary_is_failed_precondition(tmp_path: Path) -> None:
+    async def main() -> None:
+        r = Reaper()
+        r.start()
+        spec: dict[str, Any] = {"linux": {"namespaces": [{"type": "pid"}]}}
+        host = NamespacesHost(
+            "p1",
+            "ns",
+            spec,
+            r,
+            state_root=str(tmp_path),
+            init_binary=str(tmp_path / "no-podshim-init"),
+        )
+        try:
+            await host.create()
+            with pytest.raises(errdefs.FailedPrecondition, match="podshim-init not found"):
+                await host.namespace_path("pid")
+            assert host.init_pid == 0
+            assert await host.namespace_path("ipc") is None
+            assert await host.namespace_path("network") is None
+            with pytest.raises(errdefs.FailedPrecondition, match="bind the path"):
+                await host.share("/a", "/b", True)
+            with pytest.raises(errdefs.NotImplemented):
+                await host.exec_in_host(["true"], "", "", "", False)
+            assert await host.dump_stacks() == ""
+            assert await host.stats() is None
+        finally:
+            await host.close()
+            r.stop()
+        assert not (tmp_path / "ns" / "p1").exists()
+
+    run(main)
+
+
+# -- with real namespaces (root) -------------------------------------------------------
+
+
+def mounts_under(root: Path) -> list[tuple[str, str]]:
+    """(mount point, fs type) of every mount at or below ``root``."""
+    out = []
+    real = os.path.realpath(root)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            mnt = left.split()[4].replace("\\040", " ")
+            if mnt == real or mnt.startswith(real + "/"):
+                out.append((mnt, right.split()[0]))
+    return out
+
+
+def cgroup_mounts() -> list[str]:
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            if right.split()[0] in ("cgroup", "cgroup2"):
+                mnt = left.split()[4]
+                if mnt.startswith(CGROUP_ROOT):
+                    out.append(mnt)
+    return out
+
+
+def cgroup_dirs(path: str) -> list[str]:
+    return [m + path for m in cgroup_mounts() if os.path.isdir(m + path)]
+
+
+def ino(path: str) -> int:
+    return os.stat(path).st_ino
+
+
+def status(pid: int) -> dict[str, str]:
+    fields = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            fields[k] = v.strip()
+    return fields
+
+
+def children_of(ppid: int) -> list[int]:
+    kids = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            if status(int(name)).get("PPid") == str(ppid):
+                kids.append(int(name))
+        except OSError:
+            continue
+    return kids
+
+
+def comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def gone(pid: int) -> bool:
+    """True once ``pid`` is reaped (a zombie still counts as there)."""
+    return not os.path.exists(f"/proc/{pid}")
+
+
+@dataclass
+class Env:
+    tmp: Path
+    netns: str
+    cgroup_path: str
+    pod_id: str
+    pids: list[int] = field(default_factory=list)
+
+    @property
+    def state_root(self) -> Path:
+        return self.tmp / "state"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.state_root / "k8s.io" / self.pod_id
+
+    @property
+    def netns_path(self) -> str:
+        return f"/run/netns/{self.netns}"
+
+    def spec(self, **over: Any) -> dict[str, Any]:
+        """A sandbox spec like CRI's (namespaces pid, ipc, uts, mount, network=path)."""
+        spec: dict[str, Any] = {
+            "hostname": "pod-host",
+            "process": {"oomScoreAdj": 500},
+            "annotations": {
+                cg.ANN_CPU_SHARES: "512",
+                cg.ANN_CPU_QUOTA: "50000",
+                cg.ANN_CPU_PERIOD: "100000",
+                cg.ANN_MEMORY: str(256 << 20),
+            },
+            "linux": {
+                "namespaces": [
+                    {"type": "pid"},
+                    {"type": "ipc"},
+                    {"type": "uts"},
+                    {"type": "mount"},
+                    {"type": "network", "path": self.netns_path},
+                ],
+                "sysctl": {
+                    "net.ipv4.ip_unprivileged_port_start": "1000",
+                    "kernel.shmmni": "1000",
+                },
+                "cgroupsPath": self.cgroup_path,
+                "resources": {"cpu": {"shares": 2}},
+            },
+        }
+        for k, v in over.items():
+            if k in ("namespaces", "sysctl", "cgroupsPath", "resources"):
+                spec["linux"][k] = v
+            else:
+                spec[k] = v
+        return spec
+
+    def host(self, reaper: Reaper, spec: dict[str, Any]) -> NamespacesHost:
+        return NamespacesHost(self.pod_id, "k8s.io", spec, reaper, state_root=str(self.state_root))
+
+    def assert_nothing_left(self) -> None:
+        assert mounts_under(self.state_root) == []
+        assert not self.state_dir.exists()
+        assert cgroup_dirs(self.cgroup_path) == []
+
+
+def _unset_child_subreaper() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(36, 0, 0, 0, 0)
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Iterator[Env]:
+    if not ROOT:
+        pytest.skip("needs root")
+    tag = secrets.token_hex(4)
+    e = Env(tmp_path, f"podshim-t-{tag}", f"/podshim-t-{tag}", f"pod-{tag}")
+    subprocess.run(["ip", "netns", "add", e.netns], check=True)
+    # the shim is a child subreaper: the pod's init is reparented to it
+    set_child_subreaper()
+    try:
+        yield e
+    finally:
+        _unset_child_subreaper()
+        for pid in e.pids:  # an init a failed test left running
+            try:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+        for mnt, _ in sorted(mounts_under(e.state_root), reverse=True):
+            subprocess.run(["umount", "-l", mnt], check=False)
+        for d in sorted(cgroup_dirs(e.cgroup_path), reverse=True):
+            try:
+                os.rmdir(d)
+            except OSError:
+                pass
+        subprocess.run(["ip", "netns", "delete", e.netns], check=False)
+
+
+def read(path: str | Path) -> str:
+    with open(path) as f:
+        return f.read().strip()
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not ROOT, reason="needs root")
+def test_create_pins_namespaces_sets_sysctls_and_cgroup(env: Env) -> None:
+    host_port_start = read("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+    host_shmmni = read("/proc/sys/kernel/shmmni")
+
+    async def main() -> None:
+        r = Reaper()
+        r.start()
+        host = env.host(r, env.spec())
+        try:
+            await host.create()
+            ipc = await host.namespace_path("ipc")
+            uts = await host.namespace_path("uts")
+            assert ipc == str(env.state_dir / "ipc")
+            assert uts == str(env.state_dir / "uts")
+            assert await host.namespace_path("network") == env.netns_path
+            assert await host.namespace_path("mount") is None
+            assert host.init_pid == 0  # no init until someone asks for "pid"
+            assert sorted(mounts_under(env.state_root)) == [(ipc, "nsfs"), (uts, "nsfs")]
+            assert ino(uts) != ino("/proc/self/ns/uts")
+            assert ino(ipc) != ino("/proc/self/ns/ipc")
+
+            res = await r.run(["nsenter", f"--uts={uts}", "hostname"])
+            assert (res.status, res.stdout) == (0, b"pod-host\n")
+            res = await r.run(
+                [
+                    "nsenter",
+                    f"--net={env.netns_path}",
+                    "cat",
+                    "/proc/sys/net/ipv4/ip_unprivileged_port_start",
+                ]
+            )
+            assert (res.status, res.stdout) == (0, b"1000\n")
+            res = await r.run(["nsenter", f"--ipc={ipc}", "cat", "/proc/sys/kernel/shmmni"])
+            assert (res.status, res.stdout) == (0, b"1000\n")
+            # ... and not on the host
+            assert read("/proc/sys/net/ipv4/ip_unprivileged_port_start") == host_port_start
+            assert read("/proc/sys/kernel/shmmni") == host_shmmni
+
+            dirs = cgroup_dirs(env.cgroup_path)
+            cpu = f"{CGROUP_ROOT}/cpu{env.cgroup_path}"
+            mem = f"{CGROUP_ROOT}/memory{env.cgroup_path}"
+            assert cpu in dirs and mem in dirs
+            assert len(dirs) == len(cgroup_mounts())  # every hierarchy
+            assert read(f"{cpu}/cpu.shares") == "512"
+            assert read(f"{cpu}/cpu.cfs_quota_us") == "50000"
+            assert read(f"{cpu}/cpu.cfs_period_us") == "100000"
+            assert read(f"{mem}/memory.limit_in_bytes") == str(256 << 20)
+
+            # without an init, wait() blocks until close() and then says 0
+            waiter = asyncio.ensure_future(host.wait())
+            await asyncio.sleep(0.2)
+            assert not waiter.done()
+            await host.close()
+            assert await asyncio.wait_for(waiter, 30) == 0
+            env.assert_nothing_left()
+            await host.close()  # idempotent
+            # CRI's network namespace is not ours to remove
+            assert os.path.exists(env.netns_path)
+            assert ino(env.netns_path) != ino("/proc/self/ns/net")
+            with pytest.raises(errdefs.FailedPrecondition, match="closed"):
+                await host.namespace_path("pid")
+        finally:
+            await host.close()
+            r.stop()
+
+    run(main)
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not ROOT, reason="needs root")
+def test_invalid_specs_leave_nothing(env: Env) -> None:
+    async def main() -> None:
+        r = Reaper()
+        r.start()
+        cases: list[tuple[dict[str, Any], str]] = [
+            (env.spec(sysctl={"kernel.panic": "1"}), '"kernel.panic" is not in a separate'),
+            (
+                env.spec(namespaces=[{"type": "user"}, {"type": "ipc"}]),
+                f"podshim cannot pin a user namespace for pod {env.pod_id}",
+            ),
+            (env.spec(namespaces=[{"type": "ipc", "path": "/proc/1/ns/ipc"}]), "given ipc"),
+            (
+                env.spec(namespaces=[{"type": "network", "path": env.netns_path + "-gone"}]),
+                "does not exist",
+            ),
+            (env.spec(cgroupsPath="kubepods.slice:cri:abc"), "systemd form"),
+            (
+                env.spec(namespaces=[{"type": "ipc"}], hostname=""),
+                "not allowed in host network namespace",
+            ),
+            # these fail only after pins, sysctls (and the cgroup) were made: undone
+            (env.spec(sysctl={"net.ipv4.no_such_knob": "1"}), "net.ipv4.no_such_knob"),
+            (
+                env.spec(annotations={cg.ANN_CPU_QUOTA: str(1 << 60)}),
+                "cpu.cfs_quota_us",
+            ),
+        ]
+        try:
+            for spec, message in cases:
+                host = env.host(r, spec)
+                try:
+                    with pytest.raises(errdefs.InvalidArgument, match=message):
+                        await host.create()
+                    env.assert_nothing_left()
+                finally:
+                    await host.close()
+            # a host-network pod (no network and no uts namespace) is fine
+            host = env.host(
+                r,
+                env.spec(
+                    namespaces=[{"type": "ipc"}, {"type": "pid"}],
+                    hostname="",
+                    sysctl={"kernel.shmmni": "1000"},
+                ),
+            )
+            try:
+                await host.create()
+                assert await host.namespace_path("network") is None
+                assert await host.namespace_path("uts") is None
+                assert await host.namespace_path("ipc") == str(env.state_dir / "ipc")
+            finally:
+                await host.close()
+            env.assert_nothing_left()
+        finally:
+            r.stop()
+
+    run(main)
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not ROOT, reason="needs root")
+def test_pid_init_is_hardened_reaps_orphans_and_its_death_ends_the_host(env: Env) -> None:
+    async def main() -> None:
+        r = Reaper()
+        r.start()
+        # the network namespace is the host's own this time (no path): made and pinned
+        spec = env.spec(
+            namespaces=[{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "network"}]
+        )
+        host = env.host(r, spec)
+        try:
+            await host.create()
+            net = await host.namespace_path("network")
+            ipc = await host.namespace_path("ipc")
+            uts = await host.namespace_path("uts")
+            assert net == str(env.state_dir / "net")
+            assert ipc is not None and uts is not None
+            assert ino(net) != ino("/proc/self/ns/net")
+            res = await r.run(["nsenter", f"--net={net}", "ip", "-o", "link", "show", "lo"])
+            assert res.status == 0 and b",UP" in res.stdout, res.stdout
+            waiter = asyncio.ensure_future(host.wait())  # pending before the init exists
+
+            paths = await asyncio.gather(*(host.namespace_path("pid") for _ in range(4)))
+            pid = host.init_pid
+            assert pid > 0
+            env.pids.append(pid)
+            assert set(paths) == {f"/proc/{pid}/ns/pid"}
+            assert await host.namespace_path("pid") == paths[0]
+            inits = [p for p in children_of(os.getpid()) if comm(p) == "podshim-init"]
+            assert inits == [pid]
+            res = await r.run(["ps", "-e", "-o", "pid=,comm="])
+            assert [ln.split()[0] for ln in res.stdout.decode().splitlines()].count(str(pid)) == 1
+
+            # hardened: empty read-only root, no capabilities, no fds
+            assert os.listdir(f"/proc/{pid}/root") == []
+            mi = read(f"/proc/{pid}/mountinfo").splitlines()
+            assert len(mi) == 1 and " / / ro," in mi[0] and " - tmpfs " in mi[0], mi
+            st = status(pid)
+            for cap in ("CapEff", "CapPrm", "CapInh", "CapBnd", "CapAmb"):
+                assert int(st[cap], 16) == 0, (cap, st[cap])
+            assert st["NoNewPrivs"] == "1"
+            assert st["NSpid"].split() == [str(pid), "1"]
+            assert os.listdir(f"/proc/{pid}/fd") == []
+            assert read(f"/proc/{pid}/oom_score_adj") == "500"
+
+            # in the pod's namespaces and cgroup
+            assert ino(f"/proc/{pid}/ns/net") == ino(net)
+            assert ino(f"/proc/{pid}/ns/ipc") == ino(ipc)
+            assert ino(f"/proc/{pid}/ns/uts") == ino(uts)
+            assert ino(f"/proc/{pid}/ns/pid") != ino("/proc/self/ns/pid")
+            assert ino(f"/proc/{pid}/ns/mnt") != ino("/proc/self/ns/mnt")
+            groups = read(f"/proc/{pid}/cgroup").splitlines()
+            assert groups and all(g.split(":", 2)[2] == env.cgroup_path for g in groups), groups
+
+            # an orphan in its PID namespace is reparented to it and reaped by it
+            res = await r.run(
+                [
+                    "nsenter",
+                    "-t",
+                    str(pid),
+                    "-p",
+                    "--",
+                    "sh",
+                    "-c",
+                    "sleep 1000 </dev/null >/dev/null 2>&1 & exec true",
+                ]
+            )
+            assert res.status == 0, res.stderr
+            await poll(lambda: children_of(pid) != [], "the orphan to be the init's child")
+            (orphan,) = children_of(pid)
+            assert comm(orphan) == "sleep"
+            os.kill(orphan, signal.SIGKILL)
+            await poll(lambda: gone(orphan), "the init to reap the killed orphan")
+            assert host.init_pid == pid and not waiter.done()
+
+            # the init's death is the host's
+            os.kill(pid, signal.SIGKILL)
+            assert await asyncio.wait_for(waiter, 30) == 137
+            assert await host.wait() == 137
+            assert host.init_pid == 0
+            with pytest.raises(errdefs.FailedPrecondition, match="exited"):
+                await host.namespace_path("pid")
+            await host.close()
+            await host.close()
+            env.assert_nothing_left()
+            assert gone(pid)
+        finally:
+            await host.close()
+            r.stop()
+
+    run(main)
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not ROOT, reason="needs root")
+def test_close_kills_a_live_init_and_removes_everything(env: Env) -> None:
+    async def main() -> None:
+        r = Reaper()
+        r.start()
+        host = env.host(r, env.spec())
+        try:
+            await host.create()
+            path = await host.namespace_path("pid")
+            pid = host.init_pid
+            env.pids.append(pid)
+            assert path == f"/proc/{pid}/ns/pid"
+            waiter = asyncio.ensure_future(host.wait())
+            await asyncio.gather(host.close(), host.close())
+            assert await asyncio.wait_for(waiter, 30) == 137  # SIGKILLed by close
+            assert gone(pid)
+            assert all(comm(p) != "podshim-init" for p in children_of(os.getpid()))
+            env.assert_nothing_left()
+            assert os.path.exists(env.netns_path)
+        finally:
+            await host.close()
+            r.stop()
+
+    run(main)
+
+
+def test_cgroup_hierarchies_from_mountinfo(tmp_path: Path) -> None:
+    hybrid = tmp_path / "hybrid"
+    hybrid.write_text(
+        "27 1 254:0 / / rw,relatime - ext4 /dev/vda rw\n"
+        "31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755\n"
+        "32 31 0:29 / /sys/fs/cgroup/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct\n"
+        "35 31 0:32 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n"
+        "36 31 0:32 /sub /mnt/memory-again rw - cgroup cgroup rw,memory\n"
+        "40 31 0:37 / /sys/fs/cgroup/systemd rw - cgroup cgroup rw,xattr,name=systemd\n"
+        "41 31 0:38 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw\n"
+    )
+    hs = cg.hierarchies(mountinfo=str(hybrid))
+    assert [(h.mountpoint, h.version, sorted(h.controllers)) for h in hs] == [
+        ("/sys/fs/cgroup/cpu,cpuacct", 1, ["cpu", "cpuacct"]),
+        ("/sys/fs/cgroup/memory", 1, ["memory"]),
+        ("/sys/fs/cgroup/systemd", 1, ["name=systemd"]),
+        ("/sys/fs/cgroup/unified", 2, []),
+    ]
+    unified = tmp_path / "unified"
+    unified.write_text(
+        "27 1 254:0 / / rw,relatime - ext4 /dev/vda rw\n"
+        "31 23 0:28 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n"
+    )
+    assert [(h.mountpoint, h.version) for h in cg.hierarchies(mountinfo=str(unified))] == [
+        ("/sys/fs/cgroup", 2)
+    ]

@@ -16,8 +16,10 @@ import socket
 import subprocess
 import sys
 import time
+from typing import Any
 
 from podshim.shim.flags import Flags
+from podshim.shim.paths import CONTAINER_TYPE_ANNOTATION
 
 #: what Container.create records in the bundle for this action
 RUNTIME_FILE = "podshim-runtime.json"
@@ -30,6 +32,15 @@ def _runtime(bundle: str) -> tuple[str, str]:
         return str(rt["binary"]), str(rt["root"])
     except (OSError, ValueError, KeyError, TypeError):
         return "", ""
+
+
+def _spec(bundle: str) -> dict[str, Any]:
+    try:
+        with open(os.path.join(bundle, "config.json")) as f:
+            spec = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return spec if isinstance(spec, dict) else {}
 
 
 def _read_pid(bundle: str) -> int:
@@ -65,6 +76,13 @@ def delete(flags: Flags) -> int:
     from podshim.shim import mount
 
     bundle = flags.bundle or os.getcwd()
+    spec = _spec(bundle)
+    ann = spec.get("annotations") or {}
+    if isinstance(ann, dict) and ann.get(CONTAINER_TYPE_ANNOTATION) == "sandbox" and flags.id:
+        from podshim.pod.leftovers import cleanup_sandbox
+
+        for problem in cleanup_sandbox(flags.namespace, flags.id, spec):
+            print(f"podshim delete: {problem}", file=sys.stderr)
     binary, root = _runtime(bundle)
     if binary and flags.id:
         argv = [

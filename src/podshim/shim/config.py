@@ -11,6 +11,7 @@ override the runtime settings. Example (every key optional; these are the defaul
     log_level = "info"            # debug | info | warn | error (-debug forces debug)
     log_format = "text"           # text (logrus-like) | json
     default_host = "namespaces"   # pod host kind: namespaces | none
+    zygote = false                # fork shims from a pre-warmed parent (read by `start`)
 """
 
 from __future__ import annotations
@@ -40,10 +41,19 @@ class Config:
     log_level: str = "info"
     log_format: str = "text"
     default_host: str = "namespaces"
+    zygote: bool = False
     source: str = ""  # the file it came from, "" for defaults
 
 
-_KEYS = {"runtime", "runtime_root", "systemd_cgroup", "log_level", "log_format", "default_host"}
+_KEYS = {
+    "runtime",
+    "runtime_root",
+    "systemd_cgroup",
+    "log_level",
+    "log_format",
+    "default_host",
+    "zygote",
+}
 
 
 def _expect(table: dict[str, Any], key: str, typ: type, path: str) -> Any:
@@ -80,6 +90,8 @@ def load_file(path: str) -> Config:
         rt = replace(rt, root=_expect(table, "runtime_root", str, path))
     if "systemd_cgroup" in table:
         rt = replace(rt, systemd_cgroup=_expect(table, "systemd_cgroup", bool, path))
+    if "zygote" in table:
+        cfg = replace(cfg, zygote=_expect(table, "zygote", bool, path))
     for key, allowed in (
         ("log_level", LOG_LEVELS),
         ("log_format", LOG_FORMATS),

@@ -33,6 +33,10 @@ def main(argv: list[str] | None = None) -> int:
         from podshim.shim.delete import delete
 
         return delete(flags)
+    if flags.action == "zygote":
+        from podshim.shim.zygote import run
+
+        return run(flags)
     if flags.action == "":
         from podshim.shim.daemon import serve
 

@@ -90,6 +90,83 @@ def _spawn_daemon(flags: Flags, bundle: str, sock: socket.socket) -> None:
         os.close(devnull)
 
 
+def _launch(flags: Flags, bundle: str, sock: socket.socket) -> None:
+    """Fork the daemon from the zygote when enabled, else spawn it."""
+    if zygote_enabled(_read_options()):
+        from podshim.shim.zygote import request_fork
+
+        try:
+            request_fork(flags, bundle, sock)
+            return
+        except (OSError, ValueError):
+            pass  # fall back to a daemon of our own
+    _spawn_daemon(flags, bundle, sock)
+
+
+def _read_options() -> bytes:
+    """The runtime options containerd writes on our stdin (a serialized Any), or b""."""
+    try:
+        if os.isatty(0):
+            return b""
+        return os.read(0, 1 << 16)
+    except OSError:
+        return b""
+
+
+def _pb_fields(data: bytes) -> dict[int, bytes]:
+    """Length-delimited fields of a protobuf message (enough for Any and Options)."""
+    out: dict[int, bytes] = {}
+    i = 0
+    try:
+        while i < len(data):
+            key, i = _varint(data, i)
+            if key & 7 == 2:
+                n, i = _varint(data, i)
+                out[key >> 3] = data[i : i + n]
+                i += n
+            elif key & 7 == 0:
+                _, i = _varint(data, i)
+            else:
+                break
+    except IndexError:
+        pass
+    return out
+
+
+def _varint(data: bytes, i: int) -> tuple[int, int]:
+    shift = value = 0
+    while True:
+        b = data[i]
+        i += 1
+        value |= (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            return value, i
+
+
+def zygote_enabled(options: bytes) -> bool:
+    """``PODSHIM_ZYGOTE=1`` in the environment, or ``zygote = true`` in the podshim
+    config named by ``runtimeoptions.v1.Options.config_path`` in the options Any."""
+    env = os.environ.get("PODSHIM_ZYGOTE", "").lower()
+    if env in ("1", "true", "yes"):
+        return True
+    if env in ("0", "false", "no"):
+        return False
+    any_ = _pb_fields(options)
+    if any_.get(1, b"").rsplit(b"/", 1)[-1] != b"runtimeoptions.v1.Options":
+        return False
+    config_path = _pb_fields(any_.get(2, b"")).get(2, b"").decode(errors="replace")
+    if not config_path:
+        return False
+    import tomllib
+
+    try:
+        with open(config_path, "rb") as f:
+            return tomllib.load(f).get("zygote") is True
+    except (OSError, tomllib.TOMLDecodeError):
+        return False  # Create reports the bad config properly
+
+
 def start(flags: Flags) -> int:
     bundle = os.getcwd()
     if not flags.id or not flags.namespace or not flags.address:
@@ -100,7 +177,7 @@ def start(flags: Flags) -> int:
     sock = _listen(path)
     if sock is not None:
         try:
-            _spawn_daemon(flags, bundle, sock)
+            _launch(flags, bundle, sock)
         except OSError:
             os.unlink(path)
             raise

@@ -53,7 +53,7 @@ async def _serve(flags: Flags) -> None:
     service = TaskService(ShimContext(flags.namespace, reaper, publisher), stop.set)
     server = Server([bind(shim_pb2.DESCRIPTOR.services_by_name["Task"], service)])
     sock = socket.socket(fileno=LISTEN_FD)
-    path = sock.getsockname()
+    path = flags.socket or sock.getsockname()
     await server.serve(sock)
     log.info("serving on %s", path)
     idle = loop.time()

@@ -9,6 +9,7 @@ too: so a start event always precedes the exit event of the same process.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
@@ -113,9 +114,15 @@ class Process:
         self.io.close_stdin()
 
     def resize(self, width: int, height: int) -> None:
+        """Resize the pty. A process without one is FailedPrecondition; a tty process
+        that is not running (yet, or any more) ignores it, as runc's shim does: ctr
+        resizes right after Start, which races a quick exit."""
+        if not self.io.terminal:
+            raise errdefs.FailedPrecondition(f"{self.what}: not a tty")
         if self.machine.state is not Status.RUNNING:
-            raise errdefs.FailedPrecondition(f"{self.what}: not running")
-        self.io.resize(width, height)
+            return
+        with contextlib.suppress(errdefs.FailedPrecondition, OSError):
+            self.io.resize(width, height)
 
     def release(self) -> None:
         """Close stdio and stop the exit monitor (after delete)."""

@@ -87,12 +87,16 @@ def last_error(log_path: str, offset: int) -> str:
 
 
 _NOT_FOUND_HINTS = (
-    "container does not exist",
+    "container does not exist",  # runc
     "container not running",
     "process already finished",
     "no such process",
     "not exist",
+    "No such file or directory",  # crun: its state files are gone
 )
+#: subcommands whose failure can mean "the container is gone" (create/exec failures
+#: naming a missing file are about the image, not the container)
+_STATEFUL = frozenset({"start", "kill", "delete", "pause", "resume", "ps", "update", "state"})
 
 
 class Runc:
@@ -137,8 +141,9 @@ class Runc:
                 last_error(self.log_path, offset) or res.stderr.decode(errors="replace").strip()
             )
             detail = detail or f"exit status {res.status}"
-            msg = f"{self.name} {args[0]} failed: {detail}"
-            if any(h in detail for h in _NOT_FOUND_HINTS):
+            prefix = f"{self.name} {args[0]} failed"
+            msg = detail if detail.startswith(prefix) else f"{prefix}: {detail}"
+            if args[0] in _STATEFUL and any(h in detail for h in _NOT_FOUND_HINTS):
                 raise errdefs.NotFound(msg)
             raise errdefs.Unknown(msg)
         return res

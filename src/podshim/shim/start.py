@@ -10,6 +10,7 @@ this runs for every pod and every container.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import socket
@@ -33,30 +34,40 @@ def _alive(path: str) -> bool:
 
 
 def _listen(path: str) -> socket.socket | None:
-    """Bind and listen at ``path``; None when another live shim holds it."""
+    """Listen at ``path``; None when another live shim holds it.
+
+    The socket is bound and listening under a temporary name first and then hard-linked
+    into place, so ``path`` never names a socket that refuses connections: a concurrent
+    ``start`` either finds a live shim there or nothing (then one link wins).
+    """
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    tmp = f"{path}.{os.getpid()}"
     for _ in range(50):
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            s.bind(path)
-        except OSError as exc:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            s.bind(tmp)
+            os.chmod(tmp, 0o600)
+            s.listen(128)
+            try:
+                os.link(tmp, path)
+            finally:
+                os.unlink(tmp)
+            return s
+        except FileExistsError:
             s.close()
-            if exc.errno != errno.EADDRINUSE:
-                raise
             if _alive(path):
                 return None
-            try:  # stale socket of a dead shim
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-            continue
-        os.chmod(path, 0o600)
-        s.listen(128)
-        return s
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)  # stale socket of a dead shim
+        except BaseException:
+            s.close()
+            raise
     raise OSError(errno.EADDRINUSE, f"cannot bind {path}")
 
 
-def _daemon_argv(flags: Flags, bundle: str) -> list[str]:
+def _daemon_argv(flags: Flags, bundle: str, path: str) -> list[str]:
     """Re-exec ourselves without an action: the console script when we were started
     through it (so ``ps`` shows the shim's name), else ``python -m``."""
     me = sys.argv[0]
@@ -65,12 +76,12 @@ def _daemon_argv(flags: Flags, bundle: str) -> list[str]:
     else:
         head = [sys.executable, "-m", "podshim.shim.main"]
     tail = ["-namespace", flags.namespace, "-id", flags.id, "-address", flags.address]
-    tail += ["-bundle", bundle] + (["-debug"] if flags.debug else [])
+    tail += ["-bundle", bundle, "-socket", path] + (["-debug"] if flags.debug else [])
     return head + tail
 
 
-def _spawn_daemon(flags: Flags, bundle: str, sock: socket.socket) -> None:
-    argv = _daemon_argv(flags, bundle)
+def _spawn_daemon(flags: Flags, bundle: str, sock: socket.socket, path: str) -> None:
+    argv = _daemon_argv(flags, bundle, path)
     os.set_inheritable(sock.fileno(), True)  # dup2(3, 3) would keep CLOEXEC otherwise
     devnull = os.open(os.devnull, os.O_RDWR)
     try:
@@ -90,17 +101,17 @@ def _spawn_daemon(flags: Flags, bundle: str, sock: socket.socket) -> None:
         os.close(devnull)
 
 
-def _launch(flags: Flags, bundle: str, sock: socket.socket) -> None:
+def _launch(flags: Flags, bundle: str, sock: socket.socket, path: str) -> None:
     """Fork the daemon from the zygote when enabled, else spawn it."""
     if zygote_enabled(_read_options()):
         from podshim.shim.zygote import request_fork
 
         try:
-            request_fork(flags, bundle, sock)
+            request_fork(flags, bundle, sock, path)
             return
         except (OSError, ValueError):
             pass  # fall back to a daemon of our own
-    _spawn_daemon(flags, bundle, sock)
+    _spawn_daemon(flags, bundle, sock, path)
 
 
 def _read_options() -> bytes:
@@ -177,7 +188,7 @@ def start(flags: Flags) -> int:
     sock = _listen(path)
     if sock is not None:
         try:
-            _launch(flags, bundle, sock)
+            _launch(flags, bundle, sock, path)
         except OSError:
             os.unlink(path)
             raise

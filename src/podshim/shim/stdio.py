@@ -36,11 +36,12 @@ CHUNK = 32 * 1024
 
 
 def fifo_path(uri: str) -> str:
-    """Plain paths and ``fifo://`` URIs name a FIFO; other schemes are refused."""
+    """Plain paths and ``fifo://`` URIs name a FIFO; ``file://`` a file (output only);
+    other schemes (``binary://``) are refused."""
     if "://" not in uri:
         return uri
     u = urlparse(uri)
-    if u.scheme == "fifo":
+    if u.scheme in ("fifo", "file"):
         return u.path
     raise errdefs.InvalidArgument(f"unsupported stdio URI scheme {u.scheme!r} in {uri!r}")
 
@@ -117,7 +118,11 @@ def _close(fd: int) -> None:
         os.close(fd)
 
 
-def _open_output(path: str) -> int:
+def _open_output(uri: str) -> int:
+    path = fifo_path(uri)
+    if uri.startswith("file://"):  # ctr --log-uri file:///...: append to a file
+        os.makedirs(os.path.dirname(path) or "/", exist_ok=True)
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
     return os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
 
 
@@ -163,7 +168,7 @@ class ProcessIO:
         return fd
 
     def _fifo_out(self, uri: str) -> int:
-        fd = _open_output(fifo_path(uri))
+        fd = _open_output(uri)
         self._owned.append(fd)
         return fd
 

@@ -84,7 +84,7 @@ def _spawn_zygote(flags: Flags) -> None:
         os.close(devnull)
 
 
-def request_fork(flags: Flags, bundle: str, sock: socket.socket) -> int:
+def request_fork(flags: Flags, bundle: str, sock: socket.socket, socket_path: str) -> int:
     """Have this containerd's zygote fork a daemon serving ``sock``; returns its pid.
 
     Raises:
@@ -96,6 +96,7 @@ def request_fork(flags: Flags, bundle: str, sock: socket.socket) -> int:
         "id": flags.id,
         "address": flags.address,
         "bundle": bundle,
+        "socket": socket_path,
         "debug": flags.debug,
         "containerd_pid": os.getppid(),
     }
@@ -142,6 +143,7 @@ def _child(conn: socket.socket, lst: socket.socket, fd: int, req: dict[str, obje
         f = Flags()
         f.namespace, f.id = str(req["namespace"]), str(req["id"])
         f.address, f.bundle = str(req["address"]), str(req["bundle"])
+        f.socket = str(req.get("socket", ""))
         f.debug = bool(req.get("debug"))
         rc = serve(f)
     finally:

@@ -167,10 +167,13 @@ class ProcessIO:
         self._stdin_keep = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         return fd
 
-    def _fifo_out(self, uri: str) -> int:
-        fd = _open_output(uri)
-        self._owned.append(fd)
-        return fd
+    def _pump_out(self, src: int, uri: str) -> None:
+        """Pump ``src`` into the output ``uri``. The pump owns its own FIFO fd and closes
+        it at EOF: containerd (CRI's ExecSync) waits for the FIFO's EOF, so no writer may
+        outlive the process's output."""
+        pump = Pump(src, _open_output(uri), close_src=True, close_dst=True)
+        self._pumps.append(pump)
+        self._out_pumps.append(pump)
 
     def _open_pipes(self) -> None:
         devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
@@ -182,19 +185,13 @@ class ProcessIO:
             self._child_ends.append(r)
             fds[0] = r
             self._pumps.append(Pump(src, w, close_src=False, close_dst=True))
-        out_fds: dict[str, int] = {}
         for i, uri in ((1, self.stdout), (2, self.stderr)):
             if not uri:
                 continue
-            dst = out_fds.get(uri)
-            if dst is None:
-                dst = out_fds[uri] = self._fifo_out(uri)
             r, w = os.pipe()
             self._child_ends.append(w)
             fds[i] = w
-            pump = Pump(r, dst, close_src=True, close_dst=False)
-            self._pumps.append(pump)
-            self._out_pumps.append(pump)
+            self._pump_out(r, uri)
         self.child_fds = (fds[0], fds[1], fds[2])
 
     def _open_console_socket(self) -> None:
@@ -235,11 +232,7 @@ class ProcessIO:
             src = self._fifo_in()
             self._pumps.append(Pump(src, os.dup(self._master), close_src=False, close_dst=True))
         if self.stdout:
-            pump = Pump(
-                os.dup(self._master), self._fifo_out(self.stdout), close_src=True, close_dst=False
-            )
-            self._pumps.append(pump)
-            self._out_pumps.append(pump)
+            self._pump_out(os.dup(self._master), self.stdout)
 
     def _cleanup_console_socket(self) -> None:
         if self._console_listener is not None:

@@ -1,0 +1,665 @@
+"""Helpers and fixtures for the CRI integration tests (``test_cri_*.py``).
+
+One private containerd with the CRI plugin serves a whole test module; it has two
+runtime handlers on the same instance:
+
+* ``runc``: containerd's own ``io.containerd.runc.v2`` (the reference behaviour);
+* ``podshim``: ``io.containerd.podshim.v1`` with ``ConfigPath`` naming a podshim TOML
+  file that keeps runc's state below the lab's state dir.
+
+The pause and busybox images are imported into ``k8s.io``. :class:`CriLab` creates pods
+and containers through the CRI client of ``podshim.lab.cri`` and remembers everything that
+belongs to them (processes with their start times, ids); the per-test fixture stops and
+removes every pod the test made and asserts nothing of them is left (process, live or
+zombie; mount or pin under ``/run/podshim/pods``; cgroup; shim socket; bundle; runtime
+state), and that nothing but containerd is left below the lab's subreaper. The module
+fixture finally closes the lab and asserts the lab left nothing either (CNI bridge
+included).
+
+Every wait is a poll with a generous deadline, never a fixed sleep, so the tests stay
+deterministic on a loaded 2-core machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import pytest
+
+from podshim.lab import Containerd, RuntimeHandler, wait_for
+from podshim.lab.cleanup import cgroup_dirs, mounts_under, unmount_under
+from podshim.lab.cri.client import (
+    ContainerInfo,
+    CriClient,
+    CriError,
+    ExecResult,
+    PidMode,
+    PodInfo,
+    api,
+    resources,
+)
+from podshim.lab.procfs import ProcStat, descendants, process_table, read_stat
+from podshim.shim import paths as shim_paths
+
+#: the two handlers every test can pick from
+PODSHIM = "podshim"
+RUNC = "runc"
+PODSHIM_RUNTIME = "io.containerd.podshim.v1"
+CRI_NAMESPACE = "k8s.io"
+#: where the venv's console scripts (the shim binary) live
+BIN_DIR = str(Path(sys.executable).parent)
+#: podshim's per-pod namespace pins: <PODS_DIR>/<containerd namespace>/<pod id>
+PODS_DIR = Path(shim_paths.RUN_DIR) / "pods"
+TASK_DIR = "io.containerd.runtime.v2.task"
+#: comm of the pod's PID-namespace init (exists only in shared-PID pods)
+INIT_COMM = "podshim-init"
+#: generous deadline for anything that should happen "soon" on a loaded 2-core box
+DEADLINE = 60.0
+#: ExecSync timeout (s) for the tests' tiny busybox commands
+EXEC_TIMEOUT = 20
+GIB = 1 << 30
+MIB = 1 << 20
+
+
+# -- /proc helpers ---------------------------------------------------------------------
+
+
+def ns_of(pid: int, kind: str) -> str:
+    """``readlink /proc/<pid>/ns/<kind>`` (e.g. ``net:[4026531840]``)."""
+    return os.readlink(f"/proc/{pid}/ns/{kind}")
+
+
+def host_ns(kind: str) -> str:
+    """The host's namespace of ``kind``.
+
+    This is the test process's own: containerd runs in it, and on this machine
+    ``/proc/1/ns/*`` is unreadable even for root (PID 1 holds capabilities the test's
+    root lacks, so the ptrace access check fails).
+    """
+    try:
+        return ns_of(1, kind)
+    except PermissionError:
+        return ns_of(os.getpid(), kind)
+
+
+def alive(stat: ProcStat) -> ProcStat | None:
+    """That very process (same start time), live or zombie, or None once it is gone."""
+    now = read_stat(stat.pid)
+    return now if now is not None and now.starttime == stat.starttime else None
+
+
+def children(pid: int, table: dict[int, ProcStat] | None = None) -> list[ProcStat]:
+    """Direct children of ``pid``."""
+    table = process_table() if table is None else table
+    return sorted(s for s in table.values() if s.ppid == pid)
+
+
+def describe(stats: Iterable[ProcStat]) -> str:
+    """``pid comm state ppid`` lines plus the command line, for assertion messages."""
+    lines = []
+    for s in stats:
+        try:
+            argv = Path(f"/proc/{s.pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            argv = ""
+        lines.append(f"  {s.pid} ({s.comm}) state {s.state} ppid {s.ppid}: {argv.strip()}")
+    return "\n".join(lines) or "  (none)"
+
+
+def cgroup_of(pid: int, controller: str) -> str:
+    """The cgroup path of ``pid`` in the v1 hierarchy holding ``controller``."""
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if controller in controllers.split(","):
+            return path
+    raise LookupError(f"pid {pid}: no {controller} cgroup")
+
+
+def read_cgroup(controller: str, path: str, name: str) -> str:
+    """``/sys/fs/cgroup/<controller>/<path>/<name>``, stripped."""
+    return Path("/sys/fs/cgroup", controller, path.lstrip("/"), name).read_text().strip()
+
+
+# -- ctr events --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Event:
+    """One ``ctr events`` line: topic and the event's JSON body."""
+
+    namespace: str
+    topic: str
+    body: dict[str, Any]
+    line: str
+
+
+class CtrEvents:
+    """``ctr events`` running in the background; lines are parsed as they arrive.
+
+    Use :meth:`prime` before triggering what you want to observe: it waits until the
+    subscription demonstrably delivers events, so nothing is missed.
+    """
+
+    def __init__(self, lab: Containerd, namespace: str = CRI_NAMESPACE) -> None:
+        argv = [lab.ctr_bin, "--address", lab.address, "--namespace", namespace, "events"]
+        self._proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.events: list[Event] = []
+        self._lock = threading.Lock()
+        self._reader = threading.Thread(target=self._read, name="ctr-events", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self._proc.stdout is not None
+        for line in self._proc.stdout:
+            event = self._parse(line.rstrip("\n"))
+            if event is not None:
+                with self._lock:
+                    self.events.append(event)
+
+    @staticmethod
+    def _parse(line: str) -> Event | None:
+        # "<date> <time> <zone> <tz> <namespace> <topic> <json>"
+        brace = line.find("{")
+        head = (line[:brace] if brace >= 0 else line).split()
+        if len(head) < 2 or not head[-1].startswith("/"):
+            return None
+        try:
+            body = json.loads(line[brace:]) if brace >= 0 else {}
+        except ValueError:
+            body = {}
+        return Event(head[-2], head[-1], body if isinstance(body, dict) else {}, line)
+
+    def snapshot(self) -> list[Event]:
+        with self._lock:
+            return list(self.events)
+
+    def wait(
+        self, pred: Callable[[Event], bool], timeout: float = DEADLINE, what: str = ""
+    ) -> Event:
+        def found() -> Event | None:
+            return next((e for e in self.snapshot() if pred(e)), None)
+
+        return wait_for(
+            found,
+            timeout=timeout,
+            interval=0.1,
+            message=lambda: (
+                f"ctr event {what}; seen:\n" + "\n".join(e.line for e in self.snapshot()[-30:])
+            ),
+        )
+
+    def prime(self, trigger: Callable[[], object], topic: str, timeout: float = DEADLINE) -> None:
+        """Call ``trigger`` until an event with ``topic`` shows up (subscription live)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            start = len(self.snapshot())
+
+            def arrived(start: int = start) -> bool:
+                return any(e.topic == topic for e in self.snapshot()[start:])
+
+            trigger()
+            try:
+                wait_for(arrived, timeout=10, interval=0.1, message=f"ctr event {topic}")
+                return
+            except AssertionError:
+                if time.monotonic() > deadline:
+                    raise
+
+    def close(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait(timeout=30)
+        self._reader.join(timeout=30)
+
+    def __enter__(self) -> CtrEvents:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+# -- the lab -----------------------------------------------------------------------------
+
+
+@dataclass
+class PodRecord:
+    """Everything a test made for one pod, for the leftover checks."""
+
+    id: str
+    handler: str
+    config: api.PodSandboxConfig
+    containers: list[str] = field(default_factory=list)
+    #: processes seen belonging to the pod (shim, anchor, init, containers), by pid
+    procs: dict[int, ProcStat] = field(default_factory=dict)
+    removed: bool = False
+
+    @property
+    def cgroup_parent(self) -> str:
+        """Where CRI puts the pod's cgroups (containerd's default: ``/k8s.io``)."""
+        return self.config.linux.cgroup_parent or f"/{CRI_NAMESPACE}"
+
+
+class CriLab:
+    """A CRI containerd with the ``runc`` and ``podshim`` handlers (see module doc)."""
+
+    def __init__(self, lab: Containerd, podshim_runc_root: Path, busybox: str) -> None:
+        self.lab = lab
+        self.cri = CriClient(lab.address)
+        self.busybox = busybox
+        self.podshim_runc_root = podshim_runc_root
+        self.pods: dict[str, PodRecord] = {}
+        self._touches = 0
+
+    # -- creating things -----------------------------------------------------------------
+    def pod_config(self, name: str, **kwargs: Any) -> api.PodSandboxConfig:
+        """A pod config with a unique name and uid (kwargs as CriClient.pod_config)."""
+        token = secrets.token_hex(3)
+        return self.cri.pod_config(f"{name}-{token}", "cri-tests", f"uid-{name}-{token}", **kwargs)
+
+    def run_pod(self, config: api.PodSandboxConfig, handler: str) -> str:
+        """RunPodSandbox, remembered for teardown; waits until READY."""
+        pod_id = self.cri.run_pod_config(config, handler)
+        rec = PodRecord(pod_id, handler, config)
+        self.pods[pod_id] = rec
+        self.remember(pod_id)
+        info = self.cri.pod_status(pod_id)
+        assert info.ready, f"pod {pod_id} is {info.state} right after RunPodSandbox"
+        assert info.handler == handler
+        return pod_id
+
+    def pod(self, name: str, handler: str, **kwargs: Any) -> tuple[str, api.PodSandboxConfig]:
+        """:meth:`pod_config` + :meth:`run_pod`."""
+        config = self.pod_config(name, **kwargs)
+        return self.run_pod(config, handler), config
+
+    def create(
+        self,
+        pod_id: str,
+        name: str,
+        command: Sequence[str],
+        attempt: int = 0,
+        **kwargs: Any,
+    ) -> str:
+        """CreateContainer (busybox) in ``pod_id``; remembered for teardown."""
+        rec = self.pods[pod_id]
+        cid = self.cri.create_container(
+            pod_id, rec.config, name, self.busybox, command, (), attempt, **kwargs
+        )
+        rec.containers.append(cid)
+        return cid
+
+    def start(self, pod_id: str, cid: str) -> ContainerInfo:
+        """StartContainer and wait until CRI reports it RUNNING with a pid."""
+        self.cri.start_container(cid)
+        info = self.wait_container(cid, "RUNNING")
+        assert info.pid > 0, f"container {cid}: no pid in verbose status"
+        self.remember(pod_id)
+        return info
+
+    def container(
+        self, pod_id: str, name: str, command: Sequence[str], attempt: int = 0, **kwargs: Any
+    ) -> ContainerInfo:
+        """:meth:`create` + :meth:`start`."""
+        return self.start(pod_id, self.create(pod_id, name, command, attempt, **kwargs))
+
+    def restart_containerd(self) -> None:
+        """Restart containerd alone (shims keep running) and reconnect the CRI client."""
+        self.lab.restart()
+        self.cri.close()
+        self.cri = CriClient(self.lab.address)
+
+        def answers() -> bool:
+            try:
+                self.cri.version()
+            except CriError:
+                return False
+            return True
+
+        wait_for(answers, timeout=DEADLINE, interval=0.2, message="CRI after the restart")
+
+    # -- observing -----------------------------------------------------------------------
+    def wait_container(self, cid: str, state: str, timeout: float = DEADLINE) -> ContainerInfo:
+        def check() -> ContainerInfo | None:
+            info = self.cri.container_status(cid)
+            return info if info.state == state else None
+
+        return wait_for(
+            check,
+            timeout=timeout,
+            interval=0.1,
+            message=lambda: (
+                f"container {cid} to be {state} "
+                f"(is {self.cri.container_status(cid).state})\n{self.lab.log_tail(30)}"
+            ),
+        )
+
+    def wait_pod(self, pod_id: str, state: str, timeout: float = DEADLINE) -> PodInfo:
+        def check() -> PodInfo | None:
+            info = self.cri.pod_status(pod_id)
+            return info if info.state == state else None
+
+        return wait_for(
+            check,
+            timeout=timeout,
+            interval=0.1,
+            message=lambda: (
+                f"pod {pod_id} to be {state} "
+                f"(is {self.cri.pod_status(pod_id).state})\n{self.lab.log_tail(30)}"
+            ),
+        )
+
+    def touch_namespace(self) -> None:
+        """Make containerd publish an event (/namespaces/update) without touching any
+        task: relabel the ``k8s.io`` namespace."""
+        self._touches += 1
+        self.lab.ctr("namespaces", "label", CRI_NAMESPACE, f"podshim.test/touch={self._touches}")
+
+    def exec(self, cid: str, *cmd: str, timeout: int = EXEC_TIMEOUT) -> ExecResult:
+        """ExecSync; a failed call fails the test with containerd's log tail (CRI logs
+        "Exec process ... exits" and then "Stream pipe ... done" once the exec's output
+        FIFOs reached EOF)."""
+        try:
+            return self.cri.exec_sync(cid, cmd, timeout)
+        except CriError as exc:
+            raise AssertionError(
+                f"exec {list(cmd)} in {cid}: {exc}\ncontainerd log:\n{self.lab.log_tail(25)}"
+            ) from None
+
+    def exec_ok(self, cid: str, *cmd: str, timeout: int = EXEC_TIMEOUT) -> str:
+        """ExecSync that must exit 0; returns its stdout."""
+        res = self.exec(cid, *cmd, timeout=timeout)
+        assert res.exit_code == 0, f"exec {list(cmd)} in {cid}: {res}"
+        return res.stdout
+
+    def processes(self) -> list[ProcStat]:
+        """Every process below the lab's subreaper except containerd (zombies too)."""
+        pid = self.lab.subreaper_pid
+        assert pid is not None
+        me = self.lab.pid
+        return [s for s in descendants(pid) if s.pid != me]
+
+    def sandbox_pid(self, pod_id: str) -> int:
+        pid = self.cri.pod_status(pod_id).pid
+        assert pid > 0, f"pod {pod_id}: no sandbox pid in verbose status"
+        return pid
+
+    def shim_pid(self, pod_id: str) -> int:
+        """The pod's shim: the parent of the sandbox pid (anchor zombie or pause)."""
+        stat = read_stat(self.sandbox_pid(pod_id))
+        assert stat is not None, f"pod {pod_id}: sandbox pid is gone"
+        shim = read_stat(stat.ppid)
+        assert shim is not None and shim.comm.startswith("containerd-shim"), (
+            f"pod {pod_id}: parent of sandbox pid {stat.pid} is not a shim:\n"
+            + describe([s for s in (stat, shim) if s is not None])
+        )
+        return shim.pid
+
+    def inits(self) -> list[ProcStat]:
+        """``podshim-init`` processes below the lab (live or zombie)."""
+        return [s for s in self.processes() if s.comm == INIT_COMM]
+
+    def remember(self, pod_id: str) -> None:
+        """Record the pod's shim and every process below it (for the leftover checks)."""
+        rec = self.pods[pod_id]
+        with contextlib.suppress(CriError, AssertionError):
+            shim = self.shim_pid(pod_id)
+            table = process_table()
+            for stat in [table[shim], *descendants(shim, table)] if shim in table else []:
+                rec.procs.setdefault(stat.pid, stat)
+        for cid in rec.containers:
+            with contextlib.suppress(CriError):
+                pid = self.cri.container_status(cid).pid
+                cstat = read_stat(pid) if pid else None
+                if cstat is not None:
+                    rec.procs.setdefault(pid, cstat)
+
+    # -- tearing down ----------------------------------------------------------------------
+    def pins(self, pod_id: str) -> Path:
+        return PODS_DIR / CRI_NAMESPACE / pod_id
+
+    def shim_socket(self, pod_id: str) -> str:
+        return shim_paths.socket_path(self.lab.address, CRI_NAMESPACE, pod_id)
+
+    def bundle(self, task_id: str) -> Path:
+        return self.lab.state / TASK_DIR / CRI_NAMESPACE / task_id
+
+    def runtime_state(self, rec: PodRecord, task_id: str) -> Path:
+        root = self.podshim_runc_root if rec.handler == PODSHIM else self.lab.runc_root
+        return root / CRI_NAMESPACE / task_id
+
+    def leftovers(self, pod_id: str) -> list[str]:
+        """What of the pod still exists (``[]`` once it is completely gone)."""
+        rec = self.pods[pod_id]
+        found: list[str] = []
+        for stat in rec.procs.values():
+            now = alive(stat)
+            if now is not None:
+                found.append(f"process {now.pid} ({now.comm}) state {now.state}")
+        pins = self.pins(pod_id)
+        found += [f"mount {m}" for m in mounts_under([pins])]
+        if os.path.lexists(pins):
+            found.append(f"pin dir {pins}: {sorted(os.listdir(pins)) if pins.is_dir() else ''}")
+        if rec.handler == PODSHIM and os.path.lexists(self.shim_socket(pod_id)):
+            found.append(f"shim socket {self.shim_socket(pod_id)}")
+        for task_id in (pod_id, *rec.containers):
+            found += [f"cgroup {d}" for d in cgroup_dirs(f"{rec.cgroup_parent}/{task_id}")]
+            for path in (self.bundle(task_id), self.runtime_state(rec, task_id)):
+                if os.path.lexists(path):
+                    found.append(f"left {path}")
+        return found
+
+    def wait_gone(self, pod_id: str, timeout: float = DEADLINE) -> None:
+        """Poll until :meth:`leftovers` is empty; fail listing what is left."""
+        wait_for(
+            lambda: not self.leftovers(pod_id),
+            timeout=timeout,
+            interval=0.2,
+            message=lambda: (
+                f"pod {pod_id} to be gone; left: {self.leftovers(pod_id)}\n{self.lab.log_tail(40)}"
+            ),
+        )
+
+    def stop_and_remove(self, pod_id: str) -> list[str]:
+        """StopPodSandbox + RemovePodSandbox (tolerating a pod CRI no longer knows);
+        returns the errors."""
+        rec = self.pods[pod_id]
+        errors: list[str] = []
+        if rec.removed:
+            return errors
+        self.remember(pod_id)
+        for step in (self.cri.stop_pod, self.cri.remove_pod):
+            try:
+                step(pod_id)
+            except CriError as exc:
+                if exc.code != "NOT_FOUND":
+                    errors.append(f"pod {pod_id}: {exc}")
+        rec.removed = not errors
+        return errors
+
+    def force_cleanup(self, pod_id: str) -> None:
+        """Last resort after a failed check: kill, unmount and rmdir what the pod left,
+        so one failure does not cascade into the next test."""
+        rec = self.pods[pod_id]
+        for stat in rec.procs.values():
+            if alive(stat) is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(stat.pid, signal.SIGKILL)
+        pins = self.pins(pod_id)
+        unmount_under([pins])
+        with contextlib.suppress(OSError):
+            for entry in pins.iterdir():
+                entry.unlink()
+        with contextlib.suppress(OSError):
+            pins.rmdir()
+        with contextlib.suppress(OSError):
+            os.unlink(self.shim_socket(pod_id))
+
+    def cleanup(self, pod_ids: Iterable[str] | None = None) -> list[str]:
+        """Stop and remove the pods, wait until nothing of them is left; return errors.
+
+        Also checks that no process but containerd is left below the lab's subreaper.
+        """
+        ids = list(self.pods) if pod_ids is None else list(pod_ids)
+        errors: list[str] = []
+        for pod_id in ids:
+            errors += self.stop_and_remove(pod_id)
+        for pod_id in ids:
+            try:
+                self.wait_gone(pod_id)
+            except AssertionError as exc:
+                errors.append(str(exc))
+                self.force_cleanup(pod_id)
+        if self.lab.running:
+            try:
+                wait_for(
+                    lambda: not self.processes(),
+                    timeout=DEADLINE,
+                    interval=0.2,
+                    message=lambda: (
+                        "no process but containerd below the lab:\n" + describe(self.processes())
+                    ),
+                )
+            except AssertionError as exc:
+                errors.append(str(exc))
+                for stat in self.processes():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(stat.pid, signal.SIGKILL)
+        return errors
+
+
+def podshim_config(path: Path, runtime_root: Path) -> Path:
+    """Write the podshim TOML config the ``podshim`` handler's ConfigPath names."""
+    path.write_text(f'runtime_root = "{runtime_root}"\nlog_level = "debug"\n')
+    return path
+
+
+def open_cri_lab(config_dir: Path) -> tuple[Containerd, CriLab]:
+    """Start the two-handler CRI containerd with pause + busybox in ``k8s.io``."""
+    config_dir.mkdir(parents=True, exist_ok=True)
+    config = config_dir / "podshim.toml"
+    lab = Containerd(
+        cri=True,
+        runtimes={PODSHIM: RuntimeHandler(PODSHIM_RUNTIME, {"ConfigPath": str(config)})},
+        extra_path=[BIN_DIR],
+    )
+    runtime_root = lab.state / "podshim-runc"
+    podshim_config(config, runtime_root)
+    try:
+        lab.start()
+        lab.ensure_pause()
+        busybox = lab.ensure_busybox(namespace=CRI_NAMESPACE)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            lab.close()
+        raise
+    return lab, CriLab(lab, runtime_root, busybox)
+
+
+def close_cri_lab(lab: Containerd, crilab: CriLab | None) -> list[str]:
+    """Remove every pod, close the lab; return what was left behind."""
+    errors: list[str] = []
+    if crilab is not None:
+        try:
+            errors += crilab.cleanup()
+        finally:
+            crilab.cri.close()
+    try:
+        lab.close()
+    except Exception as exc:
+        errors.append(f"close() failed: {exc}")
+    errors += [f"{lab.paths.token}: {what}" for what in lab.leftovers()]
+    if crilab is not None:
+        for pod_id in crilab.pods:
+            pins = crilab.pins(pod_id)
+            errors += [f"mount {m}" for m in mounts_under([pins])]
+            if os.path.lexists(pins):
+                errors.append(f"pin dir {pins}")
+    return errors
+
+
+def _need_busybox() -> None:
+    if not any(Path(p).is_file() for p in ("/bin/busybox", "/usr/bin/busybox")):
+        pytest.skip("busybox not installed (apt-get install busybox-static)")
+
+
+@pytest.fixture(scope="module")
+def cri_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CriLab]:
+    """The module's CRI containerd (runc + podshim handlers); torn down and checked
+    after the module's last test."""
+    _need_busybox()
+    lab, crilab = open_cri_lab(tmp_path_factory.mktemp("podshim-cri"))
+    try:
+        yield crilab
+    finally:
+        errors = close_cri_lab(lab, crilab)
+        assert not errors, "CRI lab teardown left things behind:\n" + "\n".join(errors)
+
+
+@pytest.fixture
+def cri(cri_lab: CriLab) -> Iterator[CriLab]:
+    """The module's :class:`CriLab`; every pod the test made is stopped, removed and
+    checked to be completely gone afterwards."""
+    before = set(cri_lab.pods)
+    try:
+        yield cri_lab
+    finally:
+        mine = [p for p in cri_lab.pods if p not in before]
+        errors = cri_lab.cleanup(mine) if cri_lab.lab.running else ["containerd is not running"]
+        assert not errors, "test left things behind:\n" + "\n".join(errors)
+
+
+__all__ = [
+    "CRI_NAMESPACE",
+    "DEADLINE",
+    "GIB",
+    "INIT_COMM",
+    "MIB",
+    "PODSHIM",
+    "PODS_DIR",
+    "RUNC",
+    "ContainerInfo",
+    "CriError",
+    "CriLab",
+    "CtrEvents",
+    "Event",
+    "PidMode",
+    "PodRecord",
+    "alive",
+    "cgroup_of",
+    "children",
+    "cri",
+    "cri_lab",
+    "describe",
+    "host_ns",
+    "ns_of",
+    "read_cgroup",
+    "resources",
+]

@@ -40,3 +40,16 @@ def test_zygote_from_config_or_env(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("PODSHIM_ZYGOTE", "0")
     cfg.write_text("zygote = true\n")
     assert not zygote_enabled(options(str(cfg)))
+
+
+@pytest.mark.parametrize(
+    ("pid", "status", "ns"),
+    [(0, 0, 0), (4242, 137, 1_700_000_000_123_456_789), (1, 0, 5), (0, 255, 10**9)],
+)
+def test_delete_response_encoding_matches_protobuf(pid: int, status: int, ns: int) -> None:
+    from podshim.api.task.v2 import shim_pb2
+    from podshim.shim.delete import encode_delete_response
+
+    ref = shim_pb2.DeleteResponse(pid=pid, exit_status=status)
+    ref.exited_at.FromNanoseconds(ns)
+    assert encode_delete_response(pid, status, ns) == ref.SerializeToString()

@@ -22,6 +22,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import IO
 
 log = logging.getLogger("podshim.reaper")
 
@@ -138,7 +139,6 @@ class Reaper:
         ``stdin``/``stdout``/``stderr`` may be fds to hand to the child (e.g. a
         container's stdio pipes); otherwise they are captured (stdin gets ``input``).
         """
-        loop = asyncio.get_running_loop()
         cap_in = stdin is None
         if stdin is None:
             stdin = subprocess.PIPE if input else subprocess.DEVNULL
@@ -153,10 +153,9 @@ class Reaper:
         )
         exited = self.watch(proc.pid)
         try:
-            reads = [loop.run_in_executor(None, _read_all, p) for p in (proc.stdout, proc.stderr)]
             if cap_in and input and proc.stdin is not None:
-                await loop.run_in_executor(None, _write_all, proc.stdin, input)
-            out, err = await asyncio.gather(*reads)
+                _write_all(proc.stdin, input)
+            out, err = await asyncio.gather(_drain(proc.stdout), _drain(proc.stderr))
             ex = await exited
         finally:
             if not exited.done():
@@ -165,19 +164,41 @@ class Reaper:
         return Result(tuple(argv), ex.status, out, err)
 
 
-def _read_all(f: object) -> bytes:
+async def _drain(f: IO[bytes] | None) -> bytes:
+    """Read a pipe to EOF on the event loop (no threads: a shim stays single-threaded,
+    which keeps its memory small and makes forking it from the zygote safe)."""
     if f is None:
         return b""
-    assert hasattr(f, "read") and hasattr(f, "close")
+    fd = f.fileno()
+    os.set_blocking(fd, False)
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+    chunks: list[bytes] = []
+
+    def readable() -> None:
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            chunks.append(data)
+        elif not done.done():
+            done.set_result(None)
+
+    loop.add_reader(fd, readable)
     try:
-        data: bytes = f.read()
-        return data
+        await done
     finally:
+        loop.remove_reader(fd)
         f.close()
+    return b"".join(chunks)
 
 
-def _write_all(f: object, data: bytes) -> None:
-    assert hasattr(f, "write") and hasattr(f, "close")
+def _write_all(f: IO[bytes], data: bytes) -> None:
+    """Small inputs only (runtime JSON): they fit the pipe buffer, so this never blocks
+    for long."""
     try:
         f.write(data)
     except BrokenPipeError:

@@ -119,6 +119,9 @@ def request_fork(flags: Flags, bundle: str, sock: socket.socket, socket_path: st
 def _preload() -> None:
     import gc
 
+    import podshim.api.cgroups.v1.metrics_pb2
+    import podshim.api.cgroups.v2.metrics_pb2
+    import podshim.cgroups.stats
     import podshim.pod.nshost
     import podshim.pod.pod
     import podshim.shim.daemon  # noqa: F401  (and everything it imports)

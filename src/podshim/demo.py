@@ -12,6 +12,10 @@ image built locally, and then shows, step by step:
 3. ``Connect``/``State`` through podshim's ttrpc client on the socket of the podshim shim
    serving a detached ``sleep`` task, then kill and delete of that task;
 
+4. a pod with two containers through containerd's CRI plugin on a bridge network, run by
+   podshim: shared namespaces, hostname, sysctls, localhost traffic, no pause process
+   (``demo_pod.py``);
+
 and finally tears everything down and checks that nothing is left.
 """
 
@@ -56,7 +60,7 @@ TASK_SERVICE = shim_pb2.DESCRIPTOR.services_by_name["Task"].full_name
 TASK_DIR = "io.containerd.runtime.v2.task"
 DEADLINE = 30.0
 CALL_TIMEOUT = 10.0
-STEPS = 6
+STEPS = 7
 
 M = TypeVar("M", bound=Message)
 
@@ -403,6 +407,14 @@ def _demo(lab: Containerd, shim_dir: Path, step: _Step) -> None:
         events.close()
     traces = _shim_shown(lab, image, step)
     _all_gone(lab, step, traces)
+    step("a pod with two containers through Kubernetes CRI (runtime handler 'podshim')")
+    from podshim.demo_pod import PodDemoError, show_pod
+
+    try:
+        show_pod(lab, _info)
+    except PodDemoError as exc:
+        raise DemoError(str(exc)) from None
+    step.done()
 
 
 def _podshim_host_dirs(namespace: str) -> list[Path]:
@@ -436,7 +448,12 @@ def run() -> int:
     _say(f"podshim {__version__} demo: podshim against a private, embedded containerd")
     step = _Step()
     host_dirs = [d for d in _podshim_host_dirs(NAMESPACE) if not d.exists()]
-    lab = Containerd(namespace=NAMESPACE, extra_path=[shim_dir])
+    lab = Containerd(
+        namespace=NAMESPACE,
+        extra_path=[shim_dir],
+        cri=True,
+        runtimes={"podshim": (RUNTIME, {})},
+    )
     failure: str | None = None
     try:
         _demo(lab, shim_dir, step)

@@ -51,6 +51,9 @@ def make_host(kind: str, pod_id: str, ctx: ShimContext, spec: dict[str, Any]) ->
 class Pod:
     """One pod. ``id`` is the sandbox task's id."""
 
+    #: how workload containers are made (tests substitute a fake)
+    make_container: Callable[..., Container] = Container
+
     def __init__(self, ctx: ShimContext, sandbox_id: str, spec: dict[str, Any], host: Host) -> None:
         self.ctx = ctx
         self.id = sandbox_id
@@ -63,7 +66,13 @@ class Pod:
 
     @classmethod
     async def create(
-        cls, ctx: ShimContext, tid: str, bundle: str, spec: dict[str, Any], host_kind: str
+        cls,
+        ctx: ShimContext,
+        tid: str,
+        bundle: str,
+        spec: dict[str, Any],
+        host_kind: str,
+        host: Host | None = None,
     ) -> Pod:
         """Check the sandbox's annotations, build the host, and make the sandbox task.
 
@@ -77,7 +86,7 @@ class Pod:
                 f"sandbox {tid}: annotations say type {ann.get(CONTAINER_TYPE_ANNOTATION)!r}, "
                 f"sandbox id {ann.get(SANDBOX_ID_ANNOTATION)!r}"
             )
-        pod = cls(ctx, tid, spec, make_host(host_kind, tid, ctx, spec))
+        pod = cls(ctx, tid, spec, host or make_host(host_kind, tid, ctx, spec))
         await pod.host.create()
         try:
             pid = pod.anchor.create()
@@ -144,7 +153,7 @@ class Pod:
         if new_spec != spec:
             _write_spec(bundle, new_spec)
         terminal, stdin, stdout, stderr = stdio
-        c = Container(
+        c = self.make_container(
             self.ctx, tid, bundle, runtime, new_spec, rootfs,
             terminal=terminal, stdin=stdin, stdout=stdout, stderr=stderr,
         )  # fmt: skip

@@ -6,6 +6,7 @@ import asyncio
 import os
 import shutil
 import socket
+import sys
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -270,31 +271,26 @@ def test_default_check_rejects_another_uid() -> None:
         async with serving(base) as (_, _fake, path):
             os.chmod(path, 0o777)
             frame = state_frame(1, shim_pb2.StateRequest(id="a").SerializeToString())
-            rfd, wfd = os.pipe()
-            pid = os.fork()
-            if pid == 0:  # child: become nobody, connect, report what came back
-                code = 1
-                try:
-                    os.setgid(65534)
-                    os.setuid(65534)
-                    s = socket.socket(socket.AF_UNIX)
-                    s.settimeout(20)
-                    s.connect(path)
-                    s.sendall(frame)
-                    try:
-                        answer = len(s.recv(100))
-                    except ConnectionResetError:
-                        answer = 0  # closed with our request unread
-                    os.write(wfd, str(answer).encode())
-                    code = 0
-                finally:
-                    os._exit(code)
-            os.close(wfd)
-            loop = asyncio.get_running_loop()
-            out = await loop.run_in_executor(None, os.read, rfd, 100)
-            os.close(rfd)
-            _, status = await loop.run_in_executor(None, os.waitpid, pid, 0)
-            assert os.waitstatus_to_exitcode(status) == 0
+            # A fresh, single-threaded Python (started as root, so it can run) drops to
+            # nobody itself and then connects: forking this threaded test process would
+            # run other libraries' at-fork handlers in the child.
+            probe = (
+                "import os, socket, sys\n"
+                "os.setgroups([]); os.setgid(65534); os.setuid(65534)\n"
+                "s = socket.socket(socket.AF_UNIX); s.settimeout(20); s.connect(sys.argv[1])\n"
+                "try:\n"
+                "    s.sendall(bytes.fromhex(sys.argv[2]))\n"
+                "    n = len(s.recv(100))\n"
+                "except (BrokenPipeError, ConnectionResetError):\n"
+                "    n = 0  # closed by the server before or after our request\n"
+                "print(n)\n"
+            )
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", probe, path, frame.hex(), stdout=asyncio.subprocess.PIPE
+            )
+            raw, _ = await proc.communicate()
+            assert proc.returncode == 0
+            out = raw.strip()
             assert out == b"0"  # closed without an answer
 
     try:

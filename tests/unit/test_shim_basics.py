@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -185,3 +186,25 @@ def test_logrus_text_format() -> None:
     line = LogrusFormatter({"pod-id": "p"}).format(rec)
     assert line.startswith('time="') and 'Z" level=warning msg="bad \\"thing\\""' in line
     assert line.endswith("pod-id=p tid=t1")
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"annotations": {paths.SANDBOX_ID_ANNOTATION: "pod1"}},
+        {"annotations": {paths.SANDBOX_ID_ANNOTATION: "pod1", paths.GROUP_ANNOTATION: "g1"}},
+        {"annotations": {"x": f'"{paths.SANDBOX_ID_ANNOTATION}":"evil"'}},  # only in a value
+        {"annotations": {paths.SANDBOX_ID_ANNOTATION: "bad/id"}},
+        {"annotations": {}},
+        {},
+    ],
+)
+@pytest.mark.parametrize("indent", [None, 2])
+def test_bundle_group_fast_path_agrees_with_json(
+    tmp_path: Path, spec: dict[str, object], indent: int | None
+) -> None:
+    (tmp_path / "config.json").write_text(
+        json.dumps(spec, indent=indent, separators=None if indent else (",", ":"))
+    )
+    expected = paths.group_id("t1", paths.read_annotations(str(tmp_path)))
+    assert paths.bundle_group("t1", str(tmp_path)) == expected

@@ -10,20 +10,20 @@ this runs for every pod and every container.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
-import socket
 import sys
+from _socket import AF_UNIX, SOCK_STREAM
+from _socket import socket as _sock
 
 from podshim.shim.flags import Flags
-from podshim.shim.paths import group_id, read_annotations, socket_address, socket_path
+from podshim.shim.paths import bundle_group, socket_address, socket_path
 
 LISTEN_FD = 3
 
 
 def _alive(path: str) -> bool:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s = _sock(AF_UNIX, SOCK_STREAM)
     try:
         s.connect(path)
         return True
@@ -33,7 +33,14 @@ def _alive(path: str) -> bool:
         s.close()
 
 
-def _listen(path: str) -> socket.socket | None:
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _listen(path: str) -> _sock | None:
     """Listen at ``path``; None when another live shim holds it.
 
     The socket is bound and listening under a temporary name first and then hard-linked
@@ -43,10 +50,9 @@ def _listen(path: str) -> socket.socket | None:
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
     tmp = f"{path}.{os.getpid()}"
     for _ in range(50):
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s = _sock(AF_UNIX, SOCK_STREAM)
         try:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+            _unlink(tmp)
             s.bind(tmp)
             os.chmod(tmp, 0o600)
             s.listen(128)
@@ -59,8 +65,7 @@ def _listen(path: str) -> socket.socket | None:
             s.close()
             if _alive(path):
                 return None
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)  # stale socket of a dead shim
+            _unlink(path)  # stale socket of a dead shim
         except BaseException:
             s.close()
             raise
@@ -80,7 +85,7 @@ def _daemon_argv(flags: Flags, bundle: str, path: str) -> list[str]:
     return head + tail
 
 
-def _spawn_daemon(flags: Flags, bundle: str, sock: socket.socket, path: str) -> None:
+def _spawn_daemon(flags: Flags, bundle: str, sock: _sock, path: str) -> None:
     argv = _daemon_argv(flags, bundle, path)
     os.set_inheritable(sock.fileno(), True)  # dup2(3, 3) would keep CLOEXEC otherwise
     devnull = os.open(os.devnull, os.O_RDWR)
@@ -101,7 +106,7 @@ def _spawn_daemon(flags: Flags, bundle: str, sock: socket.socket, path: str) -> 
         os.close(devnull)
 
 
-def _launch(flags: Flags, bundle: str, sock: socket.socket, path: str) -> None:
+def _launch(flags: Flags, bundle: str, sock: _sock, path: str) -> None:
     """Fork the daemon from the zygote when enabled, else spawn it."""
     if zygote_enabled(_read_options()):
         from podshim.shim.zygote import request_fork
@@ -183,7 +188,7 @@ def start(flags: Flags) -> int:
     if not flags.id or not flags.namespace or not flags.address:
         print("start: -id, -namespace and -address are required", file=sys.stderr)
         return 2
-    group = group_id(flags.id, read_annotations(bundle))
+    group = bundle_group(flags.id, bundle)
     path = socket_path(flags.address, flags.namespace, group)
     sock = _listen(path)
     if sock is not None:

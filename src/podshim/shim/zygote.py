@@ -20,6 +20,7 @@ once and shares those pages copy-on-write.
 
 from __future__ import annotations
 
+import _socket
 import contextlib
 import hashlib
 import json
@@ -84,7 +85,7 @@ def _spawn_zygote(flags: Flags) -> None:
         os.close(devnull)
 
 
-def request_fork(flags: Flags, bundle: str, sock: socket.socket, socket_path: str) -> int:
+def request_fork(flags: Flags, bundle: str, sock: _socket.socket, socket_path: str) -> int:
     """Have this containerd's zygote fork a daemon serving ``sock``; returns its pid.
 
     Raises:

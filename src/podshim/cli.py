@@ -4,6 +4,7 @@ Subcommands live in :data:`COMMANDS`; each one imports what it needs only when i
 runs, so ``podshim --help`` (and every other subcommand) stays fast.
 
 * ``podshim demo``: a smoke run of podshim against a private, embedded containerd.
+* ``podshim diag``: inspect live shims (``podshim.diag``; hcsshim's shimdiag).
 * ``podshim version``: print podshim's version.
 """
 
@@ -41,6 +42,18 @@ def _demo(args: argparse.Namespace) -> int:
     return demo.run()
 
 
+def _diag(args: argparse.Namespace) -> int:
+    from podshim.diag import cli
+
+    return cli.run(args)
+
+
+def _diag_configure(p: argparse.ArgumentParser) -> None:
+    from podshim.diag import cli  # standard library only at import: --help stays fast
+
+    cli.configure(p)
+
+
 COMMANDS: tuple[Command, ...] = (
     Command(
         "demo",
@@ -52,6 +65,18 @@ COMMANDS: tuple[Command, ...] = (
             "a busybox container through podshim (io.containerd.podshim.v1) and runc, then "
             "tear everything down. Needs root, containerd, ctr, runc and busybox-static."
         ),
+    ),
+    Command(
+        "diag",
+        "inspect live podshim shims: list, exec in a pod, stacks, tasks, share, stats",
+        _diag,
+        description=(
+            "Talk to live podshim shims (like hcsshim's shimdiag): list them, run a command "
+            "in a pod's namespaces and sandbox cgroup without any container image, dump a "
+            "shim's stacks, show its own view of its tasks, share a path, read statistics. "
+            "Pods are named by a unique prefix of their id."
+        ),
+        configure=_diag_configure,
     ),
     Command("version", "print podshim's version", _version),
 )

@@ -183,8 +183,7 @@ def test_missing_init_binary_is_failed_precondition(tmp_path: Path) -> None:
             assert await host.namespace_path("network") is None
             with pytest.raises(errdefs.FailedPrecondition, match="bind the path"):
                 await host.share("/a", "/b", True)
-            with pytest.raises(errdefs.NotImplemented):
-                await host.exec_in_host(["true"], "", "", "", False)
+            assert await host.exec_in_host(["true"], "", "", "", False) == 0
             assert await host.dump_stacks() == ""
             assert await host.stats() is None
         finally:

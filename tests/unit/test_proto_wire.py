@@ -158,7 +158,16 @@ def test_diag_service() -> None:
     service = diag_pb2.DESCRIPTOR.services_by_name["Diag"]
     assert service.full_name == "podshim.diag.v1.Diag"
     assert sorted(m.name for m in service.methods) == sorted(
-        ["ExecInHost", "SignalExecInHost", "Stacks", "Tasks", "Share", "Pid", "Stats"]
+        [
+            "ExecInHost",
+            "SignalExecInHost",
+            "ResizeExecInHost",
+            "Stacks",
+            "Tasks",
+            "Share",
+            "Pid",
+            "Stats",
+        ]
     )
 
 

@@ -56,6 +56,7 @@ from typing import Any
 from google.protobuf import any_pb2
 
 from podshim import errors as errdefs
+from podshim.pod import nsexec
 from podshim.pod.cgroup import (
     Resources,
     SandboxCgroup,
@@ -570,7 +571,7 @@ class NamespacesHost:
     async def exec_in_host(
         self, args: list[str], stdin: str, stdout: str, stderr: str, terminal: bool
     ) -> int:
-        raise errdefs.NotImplemented("exec in host: not yet")
+        return await nsexec.run(self, args, stdin, stdout, stderr, terminal)
 
     async def dump_stacks(self) -> str:
         return ""

@@ -93,7 +93,13 @@ class Pod:
         except OSError as exc:
             await pod.host.close()
             raise errdefs.Unknown(f"sandbox {tid}: {exc}") from None
-        pod.sandbox = SandboxTask(ctx, tid, bundle, pod.host, pid, pod.kill_workloads)
+        linux = spec.get("linux")
+        cgroups_path = linux.get("cgroupsPath") if isinstance(linux, dict) else None
+        pod.sandbox = SandboxTask(
+            ctx, tid, bundle, pod.host, pid, pod.kill_workloads,
+            workloads=lambda: list(pod.workloads.values()),
+            cgroups_path=cgroups_path if isinstance(cgroups_path, str) else "",
+        )  # fmt: skip
         pod.sandbox.begin()
         return pod
 

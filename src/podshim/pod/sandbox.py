@@ -30,18 +30,40 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Protocol
 
 from google.protobuf import any_pb2
 
 from podshim import errors as errdefs
+from podshim import tracing
 from podshim.api.events import task_pb2 as ev
 from podshim.pod.host import Host
+from podshim.shim.logs import TaskLogger
 from podshim.shim.states import Machine, Status
 from podshim.shim.task import ExecRequest, ExitInfo, ProcessState, ShimContext
 
+if TYPE_CHECKING:
+    from podshim.cgroups.stats import Metrics
+
 log = logging.getLogger("podshim.sandbox")
+
+
+class Workload(Protocol):
+    """What the sandbox's Stats needs of a workload container of its pod."""
+
+    id: str
+    #: its memory cgroup directory ("" if unknown)
+    memory_cgroup: str
+
+    def metrics(self) -> Metrics:
+        """Its cgroup metrics; NotFound once it has no running process."""
+        ...
+
+
+def _no_workloads() -> list[Workload]:
+    return []
+
 
 C, R, S, D = Status.CREATED, Status.RUNNING, Status.STOPPED, Status.DELETED
 
@@ -72,6 +94,8 @@ class SandboxTask:
         host: Host,
         pid: int,
         kill_workloads: Callable[[int], Awaitable[None]],
+        workloads: Callable[[], Iterable[Workload]] = _no_workloads,
+        cgroups_path: str = "",
     ) -> None:
         self.ctx = ctx
         self.id = tid
@@ -79,6 +103,11 @@ class SandboxTask:
         self.host = host
         self._pid = pid
         self._kill_workloads = kill_workloads
+        #: the pod's workload containers now (for Stats)
+        self._workloads = workloads
+        #: the sandbox's own ``linux.cgroupsPath`` ("" for none)
+        self.cgroups_path = cgroups_path
+        self.log = TaskLogger(log, pod_id=tid, tid=tid)
         self.machine = Machine(SANDBOX_INIT_TABLE, f"sandbox {tid}")
         self.exit: ExitInfo | None = None
         self._init_exited = asyncio.Event()
@@ -97,6 +126,7 @@ class SandboxTask:
     def begin(self) -> None:
         """After a successful Create: publish /tasks/create and watch init and host."""
         loop = asyncio.get_running_loop()
+        tracing.set_default_attribute("pod-id", self.id)  # this shim's pod, from now on
         self._tasks = [
             loop.create_task(self._wait_init_exit(), name="podSandboxTask::waitInitExit"),
             loop.create_task(self._wait_host_exit(), name="podSandboxTask::waitHostExit"),
@@ -120,17 +150,19 @@ class SandboxTask:
         self._init_exited.set()
 
     async def _wait_init_exit(self) -> None:
-        await self._init_exited.wait()
-        await self.close()
+        with tracing.span("podSandboxTask::waitInitExit", root=True, tid=self.id):
+            await self._init_exited.wait()
+            await self.close()
 
     async def _wait_host_exit(self) -> None:
-        status = await self.host.wait()
-        if self._closing:
-            return
-        log.warning("sandbox %s: pod host exited with %d: stopping the pod", self.id, status)
-        with contextlib.suppress(Exception):
-            await self._kill_workloads(9)
-        self.force_exit(1)
+        with tracing.span("podSandboxTask::waitHostExit", root=True, tid=self.id):
+            status = await self.host.wait()
+            if self._closing:
+                return
+            log.warning("sandbox %s: pod host exited with %d: stopping the pod", self.id, status)
+            with contextlib.suppress(Exception):
+                await self._kill_workloads(9)
+            self.force_exit(1)
 
     async def close(self) -> None:
         """Tear down the host, publish /tasks/exit, release waiters. Runs once."""
@@ -143,6 +175,7 @@ class SandboxTask:
         except Exception:
             log.exception("sandbox %s: closing the pod host", self.id)
         ex = self.exit or ExitInfo(1, time.time())
+        self.log.info("sandbox exited status %d", ex.status)
         self.ctx.publisher.publish(
             ev.TaskExit(
                 container_id=self.id,
@@ -229,19 +262,51 @@ class SandboxTask:
         raise errdefs.NotImplemented(f"sandbox {self.id}: update the pod's containers instead")
 
     async def stats(self) -> any_pb2.Any:
-        got = await self.host.stats()
-        if got is not None:
-            return got
+        """The pod's metrics: the sum over its cgroups (the host's own metrics, else the
+        sandbox cgroup if it exists, plus every workload container's cgroup that is not
+        inside the sandbox cgroup) in the host's cgroup version; an empty Metrics when
+        there is nothing to measure. A workload gone meanwhile is skipped; a sandbox
+        whose init has exited is NotFound."""
+        if self._init_exited.is_set():
+            raise errdefs.NotFound(f"sandbox {self.id}: process already finished")
         from podshim.cgroups import mode
-        from podshim.cgroups.stats import pack
+        from podshim.cgroups import stats as cgstats
 
         if mode() == "unified":
             from podshim.api.cgroups.v2 import metrics_pb2 as v2
 
-            return pack(v2.Metrics())
-        from podshim.api.cgroups.v1 import metrics_pb2 as v1
+            kind: type[Metrics] = v2.Metrics
+        else:
+            from podshim.api.cgroups.v1 import metrics_pb2 as v1
 
-        return pack(v1.Metrics())
+            kind = v1.Metrics
+        parts: list[Metrics] = []
+        inside = ""  # workloads below this directory are counted in the sandbox's already
+        got = await self.host.stats()
+        if got is not None:
+            parts.append(cgstats.unpack(got))
+        elif self.cgroups_path:
+            try:
+                parts.append(cgstats.metrics_for_cgroups_path(self.cgroups_path))
+                inside = _memory_dir(self.cgroups_path)
+            except (errdefs.NotFound, ValueError):
+                pass  # no sandbox cgroup (the "none" host, or already removed)
+        for w in list(self._workloads()):
+            if inside and w.memory_cgroup.startswith(inside + "/"):
+                continue
+            try:
+                parts.append(w.metrics())
+            except errdefs.NotFound:
+                continue  # exited, or its cgroup is gone
+        same = [m for m in parts if isinstance(m, kind)]
+        if len(same) != len(parts):
+            left_out = len(parts) - len(same)
+            self.log.warning("stats: %d metrics of another cgroup version left out", left_out)
+        if not same:
+            return cgstats.pack(kind())
+        if len(same) == 1:
+            return cgstats.pack(same[0])
+        return cgstats.pack(cgstats.sum_metrics(same))  # type: ignore[type-var]
 
     def close_io(self, exec_id: str) -> None:
         self._no_exec(exec_id)
@@ -249,3 +314,15 @@ class SandboxTask:
     def resize(self, exec_id: str, width: int, height: int) -> None:
         self._no_exec(exec_id)
         raise errdefs.FailedPrecondition(f"sandbox {self.id}: not a tty")
+
+
+def _memory_dir(cgroups_path: str) -> str:
+    """The memory cgroup directory of an OCI ``linux.cgroupsPath`` ("" if unknown)."""
+    from podshim.cgroups import mode, v1, v2
+
+    try:
+        if mode() == "unified":
+            return v2.path_for_cgroups_path(cgroups_path)
+        return v1.paths_for_cgroups_path(cgroups_path).get("memory", "")
+    except (errdefs.ShimError, OSError, ValueError):
+        return ""

@@ -14,19 +14,24 @@ import os
 import tempfile
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from google.protobuf import any_pb2
 
 from podshim import errors as errdefs
+from podshim import tracing
 from podshim.api.events import task_pb2 as ev
 from podshim.api.types import mount_pb2
 from podshim.shim import mount
-from podshim.shim.paths import valid_id
+from podshim.shim.logs import TaskLogger
+from podshim.shim.paths import SANDBOX_ID_ANNOTATION, valid_id
 from podshim.shim.process import Process
 from podshim.shim.runc import Runc, RuntimeConfig
 from podshim.shim.states import Status
 from podshim.shim.task import ExecRequest, ExitInfo, ProcessState, ShimContext
+
+if TYPE_CHECKING:
+    from podshim.cgroups.stats import Metrics
 
 log = logging.getLogger("podshim.container")
 
@@ -88,6 +93,13 @@ class Container:
         self.execs: dict[str, Process] = {}
         self.execs_spec: dict[str, bytes] = {}  # exec id -> OCI process JSON for runc
         self._mounted = False
+        ann = spec.get("annotations")
+        pod_id = str(ann.get(SANDBOX_ID_ANNOTATION, "")) if isinstance(ann, dict) else ""
+        #: logs with this task's pod-id and tid fields
+        self.log = TaskLogger(log, pod_id=pod_id, tid=tid)
+        #: the memory cgroup directory of the init (found right after create), or ""
+        self.memory_cgroup = ""
+        self._oom_watch: asyncio.Task[None] | None = None
 
     # -- lifecycle ------------------------------------------------------------------
     @property
@@ -115,6 +127,7 @@ class Container:
             await self._undo_create()
             raise
         self.init.monitor = asyncio.get_running_loop().create_task(self._monitor(self.init))
+        await self._watch_oom()
         self.ctx.publisher.publish(
             ev.TaskCreate(
                 container_id=self.id,
@@ -158,17 +171,57 @@ class Container:
             try:
                 mount.unmount_all(os.path.join(self.bundle, "rootfs"))
             except OSError as exc:
-                log.warning("task %s: %s", self.id, exc)
+                self.log.warning("task %s: %s", self.id, exc)
             self._mounted = False
+
+    # -- OOM events -------------------------------------------------------------------
+    async def _watch_oom(self) -> None:
+        """Find the init's memory cgroup and watch it for OOM kills in the background
+        (each one publishes /tasks/oom) until the cgroup goes or :meth:`delete`. Returns
+        once the watcher is registered, so no OOM after create is missed."""
+        self.memory_cgroup = _memory_cgroup(self.init.pid)
+        if not self.memory_cgroup:
+            self.log.warning("no memory cgroup found for pid %d: no OOM events", self.init.pid)
+            return
+        task = asyncio.get_running_loop().create_task(
+            self._run_oom_watch(self.memory_cgroup), name=f"container::watchOOM:{self.id}"
+        )
+        self._oom_watch = task
+        await asyncio.sleep(0)  # let it open its watcher before create returns
+
+    async def _run_oom_watch(self, path: str) -> None:
+        from podshim.cgroups.oom import watch_oom
+
+        try:
+            await watch_oom(path, self._on_oom)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # no memory controller, cgroup gone, ...: no events
+            self.log.warning("cannot watch %s for OOM kills: %s", path, exc)
+
+    def _on_oom(self) -> None:
+        self.log.warning("OOM kill in memory cgroup %s", self.memory_cgroup)
+        self.ctx.publisher.publish(ev.TaskOOM(container_id=self.id))
+
+    def _stop_oom_watch(self) -> None:
+        task, self._oom_watch = self._oom_watch, None
+        if task is not None and not task.done():
+            task.cancel()
 
     async def _monitor(self, p: Process) -> None:
         """Wait for ``p``'s exit from the reaper, then report it (the only exit path)."""
+        with tracing.span("container::waitExit", root=True, tid=self.id, eid=p.exec_id):
+            await self._watch_exit(p)
+
+    async def _watch_exit(self, p: Process) -> None:
         ex = await self.ctx.reaper.watch(p.pid)
+        tracing.set_attribute("exit-status", ex.status)
         if p is self.init and not private_pid_ns(self.spec):
             # Without its own pid namespace nothing kills the rest: do it like runc's shim.
             with contextlib.suppress(errdefs.ShimError):
                 await self.runc.kill(self.id, 9, all_=True)
         if await p.exited_with(ex.status, ex.at):
+            self.log.info("exited pid %d status %d", p.pid, ex.status, extra={"eid": p.exec_id})
             self.ctx.publisher.publish(
                 ev.TaskExit(
                     container_id=self.id,
@@ -295,6 +348,7 @@ class Container:
         except errdefs.ShimError:
             await self.runc.delete(self.id, force=True)
         p.machine.fire("delete")
+        self._stop_oom_watch()
         for e in self.execs.values():
             e.release()
         p.release()
@@ -339,18 +393,38 @@ class Container:
             raise errdefs.InvalidArgument(f"task {self.id}: resources must be a JSON object")
         await self.runc.update(self.id, value)
 
-    async def stats(self) -> any_pb2.Any:
+    def metrics(self) -> Metrics:
+        """The cgroup metrics of the running init's cgroup(s) (v1 or v2, as the host).
+        NotFound when there is no running process (never started, exited, gone)."""
         if not self.init.pid or self.init.has_exited:
             raise errdefs.NotFound(f"task {self.id}: no running process to measure")
-        from podshim.cgroups.stats import metrics_any_for_pid
+        from podshim.cgroups.stats import metrics_for_pid
 
-        return metrics_any_for_pid(self.init.pid)
+        return metrics_for_pid(self.init.pid)
+
+    async def stats(self) -> any_pb2.Any:
+        from podshim.cgroups.stats import pack
+
+        return pack(self.metrics())
 
     def close_io(self, exec_id: str) -> None:
         self._proc(exec_id).close_io()
 
     def resize(self, exec_id: str, width: int, height: int) -> None:
         self._proc(exec_id).resize(width, height)
+
+
+def _memory_cgroup(pid: int) -> str:
+    """The memory cgroup directory of process ``pid`` from ``/proc/<pid>/cgroup`` (the
+    unified one on a cgroup v2 host), or "" when it has none or is gone."""
+    from podshim.cgroups import mode, v1, v2
+
+    try:
+        if mode() == "unified":
+            return v2.path_for_pid(pid)
+        return v1.paths_for_pid(pid).get("memory", "")
+    except (errdefs.ShimError, OSError):
+        return ""
 
 
 def _read_pid(path: str) -> int:

@@ -6,6 +6,12 @@ of it), unmount ``<bundle>/rootfs``, remove the shim socket if its daemon is dea
 write a serialized ``containerd.task.v2.DeleteResponse`` to stdout (exit status 137, as
 runc's shim reports). Anything on stderr becomes a containerd warning. It never touches
 other tasks of a still-running shim.
+
+If the shim daemon crashed it left ``panic.log`` (its traceback) in the pod sandbox's
+bundle, or the first task's for a shim without a pod. The ``delete`` of that task relays
+the first :data:`PANIC_RELAY_LIMIT` bytes to stderr, so containerd logs them as a
+"cleanup warnings" line (as runhcs does with its panic.log); a workload container's
+``delete`` neither relays nor removes it.
 """
 
 from __future__ import annotations
@@ -24,6 +30,34 @@ from podshim.shim.paths import CONTAINER_TYPE_ANNOTATION
 RUNTIME_FILE = "podshim-runtime.json"
 #: where the namespaces pod host keeps a pod's pins (see podshim.pod.leftovers)
 STATE_ROOT = "/run/podshim/pods"
+#: the crash report a dying shim daemon writes into a bundle (podshim.shim.logs.write_panic)
+PANIC_FILE = "panic.log"
+#: how much of it the delete action relays to containerd
+PANIC_RELAY_LIMIT = 1 << 20
+
+
+def relay_panic(bundle: str, task_id: str) -> int:
+    """Copy the first :data:`PANIC_RELAY_LIMIT` bytes of ``<bundle>/panic.log`` to
+    stderr, after a header naming the task; returns how many bytes of it were relayed
+    (0 when there is none). The file is left in place."""
+    path = os.path.join(bundle, PANIC_FILE)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(PANIC_RELAY_LIMIT + 1)
+    except OSError:
+        return 0
+    if not data:
+        return 0
+    cut = len(data) > PANIC_RELAY_LIMIT
+    data = data[:PANIC_RELAY_LIMIT]
+    head = f"podshim delete {task_id}: the shim serving this task crashed; {path}"
+    head += f" (first {PANIC_RELAY_LIMIT} bytes)" if cut else ""
+    sys.stderr.flush()
+    sys.stderr.buffer.write(
+        head.encode() + b":\n" + data + (b"" if data.endswith(b"\n") else b"\n")
+    )
+    sys.stderr.flush()
+    return len(data)
 
 
 def _runtime(bundle: str) -> tuple[str, str]:
@@ -107,7 +141,10 @@ def delete(flags: Flags) -> int:
     bundle = flags.bundle or os.getcwd()
     spec = _spec(bundle)
     ann = spec.get("annotations") or {}
-    is_sandbox = isinstance(ann, dict) and ann.get(CONTAINER_TYPE_ANNOTATION) == "sandbox"
+    kind = ann.get(CONTAINER_TYPE_ANNOTATION) if isinstance(ann, dict) else None
+    is_sandbox = kind == "sandbox"
+    if kind != "container":  # the sandbox, or a task of a shim without a pod
+        relay_panic(bundle, flags.id)
     if (
         is_sandbox
         and flags.id

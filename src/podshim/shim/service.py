@@ -21,6 +21,7 @@ from podshim import __version__
 from podshim import errors as errdefs
 from podshim.api.runc.options import oci_pb2
 from podshim.api.task.v2 import shim_pb2 as pb
+from podshim.shim import logs
 from podshim.shim.config import Config, from_options
 from podshim.shim.container import Container, load_spec
 from podshim.shim.paths import CONTAINER_TYPE_ANNOTATION, SANDBOX_ID_ANNOTATION, valid_id
@@ -31,6 +32,17 @@ if TYPE_CHECKING:
     from podshim.pod.pod import Pod
 
 log = logging.getLogger("podshim.service")
+
+#: TEST HOOK, for the crash tests only (tests/integration/test_oom_stats.py): when this
+#: variable in the shim's environment names the task id (or the CRI container name) of a
+#: Create, the shim crashes deliberately soon after that Create: an uncaught exception in
+#: a background task ends the daemon, which writes ``panic.log``. Never set it otherwise.
+TEST_CRASH_ENV = "PODSHIM_TEST_CRASH"
+CONTAINER_NAME_ANNOTATION = "io.kubernetes.cri.container-name"
+
+
+class DeliberateCrash(RuntimeError):
+    """The deliberate crash of the :data:`TEST_CRASH_ENV` test hook."""
 
 
 def _ts(at: float) -> ts_pb2.Timestamp:
@@ -56,6 +68,9 @@ class TaskService:
         self.config: Config | None = None
         #: the pod this shim serves, once a sandbox was created
         self.pod: Pod | None = None
+        #: ends the daemon with an exception (a crash); the daemon sets it
+        self.on_fatal: Callable[[BaseException], None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
 
     def _task(self, tid: str) -> Task:
         _check_id(tid)
@@ -102,6 +117,43 @@ class TaskService:
     def _known(self, tid: str) -> bool:
         return tid in self.tasks
 
+    def _fields(self, tid: str, eid: str = "") -> dict[str, str]:
+        """Log fields of a task: ``pod-id`` (once this shim holds a pod), ``tid``, ``eid``."""
+        return logs.task_fields(self.pod.id if self.pod is not None else "", tid, eid)
+
+    def _test_crash_hook(self, tid: str, spec: dict[str, Any]) -> None:
+        """TEST HOOK (see :data:`TEST_CRASH_ENV`): crash the shim on purpose, shortly
+        after this Create has been answered, by an uncaught exception in a background
+        task. Does nothing unless the variable names this task or CRI container."""
+        target = os.environ.get(TEST_CRASH_ENV, "")
+        if not target:
+            return
+        ann = spec.get("annotations")
+        name = str(ann.get(CONTAINER_NAME_ANNOTATION, "")) if isinstance(ann, dict) else ""
+        if target not in (tid, name):
+            return
+        log.warning("test hook %s: crashing the shim", TEST_CRASH_ENV, extra=self._fields(tid))
+
+        async def crash() -> None:
+            await asyncio.sleep(0.2)  # let the Create response go out first
+            raise DeliberateCrash(f"deliberate crash after Create of task {tid} ({TEST_CRASH_ENV})")
+
+        task = asyncio.get_running_loop().create_task(crash(), name="podshim-test-crash")
+        self._background.add(task)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task[None]) -> None:
+        """A background task whose failure must end the shim has finished."""
+        self._background.discard(task)
+        if task.cancelled() or task.exception() is None:
+            return
+        exc = task.exception()
+        assert exc is not None
+        if self.on_fatal is not None:
+            self.on_fatal(exc)
+        else:  # no daemon around (tests): nothing to end
+            log.critical("background task %s failed", task.get_name(), exc_info=exc)
+
     # -- RPCs --------------------------------------------------------------------------
     async def Create(self, req: pb.CreateTaskRequest, _: CallContext) -> pb.CreateTaskResponse:
         _check_id(req.id)
@@ -118,15 +170,23 @@ class TaskService:
             cfg = from_options(req.options if req.HasField("options") else None, self.config)
             if self.config is None:
                 self.config = cfg
-            task = await self._create(req, cfg, load_spec(req.bundle))
+                logs.apply_config(cfg.log_level, cfg.log_format)
+            spec = load_spec(req.bundle)
+            task = await self._create(req, cfg, spec)
             self.tasks[req.id] = task
+        except Exception as exc:
+            log.info("create task %s failed: %s", req.id, exc, extra=self._fields(req.id))
+            raise
         finally:
             self._creating.discard(req.id)
-        log.info("created task %s pid %d", req.id, task.pid)
+        log.info("created task %s pid %d", req.id, task.pid, extra=self._fields(req.id))
+        self._test_crash_hook(req.id, spec)
         return pb.CreateTaskResponse(pid=task.pid)
 
     async def Start(self, req: pb.StartRequest, _: CallContext) -> pb.StartResponse:
-        return pb.StartResponse(pid=await self._task(req.id).start(req.exec_id))
+        pid = await self._task(req.id).start(req.exec_id)
+        log.info("started pid %d", pid, extra=self._fields(req.id, req.exec_id))
+        return pb.StartResponse(pid=pid)
 
     async def State(self, req: pb.StateRequest, _: CallContext) -> pb.StateResponse:
         st = self._task(req.id).state(req.exec_id)
@@ -155,7 +215,9 @@ class TaskService:
                 self.pod.forget(req.id)
                 if req.id == self.pod.id:
                     self.pod.release()
-            log.info("deleted task %s", req.id)
+            log.info("deleted task %s", req.id, extra=self._fields(req.id))
+        else:
+            log.info("deleted exec %s", req.exec_id, extra=self._fields(req.id, req.exec_id))
         return pb.DeleteResponse(pid=pid, exit_status=ex.status, exited_at=_ts(ex.at))
 
     async def Pids(self, req: pb.PidsRequest, _: CallContext) -> pb.PidsResponse:
@@ -187,6 +249,8 @@ class TaskService:
         )
 
     async def Kill(self, req: pb.KillRequest, _: CallContext) -> empty_pb2.Empty:
+        fields = self._fields(req.id, req.exec_id)
+        log.info("kill signal %d all=%s", req.signal, req.all, extra=fields)
         await self._task(req.id).kill(req.exec_id, req.signal, req.all)
         return empty_pb2.Empty()
 
@@ -194,6 +258,7 @@ class TaskService:
         await self._task(req.id).exec(
             ExecRequest(req.exec_id, req.terminal, req.stdin, req.stdout, req.stderr, req.spec)
         )
+        log.info("exec added", extra=self._fields(req.id, req.exec_id))
         return empty_pb2.Empty()
 
     async def ResizePty(self, req: pb.ResizePtyRequest, _: CallContext) -> empty_pb2.Empty:

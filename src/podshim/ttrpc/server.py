@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from podshim import errors as errdefs
+from podshim import tracing
 from podshim.ttrpc.codec import ProtocolError
 from podshim.ttrpc.protocol import ErrorReply, IncomingRequest, ServerConnection
 from podshim.ttrpc.services import CallContext, ServiceBinding
@@ -128,7 +129,8 @@ class _Conn(asyncio.Protocol):
         message = ""
         payload = b""
         try:
-            payload = await self._dispatch(req)
+            with tracing.rpc_span(req.service, req.method, req.payload, req.metadata):
+                payload = await self._dispatch(req)
         except asyncio.CancelledError:
             if self._transport is None or self._transport.is_closing():
                 raise  # connection gone: nothing to answer

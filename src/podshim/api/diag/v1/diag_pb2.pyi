@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ExecInHostRequest(_message.Message):
-    __slots__ = ("args", "workdir", "terminal", "stdin", "stdout", "stderr", "env", "exec_id")
+    __slots__ = ("args", "workdir", "terminal", "stdin", "stdout", "stderr", "env", "exec_id", "width", "height")
     ARGS_FIELD_NUMBER: _ClassVar[int]
     WORKDIR_FIELD_NUMBER: _ClassVar[int]
     TERMINAL_FIELD_NUMBER: _ClassVar[int]
@@ -18,6 +18,8 @@ class ExecInHostRequest(_message.Message):
     STDERR_FIELD_NUMBER: _ClassVar[int]
     ENV_FIELD_NUMBER: _ClassVar[int]
     EXEC_ID_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
     args: _containers.RepeatedScalarFieldContainer[str]
     workdir: str
     terminal: bool
@@ -26,7 +28,9 @@ class ExecInHostRequest(_message.Message):
     stderr: str
     env: _containers.RepeatedScalarFieldContainer[str]
     exec_id: str
-    def __init__(self, args: _Optional[_Iterable[str]] = ..., workdir: _Optional[str] = ..., terminal: bool = ..., stdin: _Optional[str] = ..., stdout: _Optional[str] = ..., stderr: _Optional[str] = ..., env: _Optional[_Iterable[str]] = ..., exec_id: _Optional[str] = ...) -> None: ...
+    width: int
+    height: int
+    def __init__(self, args: _Optional[_Iterable[str]] = ..., workdir: _Optional[str] = ..., terminal: bool = ..., stdin: _Optional[str] = ..., stdout: _Optional[str] = ..., stderr: _Optional[str] = ..., env: _Optional[_Iterable[str]] = ..., exec_id: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ...) -> None: ...
 
 class ExecInHostResponse(_message.Message):
     __slots__ = ("exit_code",)
@@ -41,6 +45,16 @@ class SignalExecInHostRequest(_message.Message):
     exec_id: str
     signal: int
     def __init__(self, exec_id: _Optional[str] = ..., signal: _Optional[int] = ...) -> None: ...
+
+class ResizeExecInHostRequest(_message.Message):
+    __slots__ = ("exec_id", "width", "height")
+    EXEC_ID_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    exec_id: str
+    width: int
+    height: int
+    def __init__(self, exec_id: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ...) -> None: ...
 
 class StacksRequest(_message.Message):
     __slots__ = ()
@@ -67,20 +81,22 @@ class TasksResponse(_message.Message):
     def __init__(self, tasks: _Optional[_Iterable[_Union[DiagTask, _Mapping]]] = ...) -> None: ...
 
 class DiagTask(_message.Message):
-    __slots__ = ("id", "kind", "state", "pid", "execs", "bundle")
+    __slots__ = ("id", "kind", "state", "pid", "execs", "bundle", "exit_status")
     ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     EXECS_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_FIELD_NUMBER: _ClassVar[int]
+    EXIT_STATUS_FIELD_NUMBER: _ClassVar[int]
     id: str
     kind: str
     state: str
     pid: int
     execs: _containers.RepeatedCompositeFieldContainer[DiagExec]
     bundle: str
-    def __init__(self, id: _Optional[str] = ..., kind: _Optional[str] = ..., state: _Optional[str] = ..., pid: _Optional[int] = ..., execs: _Optional[_Iterable[_Union[DiagExec, _Mapping]]] = ..., bundle: _Optional[str] = ...) -> None: ...
+    exit_status: int
+    def __init__(self, id: _Optional[str] = ..., kind: _Optional[str] = ..., state: _Optional[str] = ..., pid: _Optional[int] = ..., execs: _Optional[_Iterable[_Union[DiagExec, _Mapping]]] = ..., bundle: _Optional[str] = ..., exit_status: _Optional[int] = ...) -> None: ...
 
 class DiagExec(_message.Message):
     __slots__ = ("id", "state", "pid", "exit_status")

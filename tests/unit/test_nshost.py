@@ -17,7 +17,8 @@ import pytest
 
 from podshim import errors as errdefs
 from podshim.pod import cgroup as cg
-from podshim.pod.nshost import NamespacesHost, classify_sysctl, plan_from_spec
+from podshim.pod.nshost import NamespacesHost
+from podshim.pod.nsplan import classify_sysctl, plan_from_spec
 from podshim.shim.reaper import Reaper, set_child_subreaper
 
 ROOT = os.geteuid() == 0

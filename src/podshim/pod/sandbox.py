@@ -31,7 +31,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from google.protobuf import any_pb2
 
@@ -41,7 +41,7 @@ from podshim.api.events import task_pb2 as ev
 from podshim.pod.host import Host
 from podshim.shim.logs import TaskLogger
 from podshim.shim.states import Machine, Status
-from podshim.shim.task import ExecRequest, ExitInfo, ProcessState, ShimContext
+from podshim.shim.task import ExecRequest, ExitInfo, ProcessState, ShimContext, timestamp
 
 if TYPE_CHECKING:
     from podshim.cgroups.stats import Metrics
@@ -73,14 +73,6 @@ SANDBOX_INIT_TABLE: dict[str, dict[Status, Status]] = {
     "exit": {C: S, R: S},
     "delete": {C: D, S: D},
 }
-
-
-def _ts(at: float) -> Any:
-    from google.protobuf import timestamp_pb2
-
-    t = timestamp_pb2.Timestamp()
-    t.FromNanoseconds(int(at * 1e9))
-    return t
 
 
 class SandboxTask:
@@ -182,7 +174,7 @@ class SandboxTask:
                 id=self.id,
                 pid=self._pid,
                 exit_status=ex.status,
-                exited_at=_ts(ex.at),
+                exited_at=timestamp(ex.at),
             )
         )
         self._closed.set()
@@ -237,7 +229,10 @@ class SandboxTask:
         ex = self.exit or ExitInfo(0, time.time())
         self.ctx.publisher.publish(
             ev.TaskDelete(
-                container_id=self.id, pid=self._pid, exit_status=ex.status, exited_at=_ts(ex.at)
+                container_id=self.id,
+                pid=self._pid,
+                exit_status=ex.status,
+                exited_at=timestamp(ex.at),
             )
         )
         return self._pid, ex

@@ -28,20 +28,12 @@ from podshim.shim.paths import SANDBOX_ID_ANNOTATION, valid_id
 from podshim.shim.process import Process
 from podshim.shim.runc import Runc, RuntimeConfig
 from podshim.shim.states import Status
-from podshim.shim.task import ExecRequest, ExitInfo, ProcessState, ShimContext
+from podshim.shim.task import ExecRequest, ExitInfo, ProcessState, ShimContext, timestamp
 
 if TYPE_CHECKING:
     from podshim.cgroups.stats import Metrics
 
 log = logging.getLogger("podshim.container")
-
-
-def ts(at: float) -> Any:
-    from google.protobuf import timestamp_pb2
-
-    t = timestamp_pb2.Timestamp()
-    t.FromNanoseconds(int(at * 1e9))
-    return t
 
 
 def load_spec(bundle: str) -> dict[str, Any]:
@@ -228,7 +220,7 @@ class Container:
                     id=p.exec_id or self.id,
                     pid=p.pid,
                     exit_status=ex.status,
-                    exited_at=ts(ex.at),
+                    exited_at=timestamp(ex.at),
                 )
             )
 
@@ -356,7 +348,7 @@ class Container:
         ex = p.exit or ExitInfo(137, time.time())
         self.ctx.publisher.publish(
             ev.TaskDelete(
-                container_id=self.id, pid=p.pid, exit_status=ex.status, exited_at=ts(ex.at)
+                container_id=self.id, pid=p.pid, exit_status=ex.status, exited_at=timestamp(ex.at)
             )
         )
         return p.pid, ex

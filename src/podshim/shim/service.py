@@ -15,7 +15,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from google.protobuf import any_pb2, empty_pb2
-from google.protobuf import timestamp_pb2 as ts_pb2
 
 from podshim import __version__
 from podshim import errors as errdefs
@@ -25,7 +24,7 @@ from podshim.shim import logs
 from podshim.shim.config import Config, from_options
 from podshim.shim.container import Container, load_spec
 from podshim.shim.paths import CONTAINER_TYPE_ANNOTATION, SANDBOX_ID_ANNOTATION, valid_id
-from podshim.shim.task import ExecRequest, ExitInfo, ShimContext, Task
+from podshim.shim.task import ExecRequest, ExitInfo, ShimContext, Task, timestamp
 from podshim.ttrpc.services import CallContext
 
 if TYPE_CHECKING:
@@ -43,12 +42,6 @@ CONTAINER_NAME_ANNOTATION = "io.kubernetes.cri.container-name"
 
 class DeliberateCrash(RuntimeError):
     """The deliberate crash of the :data:`TEST_CRASH_ENV` test hook."""
-
-
-def _ts(at: float) -> ts_pb2.Timestamp:
-    t = ts_pb2.Timestamp()
-    t.FromNanoseconds(int(at * 1e9))
-    return t
 
 
 def _check_id(tid: str) -> None:
@@ -203,7 +196,7 @@ class TaskService:
         )
         if st.exit is not None:
             resp.exit_status = st.exit.status
-            resp.exited_at.CopyFrom(_ts(st.exit.at))
+            resp.exited_at.CopyFrom(timestamp(st.exit.at))
         return resp
 
     async def Delete(self, req: pb.DeleteRequest, _: CallContext) -> pb.DeleteResponse:
@@ -218,7 +211,7 @@ class TaskService:
             log.info("deleted task %s", req.id, extra=self._fields(req.id))
         else:
             log.info("deleted exec %s", req.exec_id, extra=self._fields(req.id, req.exec_id))
-        return pb.DeleteResponse(pid=pid, exit_status=ex.status, exited_at=_ts(ex.at))
+        return pb.DeleteResponse(pid=pid, exit_status=ex.status, exited_at=timestamp(ex.at))
 
     async def Pids(self, req: pb.PidsRequest, _: CallContext) -> pb.PidsResponse:
         resp = pb.PidsResponse()
@@ -276,7 +269,7 @@ class TaskService:
 
     async def Wait(self, req: pb.WaitRequest, _: CallContext) -> pb.WaitResponse:
         ex: ExitInfo = await self._task(req.id).wait(req.exec_id)
-        return pb.WaitResponse(exit_status=ex.status, exited_at=_ts(ex.at))
+        return pb.WaitResponse(exit_status=ex.status, exited_at=timestamp(ex.at))
 
     async def Stats(self, req: pb.StatsRequest, _: CallContext) -> pb.StatsResponse:
         return pb.StatsResponse(stats=await self._task(req.id).stats())

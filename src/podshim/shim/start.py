@@ -72,38 +72,35 @@ def _listen(path: str) -> _sock | None:
     raise OSError(errno.EADDRINUSE, f"cannot bind {path}")
 
 
-def _daemon_argv(flags: Flags, bundle: str, path: str) -> list[str]:
-    """Re-exec ourselves without an action: the console script when we were started
-    through it (so ``ps`` shows the shim's name), else ``python -m``."""
+def self_command() -> list[str]:
+    """How to run this shim again: the console script when we were started through it
+    (so ``ps`` shows the shim's name), else ``python -m``."""
     me = sys.argv[0]
     if os.path.isabs(me) and os.access(me, os.X_OK) and not me.endswith(".py"):
-        head = [me]
-    else:
-        head = [sys.executable, "-m", "podshim.shim.main"]
-    tail = ["-namespace", flags.namespace, "-id", flags.id, "-address", flags.address]
-    tail += ["-bundle", bundle, "-socket", path] + (["-debug"] if flags.debug else [])
-    return head + tail
+        return [me]
+    return [sys.executable, "-m", "podshim.shim.main"]
+
+
+def spawn_detached(argv: list[str], extra_fd: int | None = None) -> None:
+    """Start ``argv`` in its own session with stdio on /dev/null (containerd waits for
+    EOF on our output pipe, so nothing long-lived may keep it) and, optionally, ``extra_fd``
+    as its fd 3."""
+    actions = []
+    devnull = os.open(os.devnull, os.O_RDWR)
+    try:
+        actions = [(os.POSIX_SPAWN_DUP2, devnull, i) for i in (0, 1, 2)]
+        if extra_fd is not None:
+            os.set_inheritable(extra_fd, True)  # dup2(3, 3) would keep CLOEXEC otherwise
+            actions.append((os.POSIX_SPAWN_DUP2, extra_fd, LISTEN_FD))
+        os.posix_spawn(argv[0], argv, os.environ, file_actions=actions, setsid=True)
+    finally:
+        os.close(devnull)
 
 
 def _spawn_daemon(flags: Flags, bundle: str, sock: _sock, path: str) -> None:
-    argv = _daemon_argv(flags, bundle, path)
-    os.set_inheritable(sock.fileno(), True)  # dup2(3, 3) would keep CLOEXEC otherwise
-    devnull = os.open(os.devnull, os.O_RDWR)
-    try:
-        os.posix_spawn(
-            argv[0],
-            argv,
-            os.environ,
-            file_actions=[
-                (os.POSIX_SPAWN_DUP2, devnull, 0),
-                (os.POSIX_SPAWN_DUP2, devnull, 1),
-                (os.POSIX_SPAWN_DUP2, devnull, 2),
-                (os.POSIX_SPAWN_DUP2, sock.fileno(), LISTEN_FD),
-            ],
-            setsid=True,
-        )
-    finally:
-        os.close(devnull)
+    tail = ["-namespace", flags.namespace, "-id", flags.id, "-address", flags.address]
+    tail += ["-bundle", bundle, "-socket", path] + (["-debug"] if flags.debug else [])
+    spawn_detached(self_command() + tail, sock.fileno())
 
 
 def _launch(flags: Flags, bundle: str, sock: _sock, path: str) -> None:

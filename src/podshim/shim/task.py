@@ -11,11 +11,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, timestamp_pb2
 
 from podshim.shim.events import Publisher
 from podshim.shim.reaper import Reaper
 from podshim.shim.states import Status
+
+
+def timestamp(at: float) -> timestamp_pb2.Timestamp:
+    """A unix time (seconds, float) as a protobuf Timestamp, for events and replies."""
+    t = timestamp_pb2.Timestamp()
+    t.FromNanoseconds(int(at * 1e9))
+    return t
 
 
 @dataclass(frozen=True, slots=True)

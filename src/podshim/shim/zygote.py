@@ -27,7 +27,6 @@ import json
 import os
 import select
 import socket
-import sys
 import time
 
 from podshim.shim.flags import Flags
@@ -66,23 +65,10 @@ def _ask(path: str, request: dict[str, object], fd: int, timeout: float) -> int:
 
 
 def _spawn_zygote(flags: Flags) -> None:
-    me = sys.argv[0]
-    if os.path.isabs(me) and os.access(me, os.X_OK) and not me.endswith(".py"):
-        head = [me]
-    else:
-        head = [sys.executable, "-m", "podshim.shim.main"]
-    argv = [*head, "-address", flags.address, "-namespace", flags.namespace, "zygote"]
-    devnull = os.open(os.devnull, os.O_RDWR)
-    try:
-        os.posix_spawn(
-            argv[0],
-            argv,
-            os.environ,
-            file_actions=[(os.POSIX_SPAWN_DUP2, devnull, i) for i in (0, 1, 2)],
-            setsid=True,
-        )
-    finally:
-        os.close(devnull)
+    from podshim.shim.start import self_command, spawn_detached
+
+    cmd = ["-address", flags.address, "-namespace", flags.namespace, "zygote"]
+    spawn_detached(self_command() + cmd)
 
 
 def request_fork(flags: Flags, bundle: str, sock: _socket.socket, socket_path: str) -> int:

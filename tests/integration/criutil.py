@@ -18,24 +18,22 @@ included).
 
 Every wait is a poll with a generous deadline, never a fixed sleep, so the tests stay
 deterministic on a loaded 2-core machine.
+
+The /proc and cgroup helpers are in ``criprocs``, the ``ctr events`` subscription in
+``crievents``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import secrets
 import signal
-import subprocess
 import sys
-import threading
-import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -53,6 +51,11 @@ from podshim.lab.cri.client import (
 )
 from podshim.lab.procfs import ProcStat, descendants, process_table, read_stat
 from podshim.shim import paths as shim_paths
+
+if TYPE_CHECKING:
+    from tests.integration.criprocs import alive, describe
+else:  # pytest puts this directory (it has no __init__.py) on sys.path
+    from criprocs import alive, describe
 
 #: the two handlers every test can pick from
 PODSHIM = "podshim"
@@ -72,178 +75,6 @@ DEADLINE = 60.0
 EXEC_TIMEOUT = 20
 GIB = 1 << 30
 MIB = 1 << 20
-
-
-# -- /proc helpers ---------------------------------------------------------------------
-
-
-def ns_of(pid: int, kind: str) -> str:
-    """``readlink /proc/<pid>/ns/<kind>`` (e.g. ``net:[4026531840]``)."""
-    return os.readlink(f"/proc/{pid}/ns/{kind}")
-
-
-def host_ns(kind: str) -> str:
-    """The host's namespace of ``kind``.
-
-    This is the test process's own: containerd runs in it, and on this machine
-    ``/proc/1/ns/*`` is unreadable even for root (PID 1 holds capabilities the test's
-    root lacks, so the ptrace access check fails).
-    """
-    try:
-        return ns_of(1, kind)
-    except PermissionError:
-        return ns_of(os.getpid(), kind)
-
-
-def alive(stat: ProcStat) -> ProcStat | None:
-    """That very process (same start time), live or zombie, or None once it is gone."""
-    now = read_stat(stat.pid)
-    return now if now is not None and now.starttime == stat.starttime else None
-
-
-def children(pid: int, table: dict[int, ProcStat] | None = None) -> list[ProcStat]:
-    """Direct children of ``pid``."""
-    table = process_table() if table is None else table
-    return sorted(s for s in table.values() if s.ppid == pid)
-
-
-def describe(stats: Iterable[ProcStat]) -> str:
-    """``pid comm state ppid`` lines plus the command line, for assertion messages."""
-    lines = []
-    for s in stats:
-        try:
-            argv = Path(f"/proc/{s.pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            argv = ""
-        lines.append(f"  {s.pid} ({s.comm}) state {s.state} ppid {s.ppid}: {argv.strip()}")
-    return "\n".join(lines) or "  (none)"
-
-
-def cgroup_of(pid: int, controller: str) -> str:
-    """The cgroup path of ``pid`` in the v1 hierarchy holding ``controller``."""
-    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
-        _, controllers, path = line.split(":", 2)
-        if controller in controllers.split(","):
-            return path
-    raise LookupError(f"pid {pid}: no {controller} cgroup")
-
-
-def read_cgroup(controller: str, path: str, name: str) -> str:
-    """``/sys/fs/cgroup/<controller>/<path>/<name>``, stripped."""
-    return Path("/sys/fs/cgroup", controller, path.lstrip("/"), name).read_text().strip()
-
-
-# -- ctr events --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Event:
-    """One ``ctr events`` line: topic and the event's JSON body."""
-
-    namespace: str
-    topic: str
-    body: dict[str, Any]
-    line: str
-
-
-class CtrEvents:
-    """``ctr events`` running in the background; lines are parsed as they arrive.
-
-    Use :meth:`prime` before triggering what you want to observe: it waits until the
-    subscription demonstrably delivers events, so nothing is missed.
-    """
-
-    def __init__(self, lab: Containerd, namespace: str = CRI_NAMESPACE) -> None:
-        argv = [lab.ctr_bin, "--address", lab.address, "--namespace", namespace, "events"]
-        self._proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        self.events: list[Event] = []
-        self._lock = threading.Lock()
-        self._reader = threading.Thread(target=self._read, name="ctr-events", daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self._proc.stdout is not None
-        for line in self._proc.stdout:
-            event = self._parse(line.rstrip("\n"))
-            if event is not None:
-                with self._lock:
-                    self.events.append(event)
-
-    @staticmethod
-    def _parse(line: str) -> Event | None:
-        # "<date> <time> <zone> <tz> <namespace> <topic> <json>"
-        brace = line.find("{")
-        head = (line[:brace] if brace >= 0 else line).split()
-        if len(head) < 2 or not head[-1].startswith("/"):
-            return None
-        try:
-            body = json.loads(line[brace:]) if brace >= 0 else {}
-        except ValueError:
-            body = {}
-        return Event(head[-2], head[-1], body if isinstance(body, dict) else {}, line)
-
-    def snapshot(self) -> list[Event]:
-        with self._lock:
-            return list(self.events)
-
-    def wait(
-        self, pred: Callable[[Event], bool], timeout: float = DEADLINE, what: str = ""
-    ) -> Event:
-        def found() -> Event | None:
-            return next((e for e in self.snapshot() if pred(e)), None)
-
-        return wait_for(
-            found,
-            timeout=timeout,
-            interval=0.1,
-            message=lambda: (
-                f"ctr event {what}; seen:\n" + "\n".join(e.line for e in self.snapshot()[-30:])
-            ),
-        )
-
-    def prime(self, trigger: Callable[[], object], topic: str, timeout: float = DEADLINE) -> None:
-        """Call ``trigger`` until an event with ``topic`` shows up (subscription live)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            start = len(self.snapshot())
-
-            def arrived(start: int = start) -> bool:
-                return any(e.topic == topic for e in self.snapshot()[start:])
-
-            trigger()
-            try:
-                wait_for(arrived, timeout=10, interval=0.1, message=f"ctr event {topic}")
-                return
-            except AssertionError:
-                if time.monotonic() > deadline:
-                    raise
-
-    def close(self) -> None:
-        if self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait(timeout=30)
-        self._reader.join(timeout=30)
-
-    def __enter__(self) -> CtrEvents:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 # -- the lab -----------------------------------------------------------------------------
@@ -648,18 +479,9 @@ __all__ = [
     "ContainerInfo",
     "CriError",
     "CriLab",
-    "CtrEvents",
-    "Event",
     "PidMode",
     "PodRecord",
-    "alive",
-    "cgroup_of",
-    "children",
     "cri",
     "cri_lab",
-    "describe",
-    "host_ns",
-    "ns_of",
-    "read_cgroup",
     "resources",
 ]

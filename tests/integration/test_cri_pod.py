@@ -26,8 +26,12 @@ from podshim.lab.cleanup import cgroup_dirs, mounts_under, remove_cgroup
 from podshim.lab.procfs import descendants, process_table, read_stat
 
 if TYPE_CHECKING:
+    from tests.integration import crievents as ce
+    from tests.integration import criprocs as cp
     from tests.integration import criutil as cu
 else:  # pytest puts this directory (it has no __init__.py) on sys.path
+    import crievents as ce
+    import criprocs as cp
     import criutil as cu
 
 # the fixtures: one CRI containerd per module, per-test cleanup checks
@@ -49,7 +53,7 @@ def _wait_procs(cri: cu.CriLab, check: Callable[[], list[str]], what: str) -> No
         timeout=cu.DEADLINE,
         interval=0.2,
         message=lambda: (
-            f"{what}: {check()}\nprocesses below the lab:\n" + cu.describe(cri.processes())
+            f"{what}: {check()}\nprocesses below the lab:\n" + cp.describe(cri.processes())
         ),
     )
 
@@ -68,10 +72,10 @@ def test_bridge_pod_two_containers(cri: cu.CriLab, handler: str) -> None:
 
     # shared IPC, UTS and network namespaces, none of them the host's
     for kind in ("ipc", "uts", "net"):
-        assert cu.ns_of(server.pid, kind) == cu.ns_of(client.pid, kind), kind
-        assert cu.ns_of(server.pid, kind) != cu.host_ns(kind), kind
+        assert cp.ns_of(server.pid, kind) == cp.ns_of(client.pid, kind), kind
+        assert cp.ns_of(server.pid, kind) != cp.host_ns(kind), kind
     # own PID namespaces (pid mode CONTAINER)
-    assert cu.ns_of(server.pid, "pid") != cu.ns_of(client.pid, "pid")
+    assert cp.ns_of(server.pid, "pid") != cp.ns_of(client.pid, "pid")
 
     for cid in (server.id, client.id):
         assert cri.exec_ok(cid, "hostname").strip() == hostname
@@ -101,7 +105,7 @@ def test_bridge_pod_two_containers(cri: cu.CriLab, handler: str) -> None:
         stat = table.get(anchor)
         if stat is None or stat.state != "Z" or stat.ppid != shim:
             found.append(f"sandbox pid {anchor} is not a zombie child of the shim: {stat}")
-        kids = {s.pid for s in cu.children(shim, table)}
+        kids = {s.pid for s in cp.children(shim, table)}
         if kids != {anchor, server.pid, client.pid}:
             found.append(f"shim children {sorted(kids)} != anchor+containers")
         pod_procs = {shim} | {s.pid for s in descendants(shim, table)}
@@ -130,13 +134,13 @@ def test_shared_pid_namespace(cri: cu.CriLab) -> None:
     inits = wait_for(
         lambda: cri.inits() or None, timeout=cu.DEADLINE, message=f"a {cu.INIT_COMM} process"
     )
-    assert len(inits) == 1, cu.describe(inits)
+    assert len(inits) == 1, cp.describe(inits)
     init = inits[0]
-    assert init.state != "Z", cu.describe(inits)
-    assert cu.ns_of(init.pid, "pid") == cu.ns_of(one.pid, "pid") == cu.ns_of(two.pid, "pid")
-    assert cu.ns_of(one.pid, "pid") != cu.host_ns("pid")
+    assert init.state != "Z", cp.describe(inits)
+    assert cp.ns_of(init.pid, "pid") == cp.ns_of(one.pid, "pid") == cp.ns_of(two.pid, "pid")
+    assert cp.ns_of(one.pid, "pid") != cp.host_ns("pid")
     # the init lives in the sandbox cgroup
-    assert cu.cgroup_of(init.pid, "memory") == f"/k8s.io/{pod}"
+    assert cp.cgroup_of(init.pid, "memory") == f"/k8s.io/{pod}"
 
     assert "sleep 3602" in cri.exec_ok(one.id, "ps")
     assert "sleep 3601" in cri.exec_ok(two.id, "ps")
@@ -144,7 +148,7 @@ def test_shared_pid_namespace(cri: cu.CriLab) -> None:
     res = cri.exec(one.id, "ls", "-A", "/proc/1/root/")
     assert res.exit_code != 0 or res.stdout.strip() == "", res
     # still exactly one init
-    assert len(cri.inits()) == 1, cu.describe(cri.inits())
+    assert len(cri.inits()) == 1, cp.describe(cri.inits())
 
 
 # -- a host-network pod ------------------------------------------------------------------
@@ -154,11 +158,11 @@ def test_shared_pid_namespace(cri: cu.CriLab) -> None:
 def test_host_network_pod(cri: cu.CriLab, handler: str) -> None:
     pod, _ = cri.pod("hostnet", handler, host_network=True, hostname="")
     c = cri.container(pod, "c", ["sleep", "3600"])
-    assert cu.ns_of(c.pid, "net") == cu.host_ns("net")
+    assert cp.ns_of(c.pid, "net") == cp.host_ns("net")
     # no UTS namespace of its own either: the host's hostname
-    assert cu.ns_of(c.pid, "uts") == cu.host_ns("uts")
+    assert cp.ns_of(c.pid, "uts") == cp.host_ns("uts")
     assert cri.exec_ok(c.id, "hostname").strip() == socket.gethostname()
-    assert cu.ns_of(c.pid, "ipc") != cu.host_ns("ipc")
+    assert cp.ns_of(c.pid, "ipc") != cp.host_ns("ipc")
 
 
 # -- namespaces of a pid outside the pod -------------------------------------------------
@@ -224,9 +228,9 @@ def test_host_exit_stops_the_pod(cri: cu.CriLab) -> None:
     one = cri.container(pod, "one", ["sleep", "3600"])
     two = cri.container(pod, "two", ["sleep", "3600"])
     inits = wait_for(lambda: cri.inits() or None, timeout=cu.DEADLINE, message=cu.INIT_COMM)
-    assert len(inits) == 1, cu.describe(inits)
+    assert len(inits) == 1, cp.describe(inits)
 
-    with cu.CtrEvents(cri.lab) as events:
+    with ce.CtrEvents(cri.lab) as events:
         events.prime(cri.touch_namespace, "/namespaces/update")
         os.kill(inits[0].pid, signal.SIGKILL)
         cri.wait_pod(pod, "NOTREADY")
@@ -255,7 +259,7 @@ def test_replacement_container_same_shim(cri: cu.CriLab) -> None:
     second = cri.container(pod, "app", ["sleep", "3600"], attempt=1)
     stat = read_stat(second.pid)
     assert stat is not None and stat.ppid == shim, f"replacement's parent: {stat}"
-    assert cu.alive(shim_stat) is not None, "the pod's shim was replaced"
+    assert cp.alive(shim_stat) is not None, "the pod's shim was replaced"
     assert cri.shim_pid(pod) == shim
     assert cri.exec_ok(second.id, "echo", "again").strip() == "again"
     assert cri.cri.pod_status(pod).ready
@@ -271,7 +275,7 @@ def test_containerd_restart(cri: cu.CriLab) -> None:
     assert shim is not None
 
     cri.restart_containerd()
-    assert cu.alive(shim) is not None, "the shim did not survive containerd's restart"
+    assert cp.alive(shim) is not None, "the shim did not survive containerd's restart"
     assert cri.cri.pod_status(pod).ready
     assert cri.cri.container_status(c.id).state == "RUNNING"
     assert cri.exec_ok(c.id, "echo", "hello").strip() == "hello"
@@ -305,8 +309,8 @@ def test_shim_killed(cri: cu.CriLab) -> None:
         found = [f"mount {m}" for m in mounts_under([pins])]
         if os.path.lexists(pins):
             found.append(f"pin dir {pins}")
-        found += [f"{cu.INIT_COMM} {s.pid}" for s in inits if cu.alive(s) is not None]
-        found += [f"container process {s.pid}" for s in workloads if cu.alive(s) is not None]
+        found += [f"{cu.INIT_COMM} {s.pid}" for s in inits if cp.alive(s) is not None]
+        found += [f"container process {s.pid}" for s in workloads if cp.alive(s) is not None]
         found += [f"sandbox cgroup {d}" for d in cgroup_dirs(f"/k8s.io/{pod}")]
         return found
 
@@ -343,7 +347,7 @@ def test_stop_remove_leaves_nothing(cri: cu.CriLab) -> None:
     cri.wait_gone(pod)
     # explicit, for the record (wait_gone covers all of it)
     for stat in rec.procs.values():
-        assert cu.alive(stat) is None, f"process {stat.pid} ({stat.comm}) survived"
+        assert cp.alive(stat) is None, f"process {stat.pid} ({stat.comm}) survived"
     assert not mounts_under([pins]) and not os.path.lexists(pins)
     for task_id in (pod, one.id, two.id):
         assert not cgroup_dirs(f"/k8s.io/{task_id}"), task_id
@@ -368,16 +372,16 @@ def test_update_container_resources(cri: cu.CriLab, handler: str) -> None:
         c = cri.container(pod, "c", ["sleep", "3600"], resources=start)
         path = c.cgroups_path
         assert path == f"{parent}/{c.id}", path
-        assert cu.cgroup_of(c.pid, "memory") == path
-        assert cu.read_cgroup("memory", path, "memory.limit_in_bytes") == str(64 * cu.MIB)
-        assert cu.read_cgroup("cpu", path, "cpu.cfs_quota_us") == "50000"
+        assert cp.cgroup_of(c.pid, "memory") == path
+        assert cp.read_cgroup("memory", path, "memory.limit_in_bytes") == str(64 * cu.MIB)
+        assert cp.read_cgroup("cpu", path, "cpu.cfs_quota_us") == "50000"
 
         cri.cri.update_resources(
             c.id, cu.resources(memory_limit=128 * cu.MIB, cpu_quota=20000, cpu_period=100000)
         )
-        assert cu.read_cgroup("memory", path, "memory.limit_in_bytes") == str(128 * cu.MIB)
-        assert cu.read_cgroup("cpu", path, "cpu.cfs_quota_us") == "20000"
-        assert cu.read_cgroup("cpu", path, "cpu.cfs_period_us") == "100000"
+        assert cp.read_cgroup("memory", path, "memory.limit_in_bytes") == str(128 * cu.MIB)
+        assert cp.read_cgroup("cpu", path, "cpu.cfs_quota_us") == "20000"
+        assert cp.read_cgroup("cpu", path, "cpu.cfs_period_us") == "100000"
         linux = cri.cri.container_status(c.id).raw.status.resources.linux
         assert (linux.memory_limit_in_bytes, linux.cpu_quota) == (128 * cu.MIB, 20000)
 

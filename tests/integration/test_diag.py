@@ -32,8 +32,10 @@ from podshim.diag.registry import registry_dir
 from podshim.lab import wait_for
 
 if TYPE_CHECKING:
+    from tests.integration import criprocs as cp
     from tests.integration import criutil as cu
 else:  # pytest puts this directory (it has no __init__.py) on sys.path
+    import criprocs as cp
     import criutil as cu
 
 cri_lab = cu.cri_lab
@@ -219,8 +221,8 @@ def test_exec_ip_addr_sees_the_pods_network_without_an_image(pods: Pods) -> None
     out = _ok(pods.diag("exec", a.id, "--", "sh", "-c",
                         "readlink /proc/self/ns/net /proc/self/ns/uts; cat /proc/self/cgroup"))  # fmt: skip
     lines = out.splitlines()
-    assert lines[0] == cu.ns_of(a.container_pid, "net") != cu.host_ns("net")
-    assert lines[1] == cu.ns_of(a.container_pid, "uts")
+    assert lines[0] == cp.ns_of(a.container_pid, "net") != cp.host_ns("net")
+    assert lines[1] == cp.ns_of(a.container_pid, "uts")
     cgroups = {ln.split(":")[1]: ln.split(":", 2)[2] for ln in lines[2:]}
     for controller in ("pids", "memory", "cpu", ""):  # the sandbox cgroup, everywhere
         assert cgroups[controller] == f"/{cu.CRI_NAMESPACE}/{a.id}", out

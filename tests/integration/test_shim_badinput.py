@@ -22,8 +22,10 @@ from podshim.lab import Containerd, wait_for
 from podshim.lab.procfs import ProcStat, read_stat
 
 if TYPE_CHECKING:
+    from tests.integration import shimio as si
     from tests.integration import shimutil as su
 else:  # pytest puts this directory (it has no __init__.py) on sys.path
+    import shimio as si
     import shimutil as su
 
 pytestmark = pytest.mark.timeout(300)
@@ -55,7 +57,7 @@ class Keeper:
             "task", "exec", "--exec-id", f"ok{self._n}", KEEPER, "echo", "serving", check=False
         )
         assert (res.returncode, res.stdout) == (0, "serving\n"), (res, self.lab.log_tail(20))
-        st = su.shim_call(self.address, "State", pb.StateRequest(id=KEEPER), pb.StateResponse)
+        st = si.shim_call(self.address, "State", pb.StateRequest(id=KEEPER), pb.StateResponse)
         assert (st.pid, st.status) == (self.pid, 2)  # RUNNING
 
 
@@ -92,7 +94,7 @@ def create_call(keeper: Keeper, tid: str, bundle: Path | str) -> Callable[[], Me
     def call() -> Message:
         req = pb.CreateTaskRequest(id=tid, bundle=str(bundle))
         try:
-            return su.shim_call(keeper.address, "Create", req, pb.CreateTaskResponse)
+            return si.shim_call(keeper.address, "Create", req, pb.CreateTaskResponse)
         finally:
             # should a Create wrongly succeed, do not leave a task nobody knows about
             _forget(keeper, tid)
@@ -102,7 +104,7 @@ def create_call(keeper: Keeper, tid: str, bundle: Path | str) -> Callable[[], Me
 
 def _forget(keeper: Keeper, tid: str) -> None:
     try:
-        su.shim_call(keeper.address, "State", pb.StateRequest(id=tid), pb.StateResponse)
+        si.shim_call(keeper.address, "State", pb.StateRequest(id=tid), pb.StateResponse)
     except errdefs.ShimError:
         return  # not there (the expected case)
     for method, req in (
@@ -110,7 +112,7 @@ def _forget(keeper: Keeper, tid: str) -> None:
         ("Delete", pb.DeleteRequest(id=tid)),
     ):
         try:
-            su.shim_call(keeper.address, method, req, pb.DeleteResponse)
+            si.shim_call(keeper.address, method, req, pb.DeleteResponse)
         except errdefs.ShimError:
             pass
 
@@ -139,7 +141,7 @@ def test_invalid_id_in_other_calls_is_invalid_argument(keeper: Keeper, method: s
     }
     expect_error(
         errdefs.InvalidArgument,
-        lambda: su.shim_call(keeper.address, method, requests[method], empty_pb2.Empty),
+        lambda: si.shim_call(keeper.address, method, requests[method], empty_pb2.Empty),
         "../keeper",
     )
     keeper.assert_serving()
@@ -179,7 +181,7 @@ def test_create_of_an_existing_id_is_already_exists(keeper: Keeper, tmp_path: Pa
     req = pb.CreateTaskRequest(id=KEEPER, bundle=str(tmp_path))
     expect_error(
         errdefs.AlreadyExists,
-        lambda: su.shim_call(keeper.address, "Create", req, pb.CreateTaskResponse),
+        lambda: si.shim_call(keeper.address, "Create", req, pb.CreateTaskResponse),
         KEEPER,
     )
     keeper.assert_serving()
@@ -200,7 +202,7 @@ def test_unknown_exec_id_is_not_found(keeper: Keeper, method: str) -> None:
     }
     expect_error(
         errdefs.NotFound,
-        lambda: su.shim_call(keeper.address, method, requests[method], empty_pb2.Empty),
+        lambda: si.shim_call(keeper.address, method, requests[method], empty_pb2.Empty),
         "nosuchexec",
     )
     keeper.assert_serving()
@@ -218,7 +220,7 @@ def test_unknown_task_id_is_not_found(keeper: Keeper, method: str) -> None:
     }
     expect_error(
         errdefs.NotFound,
-        lambda: su.shim_call(keeper.address, method, requests[method], empty_pb2.Empty),
+        lambda: si.shim_call(keeper.address, method, requests[method], empty_pb2.Empty),
         "ghost",
     )
     keeper.assert_serving()
@@ -231,7 +233,7 @@ def test_exec_with_invalid_exec_id_is_invalid_argument(keeper: Keeper) -> None:
     req.spec.value = spec
     expect_error(
         errdefs.InvalidArgument,
-        lambda: su.shim_call(keeper.address, "Exec", req, empty_pb2.Empty),
+        lambda: si.shim_call(keeper.address, "Exec", req, empty_pb2.Empty),
         "../x",
     )
     keeper.assert_serving()

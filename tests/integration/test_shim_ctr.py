@@ -21,8 +21,10 @@ from podshim.api.task.v2 import shim_pb2
 from podshim.lab import Containerd, wait_for
 
 if TYPE_CHECKING:
+    from tests.integration import shimio as si
     from tests.integration import shimutil as su
 else:  # pytest puts this directory (it has no __init__.py) on sys.path
+    import shimio as si
     import shimutil as su
 
 pytestmark = pytest.mark.timeout(300)
@@ -116,9 +118,9 @@ def test_run_tty_under_a_pty(lab: Containerd) -> None:
         "tty1",
         "sh",
         "-c",
-        f"tty; {su.PRINT_SIZE}; exit 5",
+        f"tty; {si.PRINT_SIZE}; exit 5",
     )
-    res = su.run_in_pty(argv, rows=37, cols=91)
+    res = si.run_in_pty(argv, rows=37, cols=91)
     assert res.status == 5, res.output
     assert re.search(r"^/dev/pts/\d+$", res.output, re.M), res.output
     assert "size=37 91" in res.output, res.output
@@ -130,7 +132,7 @@ def test_run_tty_is_interactive(lab: Containerd) -> None:
     argv = su.ctr_argv(
         lab, "run", "-t", "--rm", "--runtime", su.RUNTIME, su.image(lab), "tty2", "sh"
     )
-    p = su.PtyProcess(argv, rows=24, cols=80)
+    p = si.PtyProcess(argv, rows=24, cols=80)
     try:
         p.write(b"echo $((6*7))-marker\n")
         p.wait_output("42-marker")
@@ -147,9 +149,9 @@ def test_exec_tty_under_a_pty(lab: Containerd, ids: list[str]) -> None:
     su.run_detached(lab, "ttyx", "sleep", "1000")
     argv = su.ctr_argv(
         lab, "task", "exec", "-t", "--exec-id", "et1", "ttyx", "sh", "-c",
-        f"tty; {su.PRINT_SIZE}; exit 6",
+        f"tty; {si.PRINT_SIZE}; exit 6",
     )  # fmt: skip
-    res = su.run_in_pty(argv, rows=29, cols=77)
+    res = si.run_in_pty(argv, rows=29, cols=77)
     assert res.status == 6, res.output
     assert re.search(r"^/dev/pts/\d+$", res.output, re.M), res.output
     assert "size=29 77" in res.output, res.output
@@ -164,11 +166,11 @@ def test_resize_of_an_exited_tty_process_is_not_an_error(lab: Containerd, ids: l
     argv = su.ctr_argv(
         lab, "run", "-d", "-t", "--runtime", su.RUNTIME, su.image(lab), "ttyz", "true"
     )
-    res = su.run_in_pty(argv, rows=24, cols=80)
+    res = si.run_in_pty(argv, rows=24, cols=80)
     assert res.status == 0, res.output
     su.wait_status(lab, "ttyz", "STOPPED")
     address = su.shim_address(lab, "ttyz")
-    su.shim_call(
+    si.shim_call(
         address,
         "ResizePty",
         shim_pb2.ResizePtyRequest(id="ttyz", width=100, height=30),
@@ -325,7 +327,7 @@ def test_delete_removes_task_runc_state_and_rootfs_mount(lab: Containerd, ids: l
 
 
 def test_events_of_one_lifecycle_in_order(lab: Containerd, ids: list[str]) -> None:
-    with su.event_stream(lab) as events:
+    with si.event_stream(lab) as events:
         ids.append("ev")
         init_pid = su.run_detached(lab, "ev", "sleep", "1000")
         res = lab.ctr("task", "exec", "--exec-id", "evx", "ev", "sh", "-c", "exit 3", check=False)

@@ -16,8 +16,10 @@ from podshim.lab import Containerd, wait_for
 from podshim.lab.procfs import descendants, read_stat
 
 if TYPE_CHECKING:
+    from tests.integration import shimio as si
     from tests.integration import shimutil as su
 else:  # pytest puts this directory (it has no __init__.py) on sys.path
+    import shimio as si
     import shimutil as su
 
 pytestmark = pytest.mark.timeout(300)
@@ -66,7 +68,7 @@ def test_containerd_restart_keeps_tasks_usable(lab: Containerd) -> None:
         assert (res.returncode, res.stdout) == (0, data), res
 
         # events still reach the restarted containerd; kill and delete work
-        with su.event_stream(lab) as events:
+        with si.event_stream(lab) as events:
             for cid in members:
                 lab.ctr("task", "kill", "-s", "SIGKILL", cid)
                 su.wait_status(lab, cid, "STOPPED")
@@ -99,7 +101,7 @@ def not_running(lab: Containerd, cid: str) -> bool:
     return su.task_status(lab, cid) in (None, "STOPPED")
 
 
-def ended_with_exit_and_delete(events: su.EventStream, cid: str) -> bool:
+def ended_with_exit_and_delete(events: si.EventStream, cid: str) -> bool:
     return [e.topic for e in events.task_events(cid)][-2:] == ["/tasks/exit", "/tasks/delete"]
 
 
@@ -125,7 +127,7 @@ def test_shim_killed_with_sigkill_is_cleaned_up(lab: Containerd, grouped: bool) 
             assert cid in su.runc_ids(lab)
         assert os.path.exists(sock)
 
-        with su.event_stream(lab) as events:
+        with si.event_stream(lab) as events:
             os.kill(shim, signal.SIGKILL)
             su.wait_gone(shim, what="killed shim")
 

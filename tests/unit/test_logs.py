@@ -90,7 +90,7 @@ def test_text_quotes_like_go() -> None:
     fmt = logs.LogrusFormatter()
     line = fmt.format(record('a "b"\nc\té\x01', logging.WARNING, path="/x/y", odd="a b:c"))
     assert ' level=warning msg="a \\"b\\"\\nc\\té\\x01" ' in line, line
-    assert "odd=\"a b:c\"" in line and "path=/x/y" in line
+    assert 'odd="a b:c"' in line and "path=/x/y" in line
     # a field named like a fixed key does not replace it
     line = logs.LogrusFormatter({"msg": "shadow"}).format(record("real"))
     assert " msg=real " in line and line.endswith("fields.msg=shadow")
@@ -157,7 +157,11 @@ def test_task_logger_merges_fields_and_drops_empty_ones(
     ],
 )
 def test_level_from_config_unless_debug(
-    root_logger: logging.Logger, pipe: tuple[int, int], debug: bool, config_level: str, expected: int
+    root_logger: logging.Logger,
+    pipe: tuple[int, int],
+    debug: bool,
+    config_level: str,
+    expected: int,
 ) -> None:
     r, w = pipe
     logs.setup(w, "info", {}, debug=debug)

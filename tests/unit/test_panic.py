@@ -50,9 +50,7 @@ def bundle(tmp: Path, name: str, annotations: dict[str, str] | None = None) -> P
 def run_delete(b: Path, tid: str) -> subprocess.CompletedProcess[bytes]:
     """The real ``delete`` action, as containerd runs it."""
     argv = [SHIM, "-namespace", "ns1", "-address", "/nonexistent", "-id", tid, "-bundle", str(b)]
-    return subprocess.run(
-        [*argv, "delete"], cwd=b, capture_output=True, timeout=60, check=False
-    )
+    return subprocess.run([*argv, "delete"], cwd=b, capture_output=True, timeout=60, check=False)
 
 
 # -- writing ----------------------------------------------------------------------------------
@@ -129,7 +127,9 @@ def test_hook_crashes_for_the_named_task_or_container(crash_env: None) -> None:
 
 
 def test_hook_is_inert_otherwise(crash_env: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    assert hook_fires("bystander", {"annotations": {"io.kubernetes.cri.container-name": "x"}}) is None
+    assert (
+        hook_fires("bystander", {"annotations": {"io.kubernetes.cri.container-name": "x"}}) is None
+    )
     monkeypatch.delenv(TEST_CRASH_ENV)
     assert hook_fires("victim", {}) is None
 

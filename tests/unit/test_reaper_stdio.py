@@ -212,3 +212,41 @@ def test_terminal_through_console_socket(tmp_path: Path, monkeypatch: pytest.Mon
         assert not any(tmp_path.joinpath("console").iterdir())
 
     run(main)
+
+
+def test_output_waits_for_a_late_reader_instead_of_discarding_it(tmp_path: Path) -> None:
+    """A FIFO's unread data dies with its last open fd: the pump keeps the FIFO open
+    until a reader that opens late (ctr under load) has taken the output."""
+
+    async def main() -> None:
+        r = Reaper()
+        r.start()
+        _, stdout, _ = fifos(tmp_path)
+        io = ProcessIO("", stdout, "", terminal=False)
+        await io.open()
+        try:
+            task = asyncio.create_task(
+                r.run(
+                    ["sh", "-c", "echo late-reader"],
+                    stdin=io.child_fds[0],
+                    stdout=io.child_fds[1],
+                    stderr=io.child_fds[2],
+                )
+            )
+            await asyncio.sleep(0)
+            await io.started()
+            assert (await task).status == 0
+            waiting = asyncio.create_task(io.wait_output(20))
+            await asyncio.sleep(0.3)
+            assert not waiting.done()  # unread output: the FIFO is held open
+            rd = os.open(stdout, os.O_RDONLY | os.O_NONBLOCK)  # the reader arrives late
+            try:
+                assert os.read(rd, 100) == b"late-reader\n"
+                assert await waiting
+            finally:
+                os.close(rd)
+        finally:
+            io.close()
+            r.stop()
+
+    run(main)

@@ -54,9 +54,16 @@ class Pump:
     reader went away is dropped, never raised.
     """
 
-    def __init__(self, src: int, dst: int, *, close_src: bool, close_dst: bool) -> None:
+    #: how long an output FIFO may hold unread bytes at EOF before it is closed anyway
+    DRAIN_TIMEOUT = 2.0
+
+    def __init__(
+        self, src: int, dst: int, *, close_src: bool, close_dst: bool, drain_dst: bool = False
+    ) -> None:
         self.src, self.dst = src, dst
         self._close_src, self._close_dst = close_src, close_dst
+        self._drain_dst = drain_dst
+        self._drain_deadline = 0.0
         self._buf = b""
         self._loop = asyncio.get_running_loop()
         self.done: asyncio.Future[None] = self._loop.create_future()
@@ -74,7 +81,7 @@ class Pump:
                 log.debug("stdio read fd %d: %s", self.src, exc)
             data = b""
         if not data:
-            self._finish()
+            self._eof()
             return
         self._buf = data
         self._loop.remove_reader(self.src)
@@ -97,6 +104,28 @@ class Pump:
     def _writable(self) -> None:
         self._loop.remove_writer(self.dst)
         self._flush()
+
+    def _eof(self) -> None:
+        """The source is done. An output FIFO we opened O_RDWR is closed only once its
+        reader took what is in it: closing the last open fd of a FIFO discards unread
+        data, and a client whose reader is slow to open (``ctr`` under load) would lose
+        the tail of a quick process's output."""
+        self._loop.remove_reader(self.src)
+        if self._drain_dst and self._buf == b"":
+            self._drain_deadline = self._loop.time() + self.DRAIN_TIMEOUT
+            self._wait_drained()
+        else:
+            self._finish()
+
+    def _wait_drained(self) -> None:
+        try:
+            unread = struct.unpack("i", fcntl.ioctl(self.dst, termios.FIONREAD, b"\0" * 4))[0]
+        except OSError:
+            unread = 0
+        if unread and self._loop.time() < self._drain_deadline and not self.done.done():
+            self._loop.call_later(0.005, self._wait_drained)
+        else:
+            self._finish()
 
     def _finish(self) -> None:
         self._loop.remove_reader(self.src)
@@ -171,7 +200,8 @@ class ProcessIO:
         """Pump ``src`` into the output ``uri``. The pump owns its own FIFO fd and closes
         it at EOF: containerd (CRI's ExecSync) waits for the FIFO's EOF, so no writer may
         outlive the process's output."""
-        pump = Pump(src, _open_output(uri), close_src=True, close_dst=True)
+        fifo = not uri.startswith("file://")
+        pump = Pump(src, _open_output(uri), close_src=True, close_dst=True, drain_dst=fifo)
         self._pumps.append(pump)
         self._out_pumps.append(pump)
 

@@ -9,6 +9,7 @@ containerd's environment, which is how the ``OTEL_*`` variables reach it.
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import http.server
 import os
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from podshim.lab import Containerd, RuntimeHandler, wait_for
+from podshim.ttrpc.client import Client
 
 if TYPE_CHECKING:
     from opentelemetry.proto.common.v1.common_pb2 import AnyValue
@@ -290,6 +292,39 @@ def test_a_cri_pod_has_sandbox_wait_spans_and_pod_id(tmp_path: Path) -> None:
         assert not srv.bad
     waits = [s for s in srv.of(service) if s.name.startswith("podSandboxTask::")]
     assert not [s for s in waits if s.error], waits
+
+
+def shim_modules(lab: Containerd, cid: str) -> list[str]:
+    """The modules the shim serving ``cid`` has imported, asked through its diag service."""
+    from podshim.api.diag.v1 import diag_pb2
+
+    async def go() -> list[str]:
+        client = Client(su.shim_address(lab, cid), timeout=30)
+        try:
+            resp = await client.call(
+                "podshim.diag.v1.Diag", "Stacks", diag_pb2.StacksRequest(), diag_pb2.StacksResponse
+            )
+        finally:
+            await client.close()
+        return list(resp.modules)
+
+    return asyncio.run(go())
+
+
+def test_modules_through_diag_follow_the_environment() -> None:
+    """With OTEL_* unset the shim has no opentelemetry module at all; with it set it has
+    (so the check can fail). Asked through the shim's diag service."""
+    pytest.importorskip("opentelemetry.sdk.trace", reason="podshim[otel] not installed")
+    if any(k.startswith("OTEL_") for k in os.environ):
+        pytest.skip("OTEL_* set in this environment: containerd would pass it on")
+    env = {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://127.0.0.1:9/v1/traces"}
+    for extra, expect in (({}, False), (env, True)):
+        with lab_with(extra) as lab, su.containers(lab) as ids:
+            ids.append("mods")
+            su.run_detached(lab, "mods", "sleep", "1000")
+            mods = shim_modules(lab, "mods")
+            assert "podshim.shim.daemon" in mods
+            assert any(m.startswith("opentelemetry") for m in mods) is expect, (extra, mods)
 
 
 def test_off_without_otel_environment_and_nothing_imported() -> None:

@@ -179,7 +179,9 @@ class DiagService:
     async def Stacks(self, req: pb.StacksRequest, _: CallContext) -> pb.StacksResponse:
         pod = self.shim.pod
         host = await pod.host.dump_stacks() if pod is not None else ""
-        return pb.StacksResponse(stacks=format_stacks(), host_stacks=host)
+        return pb.StacksResponse(
+            stacks=format_stacks(), host_stacks=host, modules=sorted(sys.modules)
+        )
 
     async def Tasks(self, req: pb.TasksRequest, _: CallContext) -> pb.TasksResponse:
         pod = self.shim.pod

@@ -61,12 +61,14 @@ class StacksRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StacksResponse(_message.Message):
-    __slots__ = ("stacks", "host_stacks")
+    __slots__ = ("stacks", "host_stacks", "modules")
     STACKS_FIELD_NUMBER: _ClassVar[int]
     HOST_STACKS_FIELD_NUMBER: _ClassVar[int]
+    MODULES_FIELD_NUMBER: _ClassVar[int]
     stacks: str
     host_stacks: str
-    def __init__(self, stacks: _Optional[str] = ..., host_stacks: _Optional[str] = ...) -> None: ...
+    modules: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, stacks: _Optional[str] = ..., host_stacks: _Optional[str] = ..., modules: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TasksRequest(_message.Message):
     __slots__ = ("execs",)

@@ -1,0 +1,105 @@
+"""The Task contract (``podshim.shim.task.Task``), run against every implementation that
+can run without a kernel: the in-memory FakeTask and the pod SandboxTask. The runc
+Container passes the same points through containerd in tests/integration (test_shim_*)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from podshim import errors as errdefs
+from podshim.pod.sandbox import SandboxTask
+from podshim.shim.events import RecordingPublisher
+from podshim.shim.reaper import Reaper
+from podshim.shim.states import Status
+from podshim.shim.task import ShimContext
+
+from .fakes import FakeHost, FakeTask
+
+
+async def make(kind: str) -> Any:
+    if kind == "fake":
+        return FakeTask("t1")
+
+    async def no_workloads(sig: int) -> None:
+        return None
+
+    host = FakeHost()
+    await host.create()
+    t = SandboxTask(
+        ShimContext("ns", Reaper(), RecordingPublisher()), "t1", "/b/t1", host, 4242, no_workloads
+    )
+    t.begin()
+    return t
+
+
+def run(fn: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(asyncio.wait_for(fn(), 30))
+
+
+KINDS = ["fake", "sandbox"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_start_wait_kill_delete(kind: str) -> None:
+    async def main() -> None:
+        t = await make(kind)
+        assert t.state("").status is Status.CREATED  # State never blocks
+        waiter = asyncio.create_task(t.wait(""))
+        pid = await t.start("")
+        assert pid == t.pid == t.state("").pid
+        with pytest.raises(errdefs.FailedPrecondition):
+            await t.start("")  # not Created
+        with pytest.raises(errdefs.FailedPrecondition):
+            await t.delete("")  # running
+        await asyncio.sleep(0.01)
+        assert not waiter.done()  # Wait blocks until exit (also before Start)
+        await t.kill("", 9, False)
+        first = await waiter
+        assert first.status == 137
+        assert (await t.wait("")) == first  # any number of times
+        with pytest.raises(errdefs.NotFound):
+            await t.kill("", 9, False)  # exited: NotFound
+        got_pid, ex = await t.delete("")
+        assert (got_pid, ex) == (pid, first)
+
+    run(main)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_unknown_exec_is_not_found_and_kill_all_of_an_exec_is_refused(kind: str) -> None:
+    async def main() -> None:
+        t = await make(kind)
+        await t.start("")
+        with pytest.raises(errdefs.NotFound):
+            t.state("nope")
+        with pytest.raises(errdefs.NotFound):
+            await t.start("nope")
+        with pytest.raises(errdefs.NotFound):
+            await t.wait("nope")
+        with pytest.raises(errdefs.NotFound):
+            await t.delete("nope")
+        with pytest.raises(errdefs.NotFound):
+            await t.kill("nope", 9, False)
+        with pytest.raises(errdefs.FailedPrecondition):
+            await t.kill("nope", 9, True)
+        with pytest.raises(errdefs.FailedPrecondition):
+            t.resize("", 80, 24)  # no tty
+        await t.kill("", 9, False)
+
+    run(main)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_delete_of_a_created_task_is_allowed(kind: str) -> None:
+    async def main() -> None:
+        t = await make(kind)
+        pid, _ = await t.delete("")
+        assert pid >= 0
+        with pytest.raises(errdefs.NotFound):
+            await t.delete("")
+
+    run(main)

@@ -21,7 +21,6 @@ and finally tears everything down and checks that nothing is left.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
@@ -49,7 +48,7 @@ from podshim.lab.procfs import read_stat
 from podshim.shim import paths as shim_paths
 from podshim.shim.events import EVENTS_SERVICE, NAMESPACE_METADATA_KEY, envelope_for
 from podshim.shim.runc import RuntimeConfig
-from podshim.ttrpc.client import Client
+from podshim.ttrpc.client import call_sync
 
 __all__ = ["DemoError", "run"]
 
@@ -113,12 +112,9 @@ def _call(
 ) -> M:
     """One unary call with podshim's ttrpc client, on a fresh connection."""
     metadata = ((NAMESPACE_METADATA_KEY, namespace),) if namespace else ()
-
-    async def call() -> M:
-        async with Client(path, metadata=metadata, timeout=CALL_TIMEOUT) as client:
-            return await client.call(service, method, request, response_type)
-
-    return asyncio.run(call())
+    return call_sync(
+        path, service, method, request, response_type, metadata=metadata, timeout=CALL_TIMEOUT
+    )
 
 
 def _forward(lab: Containerd, event: Message) -> None:

@@ -6,7 +6,6 @@ The lab itself, ``ctr`` and the host-side checks are in ``shimutil``.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
 import fcntl
@@ -28,7 +27,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 from google.protobuf.message import Message
 
 from podshim.lab import Containerd, wait_for
-from podshim.ttrpc.client import Client
+from podshim.ttrpc.client import call_sync
 
 if TYPE_CHECKING:
     from tests.integration.shimutil import DEADLINE
@@ -259,12 +258,4 @@ def shim_call(
     address: str, method: str, request: Message, response_type: type[M], timeout: float = 30.0
 ) -> M:
     """One ``containerd.task.v2.Task`` call on the shim socket ``address``."""
-
-    async def go() -> M:
-        client = Client(address, timeout=timeout)
-        try:
-            return await client.call(TASK_SERVICE, method, request, response_type)
-        finally:
-            await client.close()
-
-    return asyncio.run(go())
+    return call_sync(address, TASK_SERVICE, method, request, response_type, timeout=timeout)

@@ -36,7 +36,7 @@ from podshim.api.types import task_pb2 as types_pb2
 from podshim.lab import Containerd, wait_for
 from podshim.lab.procfs import read_stat
 from podshim.shim.events import envelope_for
-from podshim.ttrpc.client import Client
+from podshim.ttrpc.client import Client, call_sync
 
 DEADLINE = 120.0
 CALL_TIMEOUT = 30.0
@@ -96,12 +96,9 @@ def call(
 ) -> M:
     """One unary call with our client on a fresh connection."""
     metadata = ((NS_KEY, namespace),) if namespace else ()
-
-    async def run() -> M:
-        async with Client(path, metadata=metadata, timeout=CALL_TIMEOUT) as client:
-            return await client.call(service, method, request, response_type)
-
-    return asyncio.run(run())
+    return call_sync(
+        path, service, method, request, response_type, metadata=metadata, timeout=CALL_TIMEOUT
+    )
 
 
 def call_error(

@@ -14,7 +14,6 @@ Every wait is a poll with a generous deadline, never a fixed sleep; every test c
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
@@ -40,7 +39,7 @@ from podshim.api.task.v2 import shim_pb2 as pb
 from podshim.lab import wait_for
 from podshim.shim.delete import PANIC_FILE
 from podshim.shim.service import TEST_CRASH_ENV
-from podshim.ttrpc.client import Client
+from podshim.ttrpc.client import call_sync
 
 if TYPE_CHECKING:
     from tests.integration import criutil as cu
@@ -212,16 +211,9 @@ def _wait_exit(pid: int, timeout: float) -> int:
 
 
 def _create(address: str, req: pb.CreateTaskRequest) -> pb.CreateTaskResponse:
-    async def go() -> pb.CreateTaskResponse:
-        client = Client(address, timeout=60)
-        try:
-            return await client.call(
-                "containerd.task.v2.Task", "Create", req, pb.CreateTaskResponse
-            )
-        finally:
-            await client.close()
-
-    return asyncio.run(go())
+    return call_sync(
+        address, "containerd.task.v2.Task", "Create", req, pb.CreateTaskResponse, timeout=60
+    )
 
 
 def _bundle(root: Path, name: str, annotations: dict[str, str]) -> Path:

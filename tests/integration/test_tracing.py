@@ -9,7 +9,6 @@ containerd's environment, which is how the ``OTEL_*`` variables reach it.
 
 from __future__ import annotations
 
-import asyncio
 import gzip
 import http.server
 import os
@@ -26,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from podshim.lab import Containerd, RuntimeHandler, wait_for
-from podshim.ttrpc.client import Client
+from podshim.ttrpc.client import call_sync
 
 if TYPE_CHECKING:
     from opentelemetry.proto.common.v1.common_pb2 import AnyValue
@@ -298,17 +297,15 @@ def shim_modules(lab: Containerd, cid: str) -> list[str]:
     """The modules the shim serving ``cid`` has imported, asked through its diag service."""
     from podshim.api.diag.v1 import diag_pb2
 
-    async def go() -> list[str]:
-        client = Client(su.shim_address(lab, cid), timeout=30)
-        try:
-            resp = await client.call(
-                "podshim.diag.v1.Diag", "Stacks", diag_pb2.StacksRequest(), diag_pb2.StacksResponse
-            )
-        finally:
-            await client.close()
-        return list(resp.modules)
-
-    return asyncio.run(go())
+    resp = call_sync(
+        su.shim_address(lab, cid),
+        "podshim.diag.v1.Diag",
+        "Stacks",
+        diag_pb2.StacksRequest(),
+        diag_pb2.StacksResponse,
+        timeout=30,
+    )
+    return list(resp.modules)
 
 
 def test_modules_through_diag_follow_the_environment() -> None:

@@ -161,3 +161,23 @@ class Client:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+def call_sync(
+    path: str,
+    service: str,
+    method: str,
+    request: Message,
+    response_type: type[M],
+    *,
+    metadata: Metadata = (),
+    timeout: float | None = None,
+) -> M:
+    """One unary call on a fresh connection, from synchronous code (the CLI, the demo,
+    tests). Raises what :meth:`Client.call` raises."""
+
+    async def go() -> M:
+        async with Client(path, metadata=metadata, timeout=timeout) as client:
+            return await client.call(service, method, request, response_type)
+
+    return asyncio.run(go())

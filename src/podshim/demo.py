@@ -46,7 +46,7 @@ from podshim.api.types import task_pb2 as types_pb2
 from podshim.lab import Containerd, LabError, WaitTimeout, wait_for
 from podshim.lab.procfs import read_stat
 from podshim.shim import paths as shim_paths
-from podshim.shim.events import EVENTS_SERVICE, NAMESPACE_METADATA_KEY, envelope_for
+from podshim.shim.events import EVENTS_SERVICE, NAMESPACE_METADATA_KEY, envelope_for, forward_sync
 from podshim.shim.runc import RuntimeConfig
 from podshim.ttrpc.client import call_sync
 
@@ -118,15 +118,7 @@ def _call(
 
 
 def _forward(lab: Containerd, event: Message) -> None:
-    envelope = envelope_for(event, lab.namespace)
-    _call(
-        lab.ttrpc_address,
-        EVENTS_SERVICE,
-        "Forward",
-        events_pb2.ForwardRequest(envelope=envelope),
-        empty_pb2.Empty,
-        namespace=lab.namespace,
-    )
+    forward_sync(lab.ttrpc_address, envelope_for(event, lab.namespace), timeout=CALL_TIMEOUT)
 
 
 # -- ctr events ---------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from podshim.api.task.v2 import shim_pb2
 from podshim.api.types import task_pb2 as types_pb2
 from podshim.lab import Containerd, wait_for
 from podshim.lab.procfs import read_stat
-from podshim.shim.events import envelope_for
+from podshim.shim.events import envelope_for, forward_sync
 from podshim.ttrpc.client import Client, call_sync
 
 DEADLINE = 120.0
@@ -117,14 +117,7 @@ def call_error(
 
 
 def forward(lab: Containerd, envelope: events_pb2.Envelope) -> None:
-    call(
-        lab.ttrpc_address,
-        EVENTS_SERVICE,
-        "Forward",
-        events_pb2.ForwardRequest(envelope=envelope),
-        empty_pb2.Empty,
-        namespace=envelope.namespace,
-    )
+    forward_sync(lab.ttrpc_address, envelope, timeout=CALL_TIMEOUT)
 
 
 class EventStream:

@@ -20,6 +20,7 @@ import logging
 import os
 import signal
 import socket
+from collections.abc import Callable
 
 from podshim import tracing
 from podshim.api.task.v2 import shim_pb2
@@ -40,15 +41,17 @@ log = logging.getLogger("podshim.daemon")
 IDLE_EXIT_SECONDS = 60.0
 
 
-def _trim_heap() -> None:
-    """Give freed heap pages back to the kernel (``malloc_trim``): a shim's work leaves
-    freed-but-resident memory behind, which would otherwise count in its PSS for good."""
+def _heap_trimmer() -> Callable[[], None]:
+    """``malloc_trim(0)``, resolved once: gives freed heap pages back to the kernel (a
+    shim's work leaves freed-but-resident memory behind, which would otherwise count in
+    its PSS for good). A no-op where libc has no malloc_trim."""
     try:
         import ctypes
 
-        ctypes.CDLL(None).malloc_trim(0)
+        trim = ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):
-        pass
+        return lambda: None
+    return lambda: trim(0) and None
 
 
 def _open_log_fifo(bundle: str) -> None:
@@ -142,12 +145,13 @@ async def _serve_until_stopped(flags: Flags, crash: _Crash) -> None:
     await server.serve(sock)
     diag.register()
     log.info("serving on %s; tracing: %s", path, tracing.describe())
+    trim_heap = _heap_trimmer()
     idle = loop.time()
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(5):
                 await stop.wait()
-        _trim_heap()
+        trim_heap()
         if not service.empty or server.connections:
             idle = loop.time()
         elif loop.time() - idle > IDLE_EXIT_SECONDS:

@@ -34,7 +34,7 @@ from google.protobuf.message import Message
 from podshim import errors as errdefs
 from podshim.api.events import task_pb2
 from podshim.api.services.ttrpc.events.v1 import events_pb2
-from podshim.ttrpc.client import Client
+from podshim.ttrpc.client import Client, call_sync
 
 __all__ = [
     "EVENTS_SERVICE",
@@ -493,3 +493,17 @@ def publisher_from_env(
         log.warning("events: TTRPC_ADDRESS not set; task events are discarded")
         return NullPublisher()
     return ForwardPublisher(address, namespace, maxlen=maxlen, retry_for=retry_for)
+
+
+def forward_sync(address: str, envelope: events_pb2.Envelope, *, timeout: float = 5.0) -> None:
+    """Forward one envelope to containerd now, from synchronous code (the demo, tests): no
+    queue and no retry; the error kind containerd answers is raised."""
+    call_sync(
+        address,
+        EVENTS_SERVICE,
+        "Forward",
+        events_pb2.ForwardRequest(envelope=envelope),
+        empty_pb2.Empty,
+        metadata=((NAMESPACE_METADATA_KEY, envelope.namespace),),
+        timeout=timeout,
+    )

@@ -33,7 +33,7 @@ fi
 
 # podshim-init, the PID-namespace init of the namespaces pod host: built static (libc.a)
 # when possible, else dynamic; only when missing or older than its source.
-init_src=src/podshim/pod/podshim-init.c
+init_src=src/podshim/host/namespaces/podshim-init.c
 init_bin=.venv/bin/podshim-init
 if [ ! -x "$init_bin" ] || [ "$init_src" -nt "$init_bin" ]; then
   if ! cc -O2 -Wall -Wextra -static -o "$init_bin.tmp" "$init_src" 2>/dev/null; then

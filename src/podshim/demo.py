@@ -45,9 +45,9 @@ from podshim.api.task.v2 import shim_pb2
 from podshim.api.types import task_pb2 as types_pb2
 from podshim.lab import Containerd, LabError, WaitTimeout, wait_for
 from podshim.lab.procfs import read_stat
+from podshim.oci.runc import RuntimeConfig
 from podshim.shim import paths as shim_paths
-from podshim.shim.events import EVENTS_SERVICE, NAMESPACE_METADATA_KEY, envelope_for, forward_sync
-from podshim.shim.runc import RuntimeConfig
+from podshim.task.events import EVENTS_SERVICE, NAMESPACE_METADATA_KEY, envelope_for, forward_sync
 from podshim.ttrpc.client import call_sync
 
 __all__ = ["DemoError", "run"]

@@ -35,7 +35,7 @@ from podshim.api.task.v2 import shim_pb2
 from podshim.api.types import task_pb2 as types_pb2
 from podshim.lab import Containerd, wait_for
 from podshim.lab.procfs import read_stat
-from podshim.shim.events import envelope_for, forward_sync
+from podshim.task.events import envelope_for, forward_sync
 from podshim.ttrpc.client import Client, call_sync
 
 DEADLINE = 120.0

@@ -37,8 +37,8 @@ from google.protobuf import any_pb2
 from podshim.api.runtimeoptions.v1 import api_pb2 as ro_pb2
 from podshim.api.task.v2 import shim_pb2 as pb
 from podshim.lab import wait_for
+from podshim.service.tasks import TEST_CRASH_ENV
 from podshim.shim.delete import PANIC_FILE
-from podshim.shim.service import TEST_CRASH_ENV
 from podshim.ttrpc.client import call_sync
 
 if TYPE_CHECKING:

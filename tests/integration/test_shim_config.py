@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from podshim.lab import Containerd, wait_for
-from podshim.shim import runc as shim_runc
+from podshim.oci import runc as shim_runc
 
 if TYPE_CHECKING:
     from tests.integration import shimutil as su
@@ -231,8 +231,8 @@ _PROBE = textwrap.dedent(
     """
     import asyncio, json, os, sys
     from podshim import errors
-    from podshim.shim.reaper import Reaper
-    from podshim.shim.runc import Runc, RuntimeConfig
+    from podshim.linux.reaper import Reaper
+    from podshim.oci.runc import Runc, RuntimeConfig
 
     async def main() -> None:
         binary, root, work, systemd = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]

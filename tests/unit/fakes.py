@@ -71,12 +71,12 @@ class FakeHost:
 
 
 class FakeTask:
-    """An in-memory container honouring the Task contract (``podshim.shim.task.Task``):
+    """An in-memory container honouring the Task contract (``podshim.task.contract.Task``):
     an init and execs driven by the same state tables as the real ones; ``exit`` makes a
     process exit as the reaper would report it."""
 
     def __init__(self, tid: str, publisher: Any | None = None) -> None:
-        from podshim.shim.states import EXEC_TABLE, INIT_TABLE, Machine
+        from podshim.task.states import EXEC_TABLE, INIT_TABLE, Machine
 
         self.id, self.bundle = tid, f"/b/{tid}"
         self._machine = Machine
@@ -99,7 +99,7 @@ class FakeTask:
         return int(self.procs[""]["pid"] or 100)
 
     def exit(self, eid: str, status: int) -> None:
-        from podshim.shim.task import ExitInfo
+        from podshim.task.contract import ExitInfo
 
         p = self._p(eid)
         if p["m"].can("exit"):
@@ -114,7 +114,7 @@ class FakeTask:
         return int(p["pid"])
 
     def state(self, exec_id: str) -> Any:
-        from podshim.shim.task import ProcessState
+        from podshim.task.contract import ProcessState
 
         p = self._p(exec_id)
         return ProcessState(
@@ -136,7 +136,7 @@ class FakeTask:
         self.procs[req.exec_id] = self._new(req.exec_id, self._tables[1])
 
     async def delete(self, exec_id: str) -> tuple[int, Any]:
-        from podshim.shim.task import ExitInfo
+        from podshim.task.contract import ExitInfo
 
         p = self._p(exec_id)
         p["m"].fire("delete")

@@ -1,4 +1,4 @@
-"""Exec in a namespaces pod host (``podshim.pod.nsexec``) against the real kernel: the
+"""Exec in a namespaces pod host (``podshim.host.namespaces.nsexec``) against the real kernel: the
 pod's namespaces and cgroup, FIFO stdio, a pty, signals, cancellation, the host closing.
 
 Needs root (namespaces, bind mounts, cgroups); skipped otherwise.
@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 
 from podshim import errors as errdefs
-from podshim.diag.control import ExecControl
-from podshim.pod import nsexec
-from podshim.pod.nshost import NamespacesHost
-from podshim.shim.reaper import Reaper
+from podshim.host.control import ExecControl
+from podshim.host.namespaces import nsexec
+from podshim.host.namespaces.host import NamespacesHost
+from podshim.linux.reaper import Reaper
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 

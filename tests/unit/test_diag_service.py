@@ -20,18 +20,18 @@ from podshim.api.cgroups.v1 import metrics_pb2 as v1
 from podshim.api.diag.v1 import diag_pb2 as pb
 from podshim.api.task.v2 import shim_pb2
 from podshim.cgroups.stats import pack, unpack
-from podshim.diag.control import ExecControl
 from podshim.diag.registry import entry_name
 from podshim.diag.service import SERVICE, DiagService
 from podshim.diag.shim import ShimDiag
-from podshim.pod.host import Host, NoneHost
+from podshim.host.contract import Host, NoneHost
+from podshim.host.control import ExecControl
+from podshim.linux.reaper import Reaper
 from podshim.pod.pod import Pod
-from podshim.shim.events import RecordingPublisher
+from podshim.service.tasks import TaskService
 from podshim.shim.flags import Flags
-from podshim.shim.reaper import Reaper
-from podshim.shim.service import TaskService
-from podshim.shim.states import Status
-from podshim.shim.task import ExitInfo, ProcessState, ShimContext
+from podshim.task.contract import ExitInfo, ProcessState, ShimContext
+from podshim.task.events import RecordingPublisher
+from podshim.task.states import Status
 from podshim.ttrpc.client import Client
 from podshim.ttrpc.server import Server
 from podshim.ttrpc.services import CallContext, bind

@@ -19,7 +19,7 @@ from google.protobuf.message import Message
 from podshim import errors as errdefs
 from podshim.api.events import task_pb2
 from podshim.api.services.ttrpc.events.v1 import events_pb2
-from podshim.shim.events import (
+from podshim.task.events import (
     EVENTS_SERVICE,
     TOPICS,
     ForwardPublisher,
@@ -242,7 +242,7 @@ def test_full_queue_drops_oldest(sock: str, caplog: pytest.LogCaptureFixture) ->
         await pub.close(1)
         await stop_server(server, sock)
 
-    with caplog.at_level(logging.WARNING, logger="podshim.shim.events"):
+    with caplog.at_level(logging.WARNING, logger="podshim.task.events"):
         run(main)
     assert "queue full (10)" in caplog.text  # rate-limited: one line for the burst
     assert sum("queue full" in r.getMessage() for r in caplog.records) == 1
@@ -266,7 +266,7 @@ def test_rejected_event_is_dropped_alone(sock: str, caplog: pytest.LogCaptureFix
         await pub.close(1)
         await stop_server(server, sock)
 
-    with caplog.at_level(logging.ERROR, logger="podshim.shim.events"):
+    with caplog.at_level(logging.ERROR, logger="podshim.task.events"):
         run(main)
     assert sum("rejected /tasks/oom" in r.getMessage() for r in caplog.records) == 2
 
@@ -393,7 +393,7 @@ def test_publish_from_another_thread(sock: str) -> None:
 
 def test_publish_never_raises_on_unknown_event(caplog: pytest.LogCaptureFixture) -> None:
     pub = ForwardPublisher("/nonexistent.sock", NS)
-    with caplog.at_level(logging.ERROR, logger="podshim.shim.events"):
+    with caplog.at_level(logging.ERROR, logger="podshim.task.events"):
         pub.publish(task_pb2.TaskIO())
     assert pub.pending == 0
     assert "TaskIO" in caplog.text

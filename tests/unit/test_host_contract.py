@@ -1,4 +1,4 @@
-"""Every Host implementation passes the same contract tests (``podshim.pod.host.Host``).
+"""Every Host implementation passes the same contract tests (``podshim.host.contract.Host``).
 
 The fake and the ``none`` host run here; the namespaces host runs the same checks in
 tests/unit/test_nshost.py against the real kernel (it needs root).
@@ -14,15 +14,15 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from podshim import errors as errdefs
-from podshim.pod.host import Host, NoneHost
+from podshim.host.contract import Host, NoneHost
 
 from .fakes import FakeHost
 
 
 def namespaces_host() -> Host:
     """The real namespaces host on a minimal spec (root only; call inside a loop)."""
-    from podshim.pod.nshost import NamespacesHost
-    from podshim.shim.reaper import Reaper
+    from podshim.host.namespaces.host import NamespacesHost
+    from podshim.linux.reaper import Reaper
 
     reaper = Reaper()
     reaper.start()

@@ -16,13 +16,13 @@ import pytest
 from google.protobuf import any_pb2
 
 from podshim import errors as errdefs
+from podshim import logs
 from podshim.api.runtimeoptions.v1 import api_pb2 as ro_pb2
 from podshim.api.task.v2 import shim_pb2 as pb
-from podshim.shim import logs
-from podshim.shim.events import RecordingPublisher
-from podshim.shim.reaper import Reaper
-from podshim.shim.service import TaskService
-from podshim.shim.task import ShimContext
+from podshim.linux.reaper import Reaper
+from podshim.service.tasks import TaskService
+from podshim.task.contract import ShimContext
+from podshim.task.events import RecordingPublisher
 
 TIME = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z"
 

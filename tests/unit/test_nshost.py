@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 
 from podshim import errors as errdefs
-from podshim.pod import cgroup as cg
-from podshim.pod.nshost import NamespacesHost
-from podshim.pod.nsplan import classify_sysctl, plan_from_spec
-from podshim.shim.reaper import Reaper
+from podshim.host.namespaces import cgroup as cg
+from podshim.host.namespaces.host import NamespacesHost
+from podshim.host.namespaces.plan import classify_sysctl, plan_from_spec
+from podshim.linux.reaper import Reaper
 
 from .nshostutil import run
 

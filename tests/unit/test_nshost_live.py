@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 
 from podshim import errors as errdefs
-from podshim.pod import cgroup as cg
-from podshim.pod.nshost import NamespacesHost
-from podshim.shim.reaper import Reaper, set_child_subreaper
+from podshim.host.namespaces import cgroup as cg
+from podshim.host.namespaces.host import NamespacesHost
+from podshim.linux.reaper import Reaper, set_child_subreaper
 
 from .nshostutil import poll, run
 

@@ -18,11 +18,12 @@ from typing import Any
 
 import pytest
 
-from podshim.shim import daemon, delete, logs
-from podshim.shim.events import RecordingPublisher
-from podshim.shim.reaper import Reaper
-from podshim.shim.service import TEST_CRASH_ENV, DeliberateCrash, TaskService
-from podshim.shim.task import ShimContext
+from podshim import logs
+from podshim.linux.reaper import Reaper
+from podshim.service.tasks import TEST_CRASH_ENV, DeliberateCrash, TaskService
+from podshim.shim import daemon, delete
+from podshim.task.contract import ShimContext
+from podshim.task.events import RecordingPublisher
 
 SHIM = str(Path(sys.executable).parent / "containerd-shim-podshim-v1")
 T = "io.kubernetes.cri.container-type"

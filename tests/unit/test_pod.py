@@ -11,12 +11,12 @@ from typing import Any
 import pytest
 
 from podshim import errors as errdefs
+from podshim.linux.reaper import Reaper
+from podshim.oci.runc import RuntimeConfig
 from podshim.pod.pod import Pod
-from podshim.shim.events import RecordingPublisher
-from podshim.shim.reaper import Reaper
-from podshim.shim.runc import RuntimeConfig
-from podshim.shim.states import Status
-from podshim.shim.task import ShimContext
+from podshim.task.contract import ShimContext
+from podshim.task.events import RecordingPublisher
+from podshim.task.states import Status
 
 from .fakes import FakeHost
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from podshim import errors as errdefs
-from podshim.shim.reaper import Reaper, exit_status
-from podshim.shim.stdio import ProcessIO, fifo_path
+from podshim.linux.reaper import Reaper, exit_status
+from podshim.task.stdio import ProcessIO, fifo_path
 
 
 def run(coro: Callable[[], Awaitable[None]]) -> None:

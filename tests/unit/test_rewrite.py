@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from podshim import errors as errdefs
-from podshim.pod import rewrite
+from podshim.host import rewrite
 
 P = 777
 

@@ -10,12 +10,12 @@ from google.protobuf.message import Message
 
 from podshim import errors as errdefs
 from podshim.api.events import task_pb2 as ev
-from podshim.pod.host import NoneHost
+from podshim.host.contract import NoneHost
+from podshim.linux.reaper import Reaper
 from podshim.pod.sandbox import SandboxTask
-from podshim.shim.events import RecordingPublisher
-from podshim.shim.reaper import Reaper
-from podshim.shim.states import Status
-from podshim.shim.task import ExecRequest, ShimContext
+from podshim.task.contract import ExecRequest, ShimContext
+from podshim.task.events import RecordingPublisher
+from podshim.task.states import Status
 
 from .fakes import FakeHost
 

@@ -10,10 +10,10 @@ import pytest
 
 from podshim import errors as errdefs
 from podshim.api.task.v2 import shim_pb2 as pb
-from podshim.shim.events import RecordingPublisher
-from podshim.shim.reaper import Reaper
-from podshim.shim.service import TaskService
-from podshim.shim.task import ShimContext
+from podshim.linux.reaper import Reaper
+from podshim.service.tasks import TaskService
+from podshim.task.contract import ShimContext
+from podshim.task.events import RecordingPublisher
 from podshim.ttrpc.services import CallContext
 
 from .fakes import FakeTask

@@ -12,9 +12,11 @@ from google.protobuf import any_pb2
 from podshim import errors as errdefs
 from podshim.api.runc.options import oci_pb2
 from podshim.api.runtimeoptions.v1 import api_pb2 as ro_pb2
-from podshim.shim import config, flags, paths, runc
-from podshim.shim.logs import LogrusFormatter
-from podshim.shim.states import EXEC_TABLE, INIT_TABLE, Machine, Status
+from podshim.logs import LogrusFormatter
+from podshim.oci import runc
+from podshim.service import config
+from podshim.shim import flags, paths
+from podshim.task.states import EXEC_TABLE, INIT_TABLE, Machine, Status
 
 
 def test_flags_as_containerd_passes_them() -> None:

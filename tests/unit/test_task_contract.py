@@ -1,4 +1,4 @@
-"""The Task contract (``podshim.shim.task.Task``), run against every implementation that
+"""The Task contract (``podshim.task.contract.Task``), run against every implementation that
 can run without a kernel: the in-memory FakeTask and the pod SandboxTask. The runc
 Container passes the same points through containerd in tests/integration (test_shim_*)."""
 
@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 
 from podshim import errors as errdefs
+from podshim.linux.reaper import Reaper
 from podshim.pod.sandbox import SandboxTask
-from podshim.shim.events import RecordingPublisher
-from podshim.shim.reaper import Reaper
-from podshim.shim.states import Status
-from podshim.shim.task import ShimContext
+from podshim.task.contract import ShimContext
+from podshim.task.events import RecordingPublisher
+from podshim.task.states import Status
 
 from .fakes import FakeHost, FakeTask
 

@@ -21,10 +21,10 @@ from google.protobuf import empty_pb2
 from podshim import errors as errdefs
 from podshim import tracing
 from podshim.api.task.v2 import shim_pb2
+from podshim.linux.reaper import Reaper
 from podshim.pod.sandbox import SandboxTask
-from podshim.shim.events import RecordingPublisher
-from podshim.shim.reaper import Reaper
-from podshim.shim.task import ShimContext
+from podshim.task.contract import ShimContext
+from podshim.task.events import RecordingPublisher
 from podshim.ttrpc.client import Client
 from podshim.ttrpc.server import Server
 from podshim.ttrpc.services import CallContext, bind

@@ -87,7 +87,7 @@ def test_off_imports_no_opentelemetry_module(tmp_path: Path) -> None:
         f"""
         import asyncio, json, sys
         from podshim import tracing
-        import podshim.shim.daemon, podshim.pod.sandbox, podshim.shim.container
+        import podshim.shim.daemon, podshim.pod.sandbox, podshim.task.container
         from podshim.api.task.v2 import shim_pb2
         from podshim.ttrpc.client import Client
         from podshim.ttrpc.server import Server

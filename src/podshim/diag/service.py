@@ -22,13 +22,13 @@ from google.protobuf import any_pb2, empty_pb2
 
 from podshim import errors as errdefs
 from podshim.api.diag.v1 import diag_pb2 as pb
-from podshim.diag.control import ExecControl
-from podshim.shim.task import Task
+from podshim.host.control import ExecControl
+from podshim.task.contract import Task
 from podshim.ttrpc.services import CallContext
 
 if TYPE_CHECKING:
     from podshim.pod.pod import Pod
-    from podshim.shim.service import TaskService
+    from podshim.service.tasks import TaskService
 
 log = logging.getLogger("podshim.diag")
 

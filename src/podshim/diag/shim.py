@@ -16,8 +16,8 @@ from podshim.diag.service import DiagService
 from podshim.ttrpc.services import CallContext, ServiceBinding, bind
 
 if TYPE_CHECKING:
+    from podshim.service.tasks import TaskService
     from podshim.shim.flags import Flags
-    from podshim.shim.service import TaskService
 
 
 class ShimDiag:

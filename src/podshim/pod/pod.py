@@ -20,15 +20,15 @@ from typing import Any
 
 from podshim import errors as errdefs
 from podshim.api.types import mount_pb2
-from podshim.pod import rewrite
+from podshim.host import rewrite
+from podshim.host.contract import Host, NoneHost
+from podshim.oci.runc import RuntimeConfig
 from podshim.pod.anchor import Anchor
-from podshim.pod.host import Host, NoneHost
 from podshim.pod.sandbox import SandboxTask
-from podshim.shim.container import Container
 from podshim.shim.paths import CONTAINER_TYPE_ANNOTATION, SANDBOX_ID_ANNOTATION
-from podshim.shim.runc import RuntimeConfig
-from podshim.shim.states import Status
-from podshim.shim.task import ShimContext
+from podshim.task.container import Container
+from podshim.task.contract import ShimContext
+from podshim.task.states import Status
 
 log = logging.getLogger("podshim.pod")
 
@@ -42,7 +42,7 @@ def make_host(kind: str, pod_id: str, ctx: ShimContext, spec: dict[str, Any]) ->
     if kind == "none":
         return NoneHost()
     if kind == "namespaces":
-        from podshim.pod.nshost import NamespacesHost
+        from podshim.host.namespaces.host import NamespacesHost
 
         return NamespacesHost(pod_id, ctx.namespace, spec, ctx.reaper)
     raise errdefs.InvalidArgument(f"unknown pod host kind {kind!r}")

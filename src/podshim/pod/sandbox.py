@@ -38,10 +38,10 @@ from google.protobuf import any_pb2
 from podshim import errors as errdefs
 from podshim import tracing
 from podshim.api.events import task_pb2 as ev
-from podshim.pod.host import Host
-from podshim.shim.logs import TaskLogger
-from podshim.shim.states import Machine, Status
-from podshim.shim.task import ExecRequest, ExitInfo, ProcessState, ShimContext, timestamp
+from podshim.host.contract import Host
+from podshim.logs import TaskLogger
+from podshim.task.contract import ExecRequest, ExitInfo, ProcessState, ShimContext, timestamp
+from podshim.task.states import Machine, Status
 
 if TYPE_CHECKING:
     from podshim.cgroups.stats import Metrics

@@ -22,16 +22,15 @@ import signal
 import socket
 from collections.abc import Callable
 
-from podshim import tracing
+from podshim import logs, tracing
 from podshim.api.task.v2 import shim_pb2
 from podshim.diag.shim import ShimDiag
-from podshim.shim import logs
-from podshim.shim.events import publisher_from_env
+from podshim.linux.reaper import Reaper, set_child_subreaper
+from podshim.service.tasks import TaskService
 from podshim.shim.flags import Flags
-from podshim.shim.reaper import Reaper, set_child_subreaper
-from podshim.shim.service import TaskService
 from podshim.shim.start import LISTEN_FD
-from podshim.shim.task import ShimContext
+from podshim.task.contract import ShimContext
+from podshim.task.events import publisher_from_env
 from podshim.ttrpc.server import Server
 from podshim.ttrpc.services import bind
 

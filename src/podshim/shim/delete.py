@@ -28,9 +28,9 @@ from podshim.shim.paths import CONTAINER_TYPE_ANNOTATION
 
 #: what Container.create records in the bundle for this action
 RUNTIME_FILE = "podshim-runtime.json"
-#: where the namespaces pod host keeps a pod's pins (see podshim.pod.leftovers)
+#: where the namespaces pod host keeps a pod's pins (see podshim.host.namespaces.cleanup)
 STATE_ROOT = "/run/podshim/pods"
-#: the crash report a dying shim daemon writes into a bundle (podshim.shim.logs.write_panic)
+#: the crash report a dying shim daemon writes into a bundle (podshim.logs.write_panic)
 PANIC_FILE = "panic.log"
 #: how much of it the delete action relays to containerd
 PANIC_RELAY_LIMIT = 1 << 20
@@ -150,7 +150,7 @@ def delete(flags: Flags) -> int:
         and flags.id
         and os.path.isdir(os.path.join(STATE_ROOT, flags.namespace, flags.id))
     ):
-        from podshim.pod.leftovers import cleanup_sandbox
+        from podshim.host.namespaces.cleanup import cleanup_sandbox
 
         for problem in cleanup_sandbox(flags.namespace, flags.id, spec):
             print(f"podshim delete: {problem}", file=sys.stderr)
@@ -176,7 +176,7 @@ def delete(flags: Flags) -> int:
                 print(f"podshim delete: {binary} delete: {err.strip()}", file=sys.stderr)
     rootfs = os.path.join(bundle, "rootfs")
     if os.path.ismount(rootfs):
-        from podshim.shim import mount
+        from podshim.linux import mount
 
         try:
             mount.unmount_all(rootfs)

@@ -109,7 +109,7 @@ def _preload() -> None:
     import podshim.api.cgroups.v1.metrics_pb2
     import podshim.api.cgroups.v2.metrics_pb2
     import podshim.cgroups.stats
-    import podshim.pod.nshost
+    import podshim.host.namespaces.host
     import podshim.pod.pod
     import podshim.shim.daemon  # noqa: F401  (and everything it imports)
 

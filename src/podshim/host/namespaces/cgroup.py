@@ -32,7 +32,7 @@ from typing import Any
 
 from podshim import errors as errdefs
 
-log = logging.getLogger("podshim.pod.cgroup")
+log = logging.getLogger("podshim.host.namespaces.cgroup")
 
 DEFAULT_ROOT = "/sys/fs/cgroup"
 

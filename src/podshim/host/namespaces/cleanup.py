@@ -16,8 +16,8 @@ import signal
 import time
 from typing import Any
 
-from podshim.pod.cgroup import hierarchies, validate_cgroups_path
-from podshim.shim import mount
+from podshim.host.namespaces.cgroup import hierarchies, validate_cgroups_path
+from podshim.linux import mount
 
 STATE_ROOT = "/run/podshim/pods"
 _PINS = ("net", "ipc", "uts")

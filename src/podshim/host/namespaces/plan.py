@@ -1,7 +1,7 @@
 """Validation of a pod sandbox spec for the namespaces host: pure functions.
 
 :func:`plan_from_spec` checks the whole sandbox spec (namespaces, hostname, sysctls,
-cgroupsPath, resources) before :class:`~podshim.pod.nshost.NamespacesHost` makes anything,
+cgroupsPath, resources) before :class:`~podshim.host.namespaces.host.NamespacesHost` makes anything,
 and returns what to make; :func:`classify_sysctl` places a sysctl in the pod namespace it
 belongs to, refusing the others the way runc does.
 """
@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from podshim import errors as errdefs
-from podshim.pod.cgroup import Resources, resources_from_spec, validate_cgroups_path
+from podshim.host.namespaces.cgroup import Resources, resources_from_spec, validate_cgroups_path
 
-log = logging.getLogger("podshim.pod.nshost")
+log = logging.getLogger("podshim.host.namespaces.host")
 
 SYSCTL_KEY = re.compile(r"^[a-z0-9_.]+$")
 

@@ -50,7 +50,7 @@ __all__ = [
     "topic_for",
 ]
 
-log = logging.getLogger("podshim.shim.events")
+log = logging.getLogger("podshim.task.events")
 
 #: Full name of containerd's ttrpc events service (method ``Forward``).
 EVENTS_SERVICE: str = events_pb2.DESCRIPTOR.services_by_name["Events"].full_name

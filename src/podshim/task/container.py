@@ -1,6 +1,6 @@
 """A container run by the OCI runtime: the Linux counterpart of runhcs's hcsTask.
 
-Implements :class:`~podshim.shim.task.Task`. Every process exit arrives through the
+Implements :class:`~podshim.task.contract.Task`. Every process exit arrives through the
 shim's one reaper; every state change goes through the tables in ``states.py``.
 """
 
@@ -22,13 +22,13 @@ from podshim import errors as errdefs
 from podshim import tracing
 from podshim.api.events import task_pb2 as ev
 from podshim.api.types import mount_pb2
-from podshim.shim import mount
-from podshim.shim.logs import TaskLogger
+from podshim.linux import mount
+from podshim.logs import TaskLogger
+from podshim.oci.runc import Runc, RuntimeConfig
 from podshim.shim.paths import SANDBOX_ID_ANNOTATION, valid_id
-from podshim.shim.process import Process
-from podshim.shim.runc import Runc, RuntimeConfig
-from podshim.shim.states import Status
-from podshim.shim.task import ExecRequest, ExitInfo, ProcessState, ShimContext, timestamp
+from podshim.task.contract import ExecRequest, ExitInfo, ProcessState, ShimContext, timestamp
+from podshim.task.process import Process
+from podshim.task.states import Status
 
 if TYPE_CHECKING:
     from podshim.cgroups.stats import Metrics

@@ -14,9 +14,9 @@ import logging
 import time
 
 from podshim import errors as errdefs
-from podshim.shim.states import EXEC_TABLE, INIT_TABLE, Machine, Status
-from podshim.shim.stdio import ProcessIO
-from podshim.shim.task import ExitInfo, ProcessState
+from podshim.task.contract import ExitInfo, ProcessState
+from podshim.task.states import EXEC_TABLE, INIT_TABLE, Machine, Status
+from podshim.task.stdio import ProcessIO
 
 log = logging.getLogger("podshim.process")
 

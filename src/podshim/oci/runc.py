@@ -1,7 +1,7 @@
 """Driving the OCI runtime (runc, or crun with the same command line).
 
 Argument building is pure (one ``*_args`` function per subcommand, unit-tested for both
-runtimes); execution goes through the shim's one :class:`~podshim.shim.reaper.Reaper`.
+runtimes); execution goes through the shim's one :class:`~podshim.linux.reaper.Reaper`.
 Failures become :mod:`podshim.errors` kinds whose message names the runtime, the
 subcommand and the runtime's own error text (read from its JSON log).
 """
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from podshim import errors as errdefs
-from podshim.shim.reaper import Reaper, Result
+from podshim.linux.reaper import Reaper, Result
 
 
 @dataclass(frozen=True, slots=True)

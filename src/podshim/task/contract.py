@@ -1,7 +1,7 @@
 """The Task and Exec contracts every kind of task in a podshim shim fulfils.
 
 The Task service (``service.py``) only routes calls: all behaviour, and every error kind,
-is stated here and implemented by :class:`~podshim.shim.container.Container` (a runc
+is stated here and implemented by :class:`~podshim.task.container.Container` (a runc
 container), by the pod sandbox task, and by the fakes in the tests, which pass the same
 contract tests.
 """
@@ -13,9 +13,9 @@ from typing import Protocol
 
 from google.protobuf import any_pb2, timestamp_pb2
 
-from podshim.shim.events import Publisher
-from podshim.shim.reaper import Reaper
-from podshim.shim.states import Status
+from podshim.linux.reaper import Reaper
+from podshim.task.events import Publisher
+from podshim.task.states import Status
 
 
 def timestamp(at: float) -> timestamp_pb2.Timestamp:

@@ -16,15 +16,14 @@ from typing import TYPE_CHECKING, Any
 
 from google.protobuf import any_pb2, empty_pb2
 
-from podshim import __version__
+from podshim import __version__, logs
 from podshim import errors as errdefs
 from podshim.api.runc.options import oci_pb2
 from podshim.api.task.v2 import shim_pb2 as pb
-from podshim.shim import logs
-from podshim.shim.config import Config, from_options
-from podshim.shim.container import Container, load_spec
+from podshim.service.config import Config, from_options
 from podshim.shim.paths import CONTAINER_TYPE_ANNOTATION, SANDBOX_ID_ANNOTATION, valid_id
-from podshim.shim.task import ExecRequest, ExitInfo, ShimContext, Task, timestamp
+from podshim.task.container import Container, load_spec
+from podshim.task.contract import ExecRequest, ExitInfo, ShimContext, Task, timestamp
 from podshim.ttrpc.services import CallContext
 
 if TYPE_CHECKING:

@@ -16,7 +16,7 @@ CRI wrote for the pod sandbox):
   IPC namespace, ``kernel.domainname`` in the UTS one; anything else, or a sysctl of a
   namespace the pod shares with the host, is refused the way runc refuses it;
 * the sandbox cgroup ``linux.cgroupsPath`` with the sandbox's CPU/memory limits
-  (:mod:`podshim.pod.cgroup`).
+  (:mod:`podshim.host.namespaces.cgroup`).
 
 The spec is validated completely before anything is made, and a failure half-way undoes
 everything made so far.
@@ -53,15 +53,15 @@ from typing import Any
 from google.protobuf import any_pb2
 
 from podshim import errors as errdefs
-from podshim.pod import nsexec
-from podshim.pod.cgroup import (
+from podshim.host.namespaces import nsexec
+from podshim.host.namespaces.cgroup import (
     SandboxCgroup,
 )
-from podshim.pod.nsplan import Plan, plan_from_spec
-from podshim.shim import mount
-from podshim.shim.reaper import Exit, Reaper
+from podshim.host.namespaces.plan import Plan, plan_from_spec
+from podshim.linux import mount
+from podshim.linux.reaper import Exit, Reaper
 
-log = logging.getLogger("podshim.pod.nshost")
+log = logging.getLogger("podshim.host.namespaces.host")
 
 DEFAULT_STATE_ROOT = "/run/podshim/pods"
 INIT_NAME = "podshim-init"

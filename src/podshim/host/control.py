@@ -5,7 +5,7 @@ kind needs. The Diag service has more to say (an exec id, environment, working
 directory, the initial terminal size) and must reach the running process later
 (SignalExecInHost, ResizeExecInHost). It binds an :class:`ExecControl` to the call's
 context around ``await host.exec_in_host(...)``; a host that supports it (the namespaces
-host, ``podshim.pod.nsexec``) reads it with :meth:`ExecControl.current` and attaches
+host, ``podshim.host.namespaces.nsexec``) reads it with :meth:`ExecControl.current` and attaches
 the process once it started (:meth:`ExecControl.attach`). Signals and resizes that
 arrive before are kept and delivered then; with a host that ignores the control they
 are never delivered.

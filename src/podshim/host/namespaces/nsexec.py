@@ -44,14 +44,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from podshim import errors as errdefs
-from podshim.diag.control import ExecControl
-from podshim.shim.reaper import Reaper, Result
-from podshim.shim.stdio import ProcessIO, Pump, fifo_path
+from podshim.host.control import ExecControl
+from podshim.linux.reaper import Reaper, Result
+from podshim.task.stdio import ProcessIO, Pump, fifo_path
 
 if TYPE_CHECKING:
-    from podshim.pod.nshost import NamespacesHost
+    from podshim.host.namespaces.host import NamespacesHost
 
-log = logging.getLogger("podshim.pod.nsexec")
+log = logging.getLogger("podshim.host.namespaces.nsexec")
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 #: how long an exited process's output may take to reach the FIFOs

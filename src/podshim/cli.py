@@ -3,7 +3,9 @@
 Subcommands live in :data:`COMMANDS`; each one imports what it needs only when it
 runs, so ``podshim --help`` (and every other subcommand) stays fast.
 
-* ``podshim demo``: a smoke run of podshim against a private, embedded containerd.
+* ``podshim demo``: a smoke run of podshim against a private, embedded containerd; the
+  demo is part of the test lab (``podshim_lab``, the ``podshim-lab`` distribution in
+  ``lab/``), imported only when the command runs, never statically.
 * ``podshim diag``: inspect live shims (``podshim.diag``; hcsshim's shimdiag).
 * ``podshim version``: print podshim's version.
 """
@@ -15,7 +17,12 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-__all__ = ["COMMANDS", "Command", "build_parser", "main"]
+__all__ = ["COMMANDS", "DEMO_NEEDS_LAB", "LAB_PACKAGE", "Command", "build_parser", "main"]
+
+#: the test lab's package; ``podshim demo`` runs ``<LAB_PACKAGE>.demo``
+LAB_PACKAGE = "podshim_lab"
+#: the one line ``podshim demo`` prints (exit 2) when the lab is not installed
+DEMO_NEEDS_LAB = "podshim demo needs the test lab: pip install ./lab (run from a podshim checkout)"
 
 
 @dataclass(frozen=True)
@@ -36,10 +43,26 @@ def _version(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from podshim import demo
+def _lab_installed() -> bool:
+    import importlib.util
 
-    return demo.run()
+    try:
+        return importlib.util.find_spec(LAB_PACKAGE) is not None
+    except (ImportError, ValueError):  # a broken entry in sys.modules
+        return False
+
+
+def _demo(args: argparse.Namespace) -> int:
+    # by name, at run time: the runtime never imports the lab statically (a plain
+    # `pip install podshim` has neither the lab nor its grpc dependency)
+    import importlib
+
+    if not _lab_installed():
+        print(DEMO_NEEDS_LAB, file=sys.stderr)
+        return 2
+    demo = importlib.import_module(f"{LAB_PACKAGE}.demo")
+    run: Callable[[], int] = demo.run
+    return run()
 
 
 def _diag(args: argparse.Namespace) -> int:
@@ -63,7 +86,8 @@ COMMANDS: tuple[Command, ...] = (
             "Start a private containerd (own root, state and socket; the machine's containerd "
             "is not touched), show podshim's ttrpc client talking to it and to the shims, run "
             "a busybox container through podshim (io.containerd.podshim.v1) and runc, then "
-            "tear everything down. Needs root, containerd, ctr, runc and busybox-static."
+            "tear everything down. Needs root, containerd, ctr, runc and busybox-static, "
+            "and the test lab (pip install ./lab from a podshim checkout)."
         ),
     ),
     Command(

@@ -32,8 +32,6 @@ import datetime
 import json
 import logging
 import os
-import time
-import traceback
 from collections.abc import Mapping, MutableMapping
 from typing import Any
 
@@ -45,7 +43,6 @@ __all__ = [
     "level_number",
     "setup",
     "task_fields",
-    "write_panic",
 ]
 
 _LEVELS = {
@@ -119,7 +116,7 @@ def _value(value: str) -> str:
     return go_quote(value)
 
 
-def _timestamp(created: float) -> str:
+def go_time(created: float) -> str:
     """RFC 3339 with nanoseconds, in UTC (containerd's ``RFC3339NanoFixed``)."""
     ns = round(created * 1e9)
     secs, frac = divmod(ns, 1_000_000_000)
@@ -156,10 +153,10 @@ class LogrusFormatter(logging.Formatter):
             data: dict[str, str] = {}
             for k, v in fields.items():
                 data[f"fields.{k}" if k in _FIXED else k] = v
-            data.update(time=_timestamp(record.created), level=level, msg=msg)
+            data.update(time=go_time(record.created), level=level, msg=msg)
             return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         parts = [
-            f"time={_value(_timestamp(record.created))}",
+            f"time={_value(go_time(record.created))}",
             f"level={_value(level)}",
             f"msg={_value(msg)}",
         ]
@@ -251,29 +248,6 @@ def apply_config(log_level: str, log_format: str) -> None:
     fields = old.fields if isinstance(old, LogrusFormatter) else {}
     handler.setFormatter(LogrusFormatter(fields, as_json=log_format == "json"))
     logging.getLogger().setLevel(logging.DEBUG if _State.debug else level_number(log_level))
-
-
-def write_panic(bundle: str, exc: BaseException) -> str | None:
-    """Append a crash report (time, pid, traceback of ``exc``) to ``<bundle>/panic.log``;
-    returns its path, or None when it could not be written (never raises). The ``delete``
-    action of the task owning ``bundle`` relays it to containerd."""
-    from podshim.shim.delete import PANIC_FILE
-
-    path = os.path.join(bundle, PANIC_FILE)
-    try:
-        when = _timestamp(time.time())
-        text = f"podshim shim daemon (pid {os.getpid()}) crashed at {when}:\n"
-        text += "".join(traceback.format_exception(exc))
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-        try:
-            view = memoryview(text.encode(errors="replace"))
-            while view:
-                view = view[os.write(fd, view) :]
-        finally:
-            os.close(fd)
-    except Exception:
-        return None
-    return path
 
 
 def reset() -> None:

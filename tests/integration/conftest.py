@@ -1,4 +1,4 @@
-"""Fixtures for integration tests against a private, real containerd (``podshim.lab``).
+"""Fixtures for integration tests against a private, real containerd (``podshim_lab``).
 
 Every test below this directory is marked ``integration`` and skipped (with the
 reason) unless we are root and containerd, ctr and runc are installed.  Each
@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from podshim.lab import Containerd
+from podshim_lab import Containerd
 
 HERE = Path(__file__).resolve().parent
 REQUIRED_BINARIES = ("containerd", "ctr", "runc")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from podshim.lab import Containerd, wait_for
+from podshim_lab import Containerd, wait_for
 
 if TYPE_CHECKING:
     from tests.integration.criutil import CRI_NAMESPACE, DEADLINE

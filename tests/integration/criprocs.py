@@ -9,7 +9,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from podshim.lab.procfs import ProcStat, process_table, read_stat
+from podshim_lab.procfs import ProcStat, process_table, read_stat
 
 
 def ns_of(pid: int, kind: str) -> str:

@@ -8,7 +8,7 @@ runtime handlers on the same instance:
   file that keeps runc's state below the lab's state dir.
 
 The pause and busybox images are imported into ``k8s.io``. :class:`CriLab` creates pods
-and containers through the CRI client of ``podshim.lab.cri`` and remembers everything that
+and containers through the CRI client of ``podshim_lab.cri`` and remembers everything that
 belongs to them (processes with their start times, ids); the per-test fixture stops and
 removes every pod the test made and asserts nothing of them is left (process, live or
 zombie; mount or pin under ``/run/podshim/pods``; cgroup; shim socket; bundle; runtime
@@ -37,9 +37,10 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from podshim.lab import Containerd, RuntimeHandler, wait_for
-from podshim.lab.cleanup import cgroup_dirs, mounts_under, unmount_under
-from podshim.lab.cri.client import (
+from podshim.shim import paths as shim_paths
+from podshim_lab import Containerd, RuntimeHandler, wait_for
+from podshim_lab.cleanup import cgroup_dirs, mounts_under, unmount_under
+from podshim_lab.cri.client import (
     ContainerInfo,
     CriClient,
     CriError,
@@ -49,8 +50,7 @@ from podshim.lab.cri.client import (
     api,
     resources,
 )
-from podshim.lab.procfs import ProcStat, descendants, process_table, read_stat
-from podshim.shim import paths as shim_paths
+from podshim_lab.procfs import ProcStat, descendants, process_table, read_stat
 
 if TYPE_CHECKING:
     from tests.integration.criprocs import alive, describe

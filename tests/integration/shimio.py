@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from google.protobuf.message import Message
 
-from podshim.lab import Containerd, wait_for
 from podshim.ttrpc.client import call_sync
+from podshim_lab import Containerd, wait_for
 
 if TYPE_CHECKING:
     from tests.integration.shimutil import DEADLINE

@@ -1,7 +1,7 @@
 """Shared helpers for the podshim integration tests (``test_shim_*.py``).
 
 Everything here drives the *real* pieces: a private lab containerd
-(:class:`podshim.lab.Containerd`) whose PATH holds ``containerd-shim-podshim-v1``,
+(:class:`podshim_lab.Containerd`) whose PATH holds ``containerd-shim-podshim-v1``,
 ``ctr``, runc and the shim's own ttrpc socket. Every wait is a poll with a generous
 deadline, never a fixed sleep, so the tests stay deterministic on a loaded machine.
 
@@ -12,6 +12,11 @@ the same time.
 
 The ``ctr events`` stream, the pty for ``ctr -t`` and direct ttrpc calls to a shim are
 in ``shimio``.
+
+The fixtures here are taken by a test module under the names its tests use, e.g.::
+
+    lab = su.module_lab  # or su.fresh_lab
+    ids = su.ids
 """
 
 from __future__ import annotations
@@ -27,10 +32,12 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from podshim.lab import Containerd, wait_for
-from podshim.lab.cleanup import mounts_under
-from podshim.lab.procfs import ProcStat, descendants, read_stat
+import pytest
+
 from podshim.shim import paths as shim_paths
+from podshim_lab import Containerd, wait_for
+from podshim_lab.cleanup import mounts_under
+from podshim_lab.procfs import ProcStat, descendants, read_stat
 
 RUNTIME = "io.containerd.podshim.v1"
 SHIM_BINARY = "containerd-shim-podshim-v1"
@@ -156,6 +163,36 @@ def close_lab(lab: Containerd) -> None:
             with contextlib.suppress(OSError):
                 parent.rmdir()
     assert not errors, "podshim lab teardown left things behind:\n" + "\n".join(errors)
+
+
+# -- fixtures ------------------------------------------------------------------------------
+
+
+def _lab_fixture() -> Iterator[Containerd]:
+    lab = open_lab()
+    try:
+        yield lab
+    finally:
+        close_lab(lab)
+
+
+@pytest.fixture(scope="module")
+def module_lab() -> Iterator[Containerd]:
+    """One lab (:func:`open_lab`) for a whole test module; :func:`close_lab` at its end."""
+    yield from _lab_fixture()
+
+
+@pytest.fixture
+def fresh_lab() -> Iterator[Containerd]:
+    """A new lab for each test, so process and fd counts start clean."""
+    yield from _lab_fixture()
+
+
+@pytest.fixture
+def ids(lab: Containerd) -> Iterator[list[str]]:
+    """Container ids a test creates; removed (kill, delete, rm) even if it fails."""
+    with containers(lab) as created:
+        yield created
 
 
 # -- ctr -----------------------------------------------------------------------------------

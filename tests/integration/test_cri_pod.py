@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from podshim.lab import wait_for
-from podshim.lab.cleanup import cgroup_dirs, mounts_under, remove_cgroup
-from podshim.lab.procfs import descendants, process_table, read_stat
+from podshim_lab import wait_for
+from podshim_lab.cleanup import cgroup_dirs, mounts_under, remove_cgroup
+from podshim_lab.procfs import descendants, process_table, read_stat
 
 if TYPE_CHECKING:
     from tests.integration import crievents as ce

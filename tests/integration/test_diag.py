@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from podshim.diag.registry import registry_dir
-from podshim.lab import wait_for
+from podshim_lab import wait_for
 
 if TYPE_CHECKING:
     from tests.integration import criprocs as cp

@@ -33,10 +33,11 @@ from podshim.api.events import task_pb2 as events_pb2_task
 from podshim.api.services.ttrpc.events.v1 import events_pb2
 from podshim.api.task.v2 import shim_pb2
 from podshim.api.types import task_pb2 as types_pb2
-from podshim.lab import Containerd, wait_for
-from podshim.lab.procfs import read_stat
-from podshim.task.events import envelope_for, forward_sync
+from podshim.task.events import envelope_for
 from podshim.ttrpc.client import Client, call_sync
+from podshim_lab import Containerd, wait_for
+from podshim_lab.events import forward_sync
+from podshim_lab.procfs import read_stat
 
 DEADLINE = 120.0
 CALL_TIMEOUT = 30.0

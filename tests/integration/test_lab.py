@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from podshim.lab import (
+from podshim_lab import (
     DEFAULT_BUSYBOX_REF,
     Containerd,
     LabError,
@@ -30,13 +30,15 @@ from podshim.lab import (
     build_pause_image,
     wait_for,
 )
-from podshim.lab.cleanup import mounts_under
-from podshim.lab.config import LabPaths, render_cni_conflist, render_config
-from podshim.lab.procfs import ProcStat, descendants, read_stat
-from podshim.lab.subreaper import set_child_subreaper
+from podshim_lab.cleanup import mounts_under
+from podshim_lab.config import LabPaths, render_cni_conflist, render_config
+from podshim_lab.procfs import ProcStat, descendants, read_stat
+from podshim_lab.subreaper import set_child_subreaper
 
 DEADLINE = 120.0
-SRC = str(Path(__file__).resolve().parents[2] / "src")
+ROOT = Path(__file__).resolve().parents[2]
+#: PYTHONPATH of the child Pythons: both distributions' sources (podshim, podshim_lab)
+SRC = os.pathsep.join(str(ROOT / d) for d in ("src", "lab/src"))
 
 
 def alive(stat: ProcStat) -> bool:
@@ -89,10 +91,10 @@ def reap_nohang(pid: int) -> tuple[int, int] | None:
 
 
 def run_subreaper(*args: str) -> subprocess.Popen[str]:
-    """Start ``python -m podshim.lab.subreaper args...`` directly."""
+    """Start ``python -m podshim_lab.subreaper args...`` directly."""
     env = dict(os.environ, PYTHONPATH=SRC)
     return subprocess.Popen(
-        [sys.executable, "-m", "podshim.lab.subreaper", *args],
+        [sys.executable, "-m", "podshim_lab.subreaper", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
@@ -384,7 +386,7 @@ def test_containerd_cri_fixture(containerd_cri: Containerd) -> None:
 
 OWNER_SCRIPT = """
 import json, time
-from podshim.lab import Containerd
+from podshim_lab import Containerd
 lab = Containerd()
 lab.start()
 lab.ctr("run", "-d", lab.ensure_busybox(), "o1", "sleep", "1000")

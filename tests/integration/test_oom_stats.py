@@ -29,13 +29,13 @@ import pytest
 from podshim import errors as errdefs
 from podshim.cgroups import mode
 from podshim.cgroups.stats import Metrics, metrics_for_cgroups_path, unpack
-from podshim.host.contract import NoneHost
-from podshim.lab import wait_for
-from podshim.lab.cleanup import remove_cgroup
+from podshim.host.none import NoneHost
 from podshim.linux.reaper import Reaper
 from podshim.pod.sandbox import SandboxTask
 from podshim.task.contract import ShimContext
-from podshim.task.events import RecordingPublisher
+from podshim_lab import wait_for
+from podshim_lab.cleanup import remove_cgroup
+from tests.unit.fakes import RecordingPublisher
 
 if TYPE_CHECKING:
     from tests.integration import crievents as ce

@@ -36,10 +36,10 @@ from google.protobuf import any_pb2
 
 from podshim.api.runtimeoptions.v1 import api_pb2 as ro_pb2
 from podshim.api.task.v2 import shim_pb2 as pb
-from podshim.lab import wait_for
-from podshim.service.tasks import TEST_CRASH_ENV
-from podshim.shim.delete import PANIC_FILE
+from podshim.oci.bundle import PANIC as PANIC_FILE
 from podshim.ttrpc.client import call_sync
+from podshim_lab import wait_for
+from podshim_lab.faults import crash_env
 
 if TYPE_CHECKING:
     from tests.integration import criutil as cu
@@ -62,15 +62,17 @@ def cri_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[cu.CriLab]:
     armed for containers named :data:`CRASH_NAME`."""
     if not any(Path(p).is_file() for p in ("/bin/busybox", "/usr/bin/busybox")):
         pytest.skip("busybox not installed (apt-get install busybox-static)")
-    old = os.environ.get(TEST_CRASH_ENV)
-    os.environ[TEST_CRASH_ENV] = CRASH_NAME  # containerd's environment is taken at start
+    armed = crash_env(CRASH_NAME)
+    old = {k: os.environ.get(k) for k in armed}
+    os.environ.update(armed)  # containerd's environment is taken at start
     try:
         lab, crilab = cu.open_cri_lab(tmp_path_factory.mktemp("podshim-oom-stats"))
     finally:
-        if old is None:
-            os.environ.pop(TEST_CRASH_ENV, None)
-        else:
-            os.environ[TEST_CRASH_ENV] = old
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     try:
         yield crilab
     finally:
@@ -255,9 +257,9 @@ def test_crashed_pod_shim_leaves_panic_log_in_the_sandbox_bundle() -> None:
         listener.bind(sock_path)
         listener.listen(16)
         env = {k: v for k, v in os.environ.items() if k != "TTRPC_ADDRESS"}
-        env[TEST_CRASH_ENV] = sid
+        env.update(crash_env(sid))
         # below a child subreaper, which reaps the shim's orphans (its anchor) when it dies
-        argv = [sys.executable, "-m", "podshim.lab.subreaper", "--",
+        argv = [sys.executable, "-m", "podshim_lab.subreaper", "--",
                 SHIM, "-namespace", ns, "-id", sid, "-bundle", str(sb), "-socket", sock_path]  # fmt: skip
         with open(work / "stderr", "wb") as err:
             pid = _spawn_daemon(argv, env, listener, err.fileno())

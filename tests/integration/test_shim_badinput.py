@@ -18,8 +18,8 @@ from google.protobuf.message import Message
 
 from podshim import errors as errdefs
 from podshim.api.task.v2 import shim_pb2 as pb
-from podshim.lab import Containerd, wait_for
-from podshim.lab.procfs import ProcStat, read_stat
+from podshim_lab import Containerd, wait_for
+from podshim_lab.procfs import ProcStat, read_stat
 
 if TYPE_CHECKING:
     from tests.integration import shimio as si
@@ -61,13 +61,8 @@ class Keeper:
         assert (st.pid, st.status) == (self.pid, 2)  # RUNNING
 
 
-@pytest.fixture(scope="module")
-def lab() -> Iterator[Containerd]:
-    c = su.open_lab()
-    try:
-        yield c
-    finally:
-        su.close_lab(c)
+# the fixtures (shimutil): one lab for the whole module
+lab = su.module_lab
 
 
 @pytest.fixture(scope="module")

@@ -16,14 +16,14 @@ import stat
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 
-from podshim.lab import Containerd, wait_for
 from podshim.oci import runc as shim_runc
+from podshim.oci.runtime import RuntimeConfig
+from podshim_lab import Containerd, wait_for
 
 if TYPE_CHECKING:
     from tests.integration import shimutil as su
@@ -35,19 +35,9 @@ pytestmark = pytest.mark.timeout(300)
 CRUN_HYBRID_REASON = "crun 1.8: cgroups in hybrid mode not supported"
 
 
-@pytest.fixture(scope="module")
-def lab() -> Iterator[Containerd]:
-    c = su.open_lab()
-    try:
-        yield c
-    finally:
-        su.close_lab(c)
-
-
-@pytest.fixture
-def ids(lab: Containerd) -> Iterator[list[str]]:
-    with su.containers(lab) as created:
-        yield created
+# the fixtures (shimutil): one lab for the whole module, per-test container cleanup
+lab = su.module_lab
+ids = su.ids
 
 
 def write_wrapper(directory: Path, runtime: str) -> tuple[Path, Path]:
@@ -232,7 +222,8 @@ _PROBE = textwrap.dedent(
     import asyncio, json, os, sys
     from podshim import errors
     from podshim.linux.reaper import Reaper
-    from podshim.oci.runc import Runc, RuntimeConfig
+    from podshim.oci.runc import Runc
+    from podshim.oci.runtime import RuntimeConfig
 
     async def main() -> None:
         binary, root, work, systemd = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
@@ -305,7 +296,7 @@ def need_crun() -> None:
 
 def test_runc_argv_builders_are_crun_compatible(tmp_path: Path) -> None:
     need_crun()
-    cfg = shim_runc.RuntimeConfig(binary="crun", root="/run/x", systemd_cgroup=True)
+    cfg = RuntimeConfig(binary="crun", root="/run/x", systemd_cgroup=True)
     head = shim_runc.global_args(cfg, "ns1", "/b/log.json")
     assert head == [
         "crun",
@@ -317,7 +308,7 @@ def test_runc_argv_builders_are_crun_compatible(tmp_path: Path) -> None:
         "json",
         "--systemd-cgroup",
     ]
-    cfg2 = shim_runc.RuntimeConfig(binary="crun", no_pivot_root=True, no_new_keyring=True)
+    cfg2 = RuntimeConfig(binary="crun", no_pivot_root=True, no_new_keyring=True)
     assert shim_runc.create_args(cfg2, "c1", "/b", "/b/init.pid", "/s.sock") == [
         "create", "--bundle", "/b", "--pid-file", "/b/init.pid",
         "--console-socket", "/s.sock", "--no-pivot", "--no-new-keyring", "c1",

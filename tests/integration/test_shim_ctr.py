@@ -11,14 +11,13 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import pytest
 from google.protobuf import empty_pb2
 
 from podshim.api.task.v2 import shim_pb2
-from podshim.lab import Containerd, wait_for
+from podshim_lab import Containerd, wait_for
 
 if TYPE_CHECKING:
     from tests.integration import shimio as si
@@ -30,21 +29,9 @@ else:  # pytest puts this directory (it has no __init__.py) on sys.path
 pytestmark = pytest.mark.timeout(300)
 
 
-@pytest.fixture(scope="module")
-def lab() -> Iterator[Containerd]:
-    """One private containerd (own namespace) for the whole module."""
-    c = su.open_lab()
-    try:
-        yield c
-    finally:
-        su.close_lab(c)
-
-
-@pytest.fixture
-def ids(lab: Containerd) -> Iterator[list[str]]:
-    """Container ids a test creates; removed (kill, delete, rm) even if it fails."""
-    with su.containers(lab) as created:
-        yield created
+# the fixtures (shimutil): one lab for the whole module, per-test container cleanup
+lab = su.module_lab
+ids = su.ids
 
 
 # -- ctr run: stdio and exit codes ---------------------------------------------------------

@@ -10,14 +10,13 @@ import os
 import re
 import subprocess
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import pytest
 
-from podshim.lab import Containerd, WaitTimeout, wait_for
-from podshim.lab.procfs import descendants, read_stat
+from podshim_lab import Containerd, WaitTimeout, wait_for
+from podshim_lab.procfs import descendants, read_stat
 
 if TYPE_CHECKING:
     from tests.integration import shimutil as su
@@ -25,14 +24,8 @@ else:  # pytest puts this directory (it has no __init__.py) on sys.path
     import shimutil as su
 
 
-@pytest.fixture
-def lab() -> Iterator[Containerd]:
-    """A fresh private containerd per test: process and fd counts start clean."""
-    c = su.open_lab()
-    try:
-        yield c
-    finally:
-        su.close_lab(c)
+# the fixture (shimutil): a fresh lab per test, so process and fd counts start clean
+lab = su.fresh_lab
 
 
 @pytest.mark.timeout(300)

@@ -7,13 +7,12 @@ from __future__ import annotations
 import functools
 import os
 import signal
-from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import pytest
 
-from podshim.lab import Containerd, wait_for
-from podshim.lab.procfs import descendants, read_stat
+from podshim_lab import Containerd, wait_for
+from podshim_lab.procfs import descendants, read_stat
 
 if TYPE_CHECKING:
     from tests.integration import shimio as si
@@ -25,13 +24,8 @@ else:  # pytest puts this directory (it has no __init__.py) on sys.path
 pytestmark = pytest.mark.timeout(300)
 
 
-@pytest.fixture
-def lab() -> Iterator[Containerd]:
-    c = su.open_lab()
-    try:
-        yield c
-    finally:
-        su.close_lab(c)
+# the fixture (shimutil): a fresh lab per test, so process and fd counts start clean
+lab = su.fresh_lab
 
 
 def others_below_lab(lab: Containerd) -> list[tuple[int, str]]:

@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from podshim.lab import Containerd, RuntimeHandler, wait_for
 from podshim.ttrpc.client import call_sync
+from podshim_lab import Containerd, RuntimeHandler, wait_for
 
 if TYPE_CHECKING:
     from opentelemetry.proto.common.v1.common_pb2 import AnyValue

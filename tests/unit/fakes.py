@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 from google.protobuf import any_pb2
+from google.protobuf.message import Message
 
 from podshim import errors as errdefs
+from podshim.host.contract import Workload, WorkloadRequest
+from podshim.host.control import ExecControl
+from podshim.host.local import LocalWorkloads, MakeWorkload
+from podshim.task.contract import ShimContext
+from podshim.task.events import topic_for
 
 
 class FakeHost:
@@ -15,8 +22,16 @@ class FakeHost:
 
     kind = "fake"
 
-    def __init__(self, types: tuple[str, ...] = ("network", "ipc", "uts", "pid")) -> None:
+    def __init__(
+        self,
+        types: tuple[str, ...] = ("network", "ipc", "uts", "pid"),
+        make: MakeWorkload | None = None,
+    ) -> None:
         self.types = types
+        #: what create_workload makes: fake containers unless told otherwise
+        sandbox = {"linux": {"namespaces": [{"type": t} for t in (*types, "mount")]}}
+        self.workloads = LocalWorkloads(self, sandbox, make or make_fake_workload)
+        self.controls: list[ExecControl] = []
         self.created = False
         self.closes = 0
         self._died: asyncio.Future[int] | None = None
@@ -55,9 +70,22 @@ class FakeHost:
         self.closes += 1
         self._closed.set()
 
+    async def create_workload(self, ctx: ShimContext, req: WorkloadRequest) -> Workload:
+        return await self.workloads.create(ctx, req)
+
     async def exec_in_host(
-        self, args: list[str], stdin: str, stdout: str, stderr: str, terminal: bool
+        self,
+        args: list[str],
+        stdin: str,
+        stdout: str,
+        stderr: str,
+        terminal: bool,
+        control: ExecControl | None = None,
     ) -> int:
+        control = control or ExecControl()
+        self.controls.append(control)
+        control.attach(4242, lambda sig: None, lambda w, h: None)
+        control.detach()
         return 0
 
     async def dump_stacks(self) -> str:
@@ -68,6 +96,37 @@ class FakeHost:
 
     async def stats(self) -> any_pb2.Any | None:
         return None
+
+
+class FakeWorkload:
+    """A workload as a local host makes it: records its (rewritten) spec and signals."""
+
+    def __init__(self, req: WorkloadRequest, spec: dict[str, Any]) -> None:
+        self.id, self.bundle, self.spec, self.pid = req.id, req.bundle, spec, 0
+        self.memory_cgroup = ""
+        self.running = False
+        self.killed: list[tuple[int, bool]] = []
+        self.failed: list[BaseException] = []
+
+    async def create(self) -> None:
+        self.pid = 900 + len(self.id)
+        self.running = True
+
+    async def kill(self, exec_id: str, signal: int, all_: bool) -> None:
+        self.killed.append((signal, all_))
+
+    def fail(self, why: BaseException) -> None:
+        self.failed.append(why)
+        self.running = False
+
+    def metrics(self) -> Any:
+        raise errdefs.NotFound(f"fake workload {self.id}: no metrics")
+
+
+async def make_fake_workload(ctx: ShimContext, req: WorkloadRequest, spec: dict[str, Any]) -> Any:
+    w = FakeWorkload(req, spec)
+    await w.create()
+    return w
 
 
 class FakeTask:
@@ -170,3 +229,45 @@ class FakeTask:
     def resize(self, exec_id: str, width: int, height: int) -> None:
         self._p(exec_id)
         raise errdefs.FailedPrecondition("not a tty")
+
+
+class RecordingPublisher:
+    """A :class:`Publisher` fake for unit tests of the shim: it records ``(topic, event)``.
+
+    Events are copied at ``publish`` time (as the real publisher serializes them then),
+    so later changes to the message are not seen. Unlike the real publishers, a strict
+    recorder (the default) raises :class:`TypeError` for an event type without a topic,
+    so that such a bug fails the test that triggers it.
+    """
+
+    def __init__(self, *, strict: bool = True) -> None:
+        self.strict = strict
+        self.events: list[tuple[str, Message]] = []
+        self.closed = False
+
+    def publish(self, event: Message) -> None:
+        """Record ``(topic, copy of event)``; ignored after :meth:`close`."""
+        topic = topic_for(event)
+        if topic is None:
+            if self.strict:
+                raise TypeError(f"no event topic for {type(event).__name__}")
+            logging.getLogger("podshim.tests").error("events: no topic for %s; dropped", type(event).__name__)
+            return
+        if self.closed:
+            return
+        copy = type(event)()
+        copy.CopyFrom(event)
+        self.events.append((topic, copy))
+
+    @property
+    def topics(self) -> list[str]:
+        """The recorded topics, in publish order."""
+        return [t for t, _ in self.events]
+
+    async def flush(self, timeout: float) -> bool:
+        """Recording is synchronous: always True."""
+        return True
+
+    async def close(self, timeout: float) -> None:
+        """Stop recording."""
+        self.closed = True

@@ -146,11 +146,10 @@ def test_signal_reaches_the_process_group(tmp_path: Path) -> None:
         async with pod_host(tmp_path) as host:
             io = Fifos(tmp_path / "io")
             c = ExecControl("sig1")
-            with c.bound():
-                call = asyncio.create_task(host.exec_in_host(
-                    ["sh", "-c", "trap 'echo got-int; exit 3' INT; echo ready; " + WAIT],
-                    "", io.stdout, "", False,
-                ))  # fmt: skip
+            call = asyncio.create_task(host.exec_in_host(
+                ["sh", "-c", "trap 'echo got-int; exit 3' INT; echo ready; " + WAIT],
+                "", io.stdout, "", False, c,
+            ))  # fmt: skip
             await io.wait("ready")
             c.signal(signal.SIGINT)  # the group: sleep dies too, the trap runs at once
             assert await asyncio.wait_for(call, 20) == 3
@@ -166,10 +165,9 @@ def test_cancelled_call_kills_and_leftovers_die_with_the_leader(tmp_path: Path) 
         async with pod_host(tmp_path) as host:
             io = Fifos(tmp_path / "io")
             c = ExecControl("k1")
-            with c.bound():
-                call = asyncio.create_task(
-                    host.exec_in_host(["sleep", "300"], "", io.stdout, "", False)
-                )
+            call = asyncio.create_task(
+                host.exec_in_host(["sleep", "300"], "", io.stdout, "", False, c)
+            )
             pid = await attached(c)
             call.cancel()
             with pytest.raises(asyncio.CancelledError):
@@ -193,10 +191,9 @@ def test_terminal_size_resize_and_ctrl_c(tmp_path: Path) -> None:
         async with pod_host(tmp_path) as host:
             io = Fifos(tmp_path / "io")
             c = ExecControl("t1", width=100, height=40)
-            with c.bound():
-                call = asyncio.create_task(
-                    host.exec_in_host(["sh", "-c", script], io.stdin, io.stdout, "", True)
-                )
+            call = asyncio.create_task(
+                host.exec_in_host(["sh", "-c", script], io.stdin, io.stdout, "", True, c)
+            )
             out = await io.wait("ready")
             assert re.search(r"/dev/pts/\d+\r\n40 100\r\n", out), out
             c.resize(120, 50)
@@ -215,10 +212,9 @@ def test_the_host_closing_kills_a_running_exec(tmp_path: Path) -> None:
         async with pod_host(tmp_path) as host:
             io = Fifos(tmp_path / "io")
             c = ExecControl("h1")
-            with c.bound():
-                call = asyncio.create_task(
-                    host.exec_in_host(["sleep", "300"], "", io.stdout, "", False)
-                )
+            call = asyncio.create_task(
+                host.exec_in_host(["sleep", "300"], "", io.stdout, "", False, c)
+            )
             await attached(c)
             await host.close()  # the cgroup can go: the exec is dead by then
             assert await asyncio.wait_for(call, 20) == 128 + signal.SIGKILL
@@ -233,23 +229,21 @@ def test_bad_requests(tmp_path: Path) -> None:
         async with pod_host(tmp_path) as host:
             with pytest.raises(errdefs.InvalidArgument, match="no command"):
                 await host.exec_in_host([], "", "", "", False)
-            with (
-                ExecControl(env=("NOEQUALS",)).bound(),
-                pytest.raises(errdefs.InvalidArgument, match="environment"),
-            ):
-                await host.exec_in_host(["true"], "", "", "", False)
-            with (
-                ExecControl(workdir="/nonexistent-dir").bound(),
-                pytest.raises(errdefs.InvalidArgument, match="cannot start"),
-            ):
-                await host.exec_in_host(["true"], "", "", "", False)
+            with pytest.raises(errdefs.InvalidArgument, match="environment"):
+                await host.exec_in_host(
+                    ["true"], "", "", "", False, ExecControl(env=("NOEQUALS",))
+                )
+            with pytest.raises(errdefs.InvalidArgument, match="cannot start"):
+                await host.exec_in_host(
+                    ["true"], "", "", "", False, ExecControl(workdir="/nonexistent-dir")
+                )
             with pytest.raises(errdefs.InvalidArgument, match="stdio"):
                 await host.exec_in_host(["true"], "", str(tmp_path / "no-fifo"), "", False)
             io = Fifos(tmp_path / "io")
-            with ExecControl(env=("GREETING=hi there",), workdir="/tmp").bound():
-                code = await host.exec_in_host(
-                    ["sh", "-c", 'echo "$GREETING" "$PWD" "$TERM"'], "", io.stdout, "", False
-                )
+            control = ExecControl(env=("GREETING=hi there",), workdir="/tmp")
+            code = await host.exec_in_host(
+                ["sh", "-c", 'echo "$GREETING" "$PWD" "$TERM"'], "", io.stdout, "", False, control
+            )
             assert (code, io.read(io.out)) == (0, "hi there /tmp \n")  # no TERM without a tty
             assert await host.exec_in_host(["no-such-cmd"], "", "", io.stderr, False) == 127
 
@@ -264,7 +258,7 @@ def test_a_process_that_cannot_join_the_cgroup_never_runs(tmp_path: Path) -> Non
             target = nsexec.Target("p1", reaper, cgroup_procs=(str(tmp_path / "x/cgroup.procs"),))
             with pytest.raises(errdefs.Internal, match="cannot join the pod's cgroup"):
                 await nsexec.exec_in_host(
-                    target, ["touch", str(tmp_path / "ran")], "", "", "", False
+                    target, ["touch", str(tmp_path / "ran")], "", "", "", False, ExecControl()
                 )
             assert not (tmp_path / "ran").exists()
         finally:

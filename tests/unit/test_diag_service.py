@@ -23,18 +23,19 @@ from podshim.cgroups.stats import pack, unpack
 from podshim.diag.registry import entry_name
 from podshim.diag.service import SERVICE, DiagService
 from podshim.diag.shim import ShimDiag
-from podshim.host.contract import Host, NoneHost
+from podshim.host.contract import Host
 from podshim.host.control import ExecControl
+from podshim.host.none import NoneHost
 from podshim.linux.reaper import Reaper
 from podshim.pod.pod import Pod
 from podshim.service.tasks import TaskService
 from podshim.shim.flags import Flags
 from podshim.task.contract import ExitInfo, ProcessState, ShimContext
-from podshim.task.events import RecordingPublisher
 from podshim.task.states import Status
 from podshim.ttrpc.client import Client
 from podshim.ttrpc.server import Server
 from podshim.ttrpc.services import CallContext, bind
+from tests.unit.fakes import RecordingPublisher
 
 from .fakes import FakeHost
 
@@ -109,9 +110,9 @@ def add(svc: TaskService, task: FakeTask) -> FakeTask:
     return task
 
 
-def release(svc: TaskService) -> None:
+async def release(svc: TaskService) -> None:
     if svc.pod is not None:
-        svc.pod.release()
+        await svc.pod.release()
 
 
 def test_tasks_is_the_shims_own_view_with_execs() -> None:
@@ -134,7 +135,7 @@ def test_tasks_is_the_shims_own_view_with_execs() -> None:
         resp = await diag.Tasks(pb.TasksRequest(execs=True), CTX)
         execs = [(x.id, x.state, x.pid, x.exit_status) for x in resp.tasks[0].execs]
         assert execs == [("e1", "running", 601, 0), ("e2", "stopped", 602, 3)]
-        release(svc)
+        await release(svc)
 
     run(main)
 
@@ -168,7 +169,7 @@ def test_stacks_show_every_asyncio_task_thread_and_the_host() -> None:
         assert "diag-test-thread" in resp.stacks and "in parked_thread" in resp.stacks
         assert "MainThread" in resp.stacks
         assert resp.host_stacks == "guest stacks here"
-        release(svc)
+        await release(svc)
 
     run(main)
 
@@ -195,7 +196,7 @@ def test_pod_rpcs_need_a_pod_and_a_host_that_can() -> None:
             await diag.Share(pb.ShareRequest(host_path="/a", pod_path="/b", read_only=True), CTX)
         with pytest.raises(errdefs.InvalidArgument):
             await diag.Share(pb.ShareRequest(host_path="/a"), CTX)
-        release(svc)
+        await release(svc)
 
     run(main)
 
@@ -205,16 +206,21 @@ class ExecHost(FakeHost):
 
     def __init__(self) -> None:
         super().__init__()
-        self.controls: list[ExecControl] = []
         self.calls: list[tuple[Any, ...]] = []
         self.signals: list[int] = []
         self.sizes: list[tuple[int, int]] = []
         self.release = asyncio.Event()
 
     async def exec_in_host(
-        self, args: list[str], stdin: str, stdout: str, stderr: str, terminal: bool
+        self,
+        args: list[str],
+        stdin: str,
+        stdout: str,
+        stderr: str,
+        terminal: bool,
+        control: ExecControl | None = None,
     ) -> int:
-        control = ExecControl.current()
+        assert control is not None  # the Diag service always passes its control
         self.controls.append(control)
         self.calls.append((args, stdin, stdout, stderr, terminal))
         control.attach(4242, self.signals.append, lambda w, h: self.sizes.append((w, h)))
@@ -258,16 +264,13 @@ def test_exec_in_host_options_signal_and_resize_reach_the_host() -> None:
         with pytest.raises(errdefs.InvalidArgument, match="no command"):
             await diag.ExecInHost(pb.ExecInHostRequest(), CTX)
         assert not diag.execs
-        release(svc)
+        await release(svc)
 
     run(main)
 
 
 def test_control_keeps_early_signals_and_refuses_after_exit() -> None:
     c = ExecControl("e")
-    assert ExecControl.current().exec_id == ""  # nothing bound: a default control
-    with c.bound():
-        assert ExecControl.current() is c
     c.signal(2)  # the process is starting: kept for it
     c.signal(15)
     c.resize(10, 5)
@@ -294,7 +297,7 @@ def test_stats_per_task_and_the_pods_figure() -> None:
         resp = await DiagService(svc).Stats(pb.StatsRequest(), CTX)
         assert [t.id for t in resp.tasks] == ["c1", "pod1"]
         assert resp.stats == resp.tasks[1].stats  # the sandbox's Stats is the pod's
-        release(svc)
+        await release(svc)
 
         svc = await shim(pod=False)  # a shim of standalone containers: their sum
         add(svc, FakeTask("c1", Status.RUNNING, 501)).stats_value = metrics(10 << 20, 2)
@@ -341,7 +344,7 @@ def test_diag_over_ttrpc_and_the_entry_follows_the_pod(
         diag.unregister()
         assert not entry.exists()
         await server.shutdown(grace=0)
-        release(other)
+        await release(other)
 
     run(main)
 

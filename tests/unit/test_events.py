@@ -19,19 +19,18 @@ from google.protobuf.message import Message
 from podshim import errors as errdefs
 from podshim.api.events import task_pb2
 from podshim.api.services.ttrpc.events.v1 import events_pb2
+from podshim.service.publisher import ForwardPublisher, publisher_from_env
 from podshim.task.events import (
     EVENTS_SERVICE,
     TOPICS,
-    ForwardPublisher,
     NullPublisher,
     Publisher,
-    RecordingPublisher,
     envelope_for,
-    publisher_from_env,
     topic_for,
 )
 from podshim.ttrpc.server import Server
 from podshim.ttrpc.services import CallContext, bind
+from tests.unit.fakes import RecordingPublisher
 
 NS = "k8s.io"
 DEADLINE = 20.0  # generous: conditions are polled, never assumed after a fixed sleep

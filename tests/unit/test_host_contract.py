@@ -14,7 +14,8 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from podshim import errors as errdefs
-from podshim.host.contract import Host, NoneHost
+from podshim.host.contract import Host
+from podshim.host.none import NoneHost
 
 from .fakes import FakeHost
 

@@ -22,7 +22,7 @@ from podshim.api.task.v2 import shim_pb2 as pb
 from podshim.linux.reaper import Reaper
 from podshim.service.tasks import TaskService
 from podshim.task.contract import ShimContext
-from podshim.task.events import RecordingPublisher
+from tests.unit.fakes import RecordingPublisher
 
 TIME = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z"
 

@@ -18,12 +18,15 @@ from typing import Any
 
 import pytest
 
-from podshim import logs
+from podshim.jobs import JobGroup
 from podshim.linux.reaper import Reaper
-from podshim.service.tasks import TEST_CRASH_ENV, DeliberateCrash, TaskService
-from podshim.shim import daemon, delete
+from podshim.oci import bundle as files
+from podshim.service.tasks import TaskService
+from podshim.shim import daemon, panic
 from podshim.task.contract import ShimContext
-from podshim.task.events import RecordingPublisher
+from podshim_lab.faults import CRASH_ENV as TEST_CRASH_ENV
+from podshim_lab.faults import DeliberateCrash, crash_after_create
+from tests.unit.fakes import RecordingPublisher
 
 SHIM = str(Path(sys.executable).parent / "containerd-shim-podshim-v1")
 T = "io.kubernetes.cri.container-type"
@@ -58,9 +61,9 @@ def run_delete(b: Path, tid: str) -> subprocess.CompletedProcess[bytes]:
 
 
 def test_write_panic_appends_the_traceback(tmp_path: Path) -> None:
-    path = logs.write_panic(str(tmp_path), failure("first"))
-    assert path == str(tmp_path / delete.PANIC_FILE)
-    logs.write_panic(str(tmp_path), failure("second"))
+    path = panic.write_panic(str(tmp_path), failure("first"))
+    assert path == str(tmp_path / files.PANIC)
+    panic.write_panic(str(tmp_path), failure("second"))
     text = Path(path).read_text()
     assert text.count("Traceback (most recent call last):") == 2
     assert f"(pid {os.getpid()}) crashed at " in text
@@ -69,7 +72,7 @@ def test_write_panic_appends_the_traceback(tmp_path: Path) -> None:
 
 
 def test_write_panic_never_raises(tmp_path: Path) -> None:
-    assert logs.write_panic(str(tmp_path / "no" / "such" / "dir"), failure()) is None
+    assert panic.write_panic(str(tmp_path / "no" / "such" / "dir"), failure()) is None
 
 
 def test_crash_goes_to_the_sandbox_bundle_else_the_first_task(tmp_path: Path) -> None:
@@ -84,7 +87,7 @@ def test_crash_goes_to_the_sandbox_bundle_else_the_first_task(tmp_path: Path) ->
     (tmp_path / "sandbox").mkdir()
     crash.record(failure("once"))
     crash.record(failure("twice"))  # recorded once
-    text = (tmp_path / "sandbox" / delete.PANIC_FILE).read_text()
+    text = (tmp_path / "sandbox" / files.PANIC).read_text()
     assert "RuntimeError: once" in text and "twice" not in text
 
 
@@ -108,11 +111,12 @@ def hook_fires(tid: str, spec: dict[str, Any]) -> BaseException | None:
     hook started nothing)."""
 
     async def main() -> BaseException | None:
-        service = TaskService(ShimContext("k8s.io", Reaper(), RecordingPublisher()), lambda: None)
         got: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
-        service.on_fatal = got.set_result
-        service._test_crash_hook(tid, spec)
-        if not service._background:
+        jobs = JobGroup("daemon", on_failure=lambda exc, _job: got.set_result(exc))
+        ctx = ShimContext("k8s.io", Reaper(), RecordingPublisher(), jobs=jobs)
+        service = TaskService(ctx, lambda: None)
+        crash_after_create(service, tid, spec)
+        if not len(jobs):
             return None
         return await asyncio.wait_for(got, 30)
 
@@ -140,22 +144,22 @@ def test_hook_is_inert_otherwise(crash_env: None, monkeypatch: pytest.MonkeyPatc
 
 def test_relay_is_limited_to_one_mib(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     big = b"".join(b"%06d\n" % i for i in range(3 * (1 << 20) // 7))  # ~3 MiB, cut mid-line
-    (tmp_path / delete.PANIC_FILE).write_bytes(big)
-    assert delete.relay_panic(str(tmp_path), "sb1") == delete.PANIC_RELAY_LIMIT
+    (tmp_path / files.PANIC).write_bytes(big)
+    assert panic.relay_panic(str(tmp_path), "sb1") == panic.PANIC_RELAY_LIMIT
     err = capfd.readouterr().err
     head, _, body = err.partition(":\n")
     assert "podshim delete sb1: the shim serving this task crashed" in head
-    assert f"(first {delete.PANIC_RELAY_LIMIT} bytes)" in head
-    assert body.encode() == big[: delete.PANIC_RELAY_LIMIT] + b"\n"
-    assert (tmp_path / delete.PANIC_FILE).read_bytes() == big  # left in place
+    assert f"(first {panic.PANIC_RELAY_LIMIT} bytes)" in head
+    assert body.encode() == big[: panic.PANIC_RELAY_LIMIT] + b"\n"
+    assert (tmp_path / files.PANIC).read_bytes() == big  # left in place
 
 
 def test_relay_without_panic_log_says_nothing(
     tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    assert delete.relay_panic(str(tmp_path), "sb1") == 0
-    (tmp_path / delete.PANIC_FILE).write_bytes(b"")
-    assert delete.relay_panic(str(tmp_path), "sb1") == 0
+    assert panic.relay_panic(str(tmp_path), "sb1") == 0
+    (tmp_path / files.PANIC).write_bytes(b"")
+    assert panic.relay_panic(str(tmp_path), "sb1") == 0
     assert capfd.readouterr().err == ""
 
 
@@ -165,7 +169,7 @@ def test_sandbox_delete_relays_a_workload_delete_does_not(tmp_path: Path) -> Non
     solo = bundle(tmp_path, "solo")  # a task of a shim without a pod
     report = "podshim shim daemon (pid 1) crashed:\nTraceback (most recent call last):\nX: y\n"
     for b in (sb, wl, solo):
-        (b / delete.PANIC_FILE).write_text(report)
+        (b / files.PANIC).write_text(report)
 
     for b, tid in ((sb, "sb1"), (solo, "solo")):
         res = run_delete(b, tid)
@@ -178,4 +182,4 @@ def test_sandbox_delete_relays_a_workload_delete_does_not(tmp_path: Path) -> Non
     assert res.returncode == 0 and res.stdout
     assert b"panic" not in res.stderr and b"Traceback" not in res.stderr, res.stderr
     for b in (sb, wl, solo):
-        assert (b / delete.PANIC_FILE).read_text() == report  # nobody removes it
+        assert (b / files.PANIC).read_text() == report  # nobody removes it

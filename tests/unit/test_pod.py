@@ -12,33 +12,16 @@ import pytest
 
 from podshim import errors as errdefs
 from podshim.linux.reaper import Reaper
-from podshim.oci.runc import RuntimeConfig
+from podshim.oci.runtime import RuntimeConfig
 from podshim.pod.pod import Pod
 from podshim.task.contract import ShimContext
-from podshim.task.events import RecordingPublisher
 from podshim.task.states import Status
+from tests.unit.fakes import RecordingPublisher
 
 from .fakes import FakeHost
 
 T = "io.kubernetes.cri.container-type"
 S = "io.kubernetes.cri.sandbox-id"
-
-
-class FakeContainer:
-    """Records what it was created with; ``create`` succeeds."""
-
-    def __init__(self, ctx: ShimContext, tid: str, bundle: str, runtime: RuntimeConfig,
-                 spec: dict[str, Any], rootfs: Any, **stdio: Any) -> None:  # fmt: skip
-        self.id, self.spec, self.pid = tid, spec, 0
-        self.init = type("Init", (), {"status": Status.CREATED})()
-        self.killed: list[tuple[int, bool]] = []
-
-    async def create(self) -> None:
-        self.pid = 900 + len(self.id)
-        self.init.status = Status.RUNNING
-
-    async def kill(self, exec_id: str, signal: int, all_: bool) -> None:
-        self.killed.append((signal, all_))
 
 
 def run(fn: Callable[[], Awaitable[None]]) -> None:
@@ -73,7 +56,6 @@ async def make_pod(host: FakeHost | None = None) -> tuple[Pod, RecordingPublishe
     pub = RecordingPublisher()
     ctx = ShimContext("k8s.io", Reaper(), pub)
     pod = await Pod.create(ctx, "pod1", "/b/pod1", sandbox_spec(), "fake", host=host or FakeHost())
-    pod.make_container = FakeContainer  # type: ignore[assignment]
     return pod, pub
 
 
@@ -100,7 +82,7 @@ def test_workload_before_the_sandbox_runs_is_failed_precondition(tmp_path: Path)
         assert pod.sandbox is not None
         with pytest.raises(errdefs.FailedPrecondition, match="is created, not running"):
             await create(pod, "c1", workload(tmp_path / "c1", pod.sandbox.pid))
-        pod.release()
+        await pod.release()
 
     run(main)
 
@@ -126,7 +108,7 @@ def test_rewrite_is_written_to_the_bundle_and_checks_order(tmp_path: Path) -> No
             await create(pod, "c2", workload(tmp_path / "c2", sb.pid, pod="pod2"))
         with pytest.raises(errdefs.FailedPrecondition, match="annotations"):
             await create(pod, "c3", workload(tmp_path / "c3", sb.pid, kind="sandbox"))
-        pod.release()
+        await pod.release()
 
     run(main)
 
@@ -141,7 +123,7 @@ def test_foreign_namespace_is_refused_and_nothing_is_created(tmp_path: Path) -> 
         with pytest.raises(errdefs.InvalidArgument, match="not in this pod"):
             await create(pod, "evil", b)
         assert "evil" not in pod.workloads
-        pod.release()
+        await pod.release()
 
     run(main)
 
@@ -163,7 +145,7 @@ def test_debug_target_and_replacement_join_the_same_pod(tmp_path: Path) -> None:
         r = await create(pod, "c1-attempt1", workload(tmp_path / "r", sb.pid))
         assert r.spec["linux"]["namespaces"][1]["path"] == "/run/fake/ipc"
         assert sb.state("").status is Status.RUNNING  # the pod lives on
-        pod.release()
+        await pod.release()
 
     run(main)
 
@@ -179,7 +161,7 @@ def test_kill_all_on_the_sandbox_reaches_every_workload(tmp_path: Path) -> None:
         assert all(c.killed == [(9, True)] for c in cs)
         await sb.wait("")
         assert pub.topics[-1] == "/tasks/exit"
-        pod.release()
+        await pod.release()
 
     run(main)
 
@@ -201,6 +183,6 @@ def test_pid_namespace_init_only_when_shared(tmp_path: Path) -> None:
         assert host.init_pid == 4321
         assert c2.spec["linux"]["namespaces"][0]["path"] == "/run/fake/pid"
         assert await sb.pids() == [(4321, "")]
-        pod.release()
+        await pod.release()
 
     run(main)

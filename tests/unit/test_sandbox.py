@@ -10,12 +10,12 @@ from google.protobuf.message import Message
 
 from podshim import errors as errdefs
 from podshim.api.events import task_pb2 as ev
-from podshim.host.contract import NoneHost
+from podshim.host.none import NoneHost
 from podshim.linux.reaper import Reaper
 from podshim.pod.sandbox import SandboxTask
 from podshim.task.contract import ExecRequest, ShimContext
-from podshim.task.events import RecordingPublisher
 from podshim.task.states import Status
+from tests.unit.fakes import RecordingPublisher
 
 from .fakes import FakeHost
 

@@ -13,8 +13,8 @@ from podshim.api.task.v2 import shim_pb2 as pb
 from podshim.linux.reaper import Reaper
 from podshim.service.tasks import TaskService
 from podshim.task.contract import ShimContext
-from podshim.task.events import RecordingPublisher
 from podshim.ttrpc.services import CallContext
+from tests.unit.fakes import RecordingPublisher
 
 from .fakes import FakeTask
 

@@ -14,6 +14,7 @@ from podshim.api.runc.options import oci_pb2
 from podshim.api.runtimeoptions.v1 import api_pb2 as ro_pb2
 from podshim.logs import LogrusFormatter
 from podshim.oci import runc
+from podshim.oci.runtime import RuntimeConfig
 from podshim.service import config
 from podshim.shim import flags, paths
 from podshim.task.states import EXEC_TABLE, INIT_TABLE, Machine, Status
@@ -112,7 +113,7 @@ def test_every_row_leaves_from_a_live_state(table: dict[str, dict[Status, Status
 # -- runtime argv ------------------------------------------------------------------------
 @pytest.mark.parametrize("binary", ["runc", "crun", "/opt/bin/runc-wrapper"])
 def test_runtime_argv(binary: str) -> None:
-    cfg = runc.RuntimeConfig(binary=binary, root="/run/x", no_pivot_root=True)
+    cfg = RuntimeConfig(binary=binary, root="/run/x", no_pivot_root=True)
     g = runc.global_args(cfg, "ns", "/b/log.json")
     assert g == [binary, "--root", "/run/x/ns", "--log", "/b/log.json", "--log-format", "json"]
     assert runc.create_args(cfg, "c1", "/b", "/b/init.pid", "/s/c.sock") == [
@@ -124,7 +125,7 @@ def test_runtime_argv(binary: str) -> None:
     ]  # fmt: skip
     assert runc.kill_args("c1", 15, True) == ["kill", "--all", "c1", "15"]
     assert runc.delete_args("c1", True) == ["delete", "--force", "c1"]
-    systemd = runc.RuntimeConfig(binary=binary, systemd_cgroup=True)
+    systemd = RuntimeConfig(binary=binary, systemd_cgroup=True)
     assert runc.global_args(systemd, "ns", "l")[-1] == "--systemd-cgroup"
 
 

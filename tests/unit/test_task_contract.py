@@ -14,8 +14,8 @@ from podshim import errors as errdefs
 from podshim.linux.reaper import Reaper
 from podshim.pod.sandbox import SandboxTask
 from podshim.task.contract import ShimContext
-from podshim.task.events import RecordingPublisher
 from podshim.task.states import Status
+from tests.unit.fakes import RecordingPublisher
 
 from .fakes import FakeHost, FakeTask
 

@@ -24,10 +24,10 @@ from podshim.api.task.v2 import shim_pb2
 from podshim.linux.reaper import Reaper
 from podshim.pod.sandbox import SandboxTask
 from podshim.task.contract import ShimContext
-from podshim.task.events import RecordingPublisher
 from podshim.ttrpc.client import Client
 from podshim.ttrpc.server import Server
 from podshim.ttrpc.services import CallContext, bind
+from tests.unit.fakes import RecordingPublisher
 
 from .fakes import FakeHost
 
@@ -80,7 +80,10 @@ class FakeTasks:
 @asynccontextmanager
 async def serving(tmp: Path) -> AsyncIterator[tuple[FakeTasks, Client]]:
     fake = FakeTasks()
-    server = Server([bind(shim_pb2.DESCRIPTOR.services_by_name["Task"], fake, partial=True)])
+    server = Server(
+        [bind(shim_pb2.DESCRIPTOR.services_by_name["Task"], fake, partial=True)],
+        interceptor=tracing.rpc_interceptor,
+    )
     path = str(tmp / "s.sock")
     await server.serve_path(path)
     client = Client(path)

@@ -154,10 +154,9 @@ class DiagService:
         self.execs[key] = control
         log.info("pod %s: exec in host %s (%s)", pod.id, list(req.args), key)
         try:
-            with control.bound():
-                code = await pod.host.exec_in_host(
-                    list(req.args), req.stdin, req.stdout, req.stderr, req.terminal
-                )
+            code = await pod.host.exec_in_host(
+                list(req.args), req.stdin, req.stdout, req.stderr, req.terminal, control
+            )
         finally:
             del self.execs[key]
         return pb.ExecInHostResponse(exit_code=code)

@@ -1,28 +1,82 @@
-"""The pod host: what a pod's sandbox task owns besides its fake init.
+"""The pod host contract: what a pod's sandbox task owns besides its fake init.
 
 The seed (hcsshim's ``wcowPodSandboxTask``) owns an optional utility VM, ``host``; podshim's
-hosts are Linux counterparts. Kinds:
+hosts are its Linux counterparts, each a *host kind* plugged in through
+:mod:`podshim.host.registry`:
 
-* ``none`` (:class:`NoneHost`, the seed's ``host == nil``): nothing is created; workloads
-  get whatever namespaces their specs name after the namespace rewrite.
-* ``namespaces`` (``nshost.NamespacesHost``): the pod's IPC and UTS namespaces pinned by
-  bind mounts, the network namespace CRI made, the sandbox cgroup, sysctls, and a
-  hardened PID-namespace init when the pod shares its PID namespace.
-* later a KVM utility VM: the protocol already has what it needs (wait for exit, exec in
-  the host, stacks, share, stats).
+* ``none`` (:mod:`podshim.host.none`, the seed's ``host == nil``): nothing is created;
+  workloads get whatever namespaces their specs name after the namespace rewrite.
+* ``namespaces`` (:mod:`podshim.host.namespaces`): the pod's IPC and UTS namespaces
+  pinned by bind mounts, the network namespace CRI made, the sandbox cgroup, sysctls,
+  and a hardened PID-namespace init when the pod shares its PID namespace.
+* a KVM utility VM later: a new directory and a registry entry (see ARCHITECTURE.md).
+
+A host kind supplies everything that differs between kinds: the host itself, how the
+pod's workload containers are made (:meth:`Host.create_workload`), exec in the host
+with explicit control, and the crash cleanup the ``delete`` action runs
+(:meth:`HostKind.cleanup`).
 """
 
 from __future__ import annotations
 
-import asyncio
-from typing import Protocol
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
 
 from google.protobuf import any_pb2
 
-from podshim import errors as errdefs
+from podshim.api.types import mount_pb2
+from podshim.host.control import ExecControl
+from podshim.oci.runtime import RuntimeConfig
+from podshim.oci.spec import Spec
+from podshim.task.contract import ShimContext, Task
+
+if TYPE_CHECKING:
+    from podshim.cgroups.stats import Metrics
 
 #: namespace kinds as OCI names them
 NS_TYPES = ("pid", "network", "ipc", "uts", "mount", "user", "cgroup", "time")
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadRequest:
+    """A workload container of the pod, as its Create asked for it."""
+
+    id: str
+    bundle: str
+    spec: Spec
+    runtime: RuntimeConfig
+    rootfs: Sequence[mount_pb2.Mount] = ()
+    terminal: bool = False
+    stdin: str = ""
+    stdout: str = ""
+    stderr: str = ""
+    #: the sandbox task's pid (CRI writes ``/proc/<it>/ns/<t>`` into workload specs)
+    sandbox_pid: int = 0
+    #: pids of the pod's running workload inits (``kubectl debug --target`` may name one)
+    pod_pids: frozenset[int] = field(default_factory=frozenset)
+
+
+class Workload(Task, Protocol):
+    """A workload container as the pod sees it: a :class:`Task` plus what the pod's
+    sandbox needs for Stats and for knowing its running processes."""
+
+    #: its memory cgroup directory ("" if unknown)
+    memory_cgroup: str
+
+    @property
+    def running(self) -> bool:
+        """Whether its init process is running now."""
+        ...
+
+    def metrics(self) -> Metrics:
+        """Its cgroup metrics; NotFound once it has no running process."""
+        ...
+
+    def fail(self, why: BaseException) -> None:
+        """Its pod failed: report every process exited (/tasks/exit) and kill them. MUST
+        NOT raise; idempotent."""
+        ...
 
 
 class Host(Protocol):
@@ -57,11 +111,28 @@ class Host(Protocol):
         """Tear everything down. MUST be idempotent and MUST NOT raise."""
         ...
 
+    async def create_workload(self, ctx: ShimContext, req: WorkloadRequest) -> Workload:
+        """Make and create (not start) a workload container of the pod in this host;
+        it MUST have published /tasks/create when this returns. A request the host
+        cannot honour MUST raise (InvalidArgument, FailedPrecondition) and leave nothing
+        behind; a workload MUST NOT silently land in the machine's own namespaces when
+        the pod has its own of that type (fail closed)."""
+        ...
+
     async def exec_in_host(
-        self, args: list[str], stdin: str, stdout: str, stderr: str, terminal: bool
+        self,
+        args: list[str],
+        stdin: str,
+        stdout: str,
+        stderr: str,
+        terminal: bool,
+        control: ExecControl | None = None,
     ) -> int:
-        """Run a diagnostic process inside the host; FailedPrecondition when the host
-        has nowhere to run it."""
+        """Run a diagnostic process inside the host and return its exit status;
+        FailedPrecondition when the host has nowhere to run it. ``control`` carries the
+        options (environment, working directory, terminal size) and MUST be attached to
+        the process once it runs (:meth:`ExecControl.attach`) and detached when it ends,
+        so signals and resizes reach it; None means a default control."""
         ...
 
     async def dump_stacks(self) -> str:
@@ -78,43 +149,21 @@ class Host(Protocol):
         ...
 
 
-class NoneHost:
-    """The seed's ``host == nil``: nothing to create, nothing that can die."""
+class HostKind(Protocol):
+    """A kind of pod host, as registered in :mod:`podshim.host.registry`."""
 
-    kind = "none"
+    #: the name in podshim's config (``default_host``) and in the sandbox's bundle record
+    name: str
 
-    def __init__(self) -> None:
-        self._closed = asyncio.Event()
+    def make(self, pod_id: str, ctx: ShimContext, spec: Spec) -> Host:
+        """A new, not yet created host for the pod whose sandbox spec is ``spec``.
+        MUST do no I/O (``Host.create`` does)."""
+        ...
 
-    async def create(self) -> None:
-        return None
-
-    async def namespace_path(self, ns_type: str) -> str | None:
-        return None
-
-    @property
-    def init_pid(self) -> int:
-        return 0
-
-    async def wait(self) -> int:
-        await self._closed.wait()
-        return 0
-
-    async def close(self) -> None:
-        self._closed.set()
-
-    async def exec_in_host(
-        self, args: list[str], stdin: str, stdout: str, stderr: str, terminal: bool
-    ) -> int:
-        raise errdefs.FailedPrecondition("pod has no host (host kind 'none'): nowhere to exec")
-
-    async def dump_stacks(self) -> str:
-        return ""
-
-    async def share(self, host_path: str, guest_path: str, read_only: bool) -> None:
-        raise errdefs.FailedPrecondition(
-            "pod has no host (host kind 'none'): nothing to share into"
-        )
-
-    async def stats(self) -> any_pb2.Any | None:
-        return None
+    def cleanup(self, namespace: str, pod_id: str, spec: Spec) -> list[str]:
+        """Remove what a host of this kind left behind when its shim died (run by the
+        ``delete`` action of the sandbox, without the shim). Synchronous, done within
+        a few seconds (containerd kills ``delete`` after 5 s); MUST NOT raise and MUST
+        touch only what a host of this kind made for this pod. Returns problems, for
+        containerd's warning log."""
+        ...

@@ -1,29 +1,21 @@
 """Control of one exec in a pod host: its options and, once it runs, signal and resize.
 
-``Host.exec_in_host(args, stdin, stdout, stderr, terminal)`` carries what every host
-kind needs. The Diag service has more to say (an exec id, environment, working
-directory, the initial terminal size) and must reach the running process later
-(SignalExecInHost, ResizeExecInHost). It binds an :class:`ExecControl` to the call's
-context around ``await host.exec_in_host(...)``; a host that supports it (the namespaces
-host, ``podshim.host.namespaces.nsexec``) reads it with :meth:`ExecControl.current` and attaches
-the process once it started (:meth:`ExecControl.attach`). Signals and resizes that
-arrive before are kept and delivered then; with a host that ignores the control they
-are never delivered.
+``Host.exec_in_host(args, stdin, stdout, stderr, terminal, control)`` takes one
+explicitly. The Diag service has more to say than the arguments (an exec id,
+environment, working directory, the initial terminal size) and must reach the running
+process later (SignalExecInHost, ResizeExecInHost): it makes an :class:`ExecControl`,
+passes it to the host, and signals or resizes through it. The host attaches the process
+once it started (:meth:`ExecControl.attach`) and detaches it when it ended; signals and
+resizes that arrive before are kept and delivered then.
 
 Standard library only: imported by the pod host on the shim's hot path.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 from podshim import errors as errdefs
-
-_CURRENT: contextvars.ContextVar[ExecControl | None] = contextvars.ContextVar(
-    "podshim_exec_control", default=None
-)
 
 
 class ExecControl:
@@ -61,20 +53,6 @@ class ExecControl:
     @property
     def what(self) -> str:
         return f"exec {self.exec_id} in the pod host" if self.exec_id else "exec in the pod host"
-
-    @staticmethod
-    def current() -> ExecControl:
-        """The control bound to this call, or a fresh default one."""
-        return _CURRENT.get() or ExecControl()
-
-    @contextlib.contextmanager
-    def bound(self) -> Iterator[ExecControl]:
-        """Make this the :meth:`current` control for the code run inside the block."""
-        token = _CURRENT.set(self)
-        try:
-            yield self
-        finally:
-            _CURRENT.reset(token)
 
     def attach(
         self, pid: int, signal: Callable[[int], None], resize: Callable[[int, int], None]

@@ -11,22 +11,12 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from podshim import errors as errdefs
 from podshim.linux.reaper import Reaper, Result
-
-
-@dataclass(frozen=True, slots=True)
-class RuntimeConfig:
-    """Which OCI runtime binary to run and where it keeps its state."""
-
-    binary: str = "runc"
-    root: str = "/run/podshim/runc"
-    systemd_cgroup: bool = False
-    no_pivot_root: bool = False
-    no_new_keyring: bool = False
+from podshim.oci import bundle as files
+from podshim.oci.runtime import OciFactory, OciRuntime, RuntimeConfig
 
 
 def global_args(cfg: RuntimeConfig, namespace: str, log_path: str) -> list[str]:
@@ -100,7 +90,8 @@ _STATEFUL = frozenset({"start", "kill", "delete", "pause", "resume", "ps", "upda
 
 
 class Runc:
-    """One OCI runtime, bound to a containerd namespace and a bundle's log file."""
+    """One OCI runtime, bound to a containerd namespace and a bundle's log file
+    (an :class:`~podshim.oci.runtime.OciRuntime`)."""
 
     def __init__(self, cfg: RuntimeConfig, namespace: str, reaper: Reaper, log_path: str) -> None:
         self.cfg = cfg
@@ -195,3 +186,13 @@ class Runc:
         res = await self._run(["state", cid])
         out: dict[str, Any] = json.loads(res.stdout)
         return out
+
+
+def factory(namespace: str, reaper: Reaper) -> OciFactory:
+    """The :data:`~podshim.oci.runtime.OciFactory` of a shim: a :class:`Runc` per
+    container, logging to the bundle's runtime log."""
+
+    def make(cfg: RuntimeConfig, bundle: str) -> OciRuntime:
+        return Runc(cfg, namespace, reaper, os.path.join(bundle, files.RUNTIME_LOG))
+
+    return make

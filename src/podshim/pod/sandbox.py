@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("podshim.sandbox")
 
 
-class Workload(Protocol):
+class Measured(Protocol):
     """What the sandbox's Stats needs of a workload container of its pod."""
 
     id: str
@@ -61,7 +61,7 @@ class Workload(Protocol):
         ...
 
 
-def _no_workloads() -> list[Workload]:
+def _no_workloads() -> list[Measured]:
     return []
 
 
@@ -86,7 +86,7 @@ class SandboxTask:
         host: Host,
         pid: int,
         kill_workloads: Callable[[int], Awaitable[None]],
-        workloads: Callable[[], Iterable[Workload]] = _no_workloads,
+        workloads: Callable[[], Iterable[Measured]] = _no_workloads,
         cgroups_path: str = "",
     ) -> None:
         self.ctx = ctx
@@ -105,11 +105,16 @@ class SandboxTask:
         self._init_exited = asyncio.Event()
         self._closed = asyncio.Event()
         self._closing = False
-        self._tasks: list[asyncio.Task[None]] = []
+        #: the watchers of init and host: jobs of the pod's group
+        self.jobs = ctx.jobs.child(f"sandbox {tid}")
 
     @property
     def pid(self) -> int:
         return self._pid
+
+    @property
+    def running(self) -> bool:
+        return self.machine.state is Status.RUNNING and not self._closed.is_set()
 
     @property
     def closed(self) -> bool:
@@ -117,12 +122,9 @@ class SandboxTask:
 
     def begin(self) -> None:
         """After a successful Create: publish /tasks/create and watch init and host."""
-        loop = asyncio.get_running_loop()
         tracing.set_default_attribute("pod-id", self.id)  # this shim's pod, from now on
-        self._tasks = [
-            loop.create_task(self._wait_init_exit(), name="podSandboxTask::waitInitExit"),
-            loop.create_task(self._wait_host_exit(), name="podSandboxTask::waitHostExit"),
-        ]
+        self.jobs.spawn(self._wait_init_exit(), "podSandboxTask::waitInitExit")
+        self.jobs.spawn(self._wait_host_exit(), "podSandboxTask::waitHostExit")
         self.ctx.publisher.publish(
             ev.TaskCreate(container_id=self.id, bundle=self.bundle, io=ev.TaskIO(), pid=self._pid)
         )
@@ -224,8 +226,7 @@ class SandboxTask:
             self.force_exit(0)
         await self.close()  # /tasks/exit before /tasks/delete
         self.machine.fire("delete")
-        for t in self._tasks:
-            t.cancel()
+        await self.jobs.aclose()
         ex = self.exit or ExitInfo(0, time.time())
         self.ctx.publisher.publish(
             ev.TaskDelete(

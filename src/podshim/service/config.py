@@ -25,7 +25,7 @@ from google.protobuf import any_pb2
 from podshim import errors as errdefs
 from podshim.api.runc.options import oci_pb2
 from podshim.api.runtimeoptions.v1 import api_pb2 as runtimeoptions_pb2
-from podshim.oci.runc import RuntimeConfig
+from podshim.oci.runtime import RuntimeConfig
 
 RUNTIMEOPTIONS_TYPE = "runtimeoptions.v1.Options"
 RUNC_OPTIONS_TYPE = "containerd.runc.v1.Options"

@@ -1,5 +1,5 @@
 """``containerd.task.v2.Task``: routes each call to its task; all behaviour lives in
-the tasks (see the contracts in ``task.py``).
+the tasks (see the contracts in :mod:`podshim.task.contract`).
 
 Like runhcs's service.go, every method is thin: look the task up, call it, translate the
 answer to protobuf. Errors propagate as :mod:`podshim.errors` kinds; the ttrpc server
@@ -11,8 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Sequence
 
 from google.protobuf import any_pb2, empty_pb2
 
@@ -20,27 +19,33 @@ from podshim import __version__, logs
 from podshim import errors as errdefs
 from podshim.api.runc.options import oci_pb2
 from podshim.api.task.v2 import shim_pb2 as pb
+from podshim.oci.ids import CONTAINER_TYPE_ANNOTATION, SANDBOX_ID_ANNOTATION, valid_id
+from podshim.oci.spec import Spec, load_spec, spec_annotations
+from podshim.pod.pod import Pod
 from podshim.service.config import Config, from_options
-from podshim.shim.paths import CONTAINER_TYPE_ANNOTATION, SANDBOX_ID_ANNOTATION, valid_id
-from podshim.task.container import Container, load_spec
+from podshim.task.container import Container
 from podshim.task.contract import ExecRequest, ExitInfo, ShimContext, Task, timestamp
 from podshim.ttrpc.services import CallContext
 
-if TYPE_CHECKING:
-    from podshim.pod.pod import Pod
-
 log = logging.getLogger("podshim.service")
 
-#: TEST HOOK, for the crash tests only (tests/integration/test_oom_stats.py): when this
-#: variable in the shim's environment names the task id (or the CRI container name) of a
-#: Create, the shim crashes deliberately soon after that Create: an uncaught exception in
-#: a background task ends the daemon, which writes ``panic.log``. Never set it otherwise.
-TEST_CRASH_ENV = "PODSHIM_TEST_CRASH"
-CONTAINER_NAME_ANNOTATION = "io.kubernetes.cri.container-name"
+#: makes a standalone task (not part of a pod) from its Create
+TaskFactory = Callable[[ShimContext, pb.CreateTaskRequest, Config, Spec], Awaitable[Task]]
+#: makes a pod from its sandbox's Create: (context, id, bundle, spec, host kind)
+PodFactory = Callable[[ShimContext, str, str, Spec, str], Awaitable[Pod]]
+#: called after each successful Create with (service, task id, spec): the composition
+#: root's extension point (diagnostics, the tests' fault hooks)
+CreateObserver = Callable[["TaskService", str, Spec], None]
 
 
-class DeliberateCrash(RuntimeError):
-    """The deliberate crash of the :data:`TEST_CRASH_ENV` test hook."""
+async def create_container(
+    ctx: ShimContext, req: pb.CreateTaskRequest, cfg: Config, spec: Spec
+) -> Task:
+    """The default :data:`TaskFactory`: a local OCI container with the context's driver."""
+    c = Container(ctx, req.id, req.bundle, spec, req.rootfs, ctx.oci(cfg.runtime, req.bundle),
+                  terminal=req.terminal, stdin=req.stdin, stdout=req.stdout, stderr=req.stderr)  # fmt: skip
+    await c.create()
+    return c
 
 
 def _check_id(tid: str) -> None:
@@ -49,20 +54,35 @@ def _check_id(tid: str) -> None:
 
 
 class TaskService:
-    """The Task API of one shim process, for every task it holds."""
+    """The Task API of one shim process, for every task it holds.
 
-    def __init__(self, ctx: ShimContext, request_shutdown: Callable[[], None]) -> None:
+    Collaborators are injected by the composition root (``podshim.shim.daemon``): the
+    context (reaper, publisher, OCI driver factory, job group), the factories of
+    standalone tasks and of pods, and observers of Create.
+    """
+
+    def __init__(
+        self,
+        ctx: ShimContext,
+        request_shutdown: Callable[[], None],
+        *,
+        make_task: TaskFactory = create_container,
+        make_pod: PodFactory = Pod.create,
+        observers: Sequence[CreateObserver] = (),
+    ) -> None:
         self.ctx = ctx
         self.tasks: dict[str, Task] = {}
         self._creating: set[str] = set()
         self._request_shutdown = request_shutdown
+        self._make_task = make_task
+        self._make_pod = make_pod
+        self.observers = list(observers)
         #: shim-wide settings: fixed by the first Create
         self.config: Config | None = None
         #: the pod this shim serves, once a sandbox was created
         self.pod: Pod | None = None
-        #: ends the daemon with an exception (a crash); the daemon sets it
-        self.on_fatal: Callable[[BaseException], None] | None = None
-        self._background: set[asyncio.Task[None]] = set()
+        #: set whenever a task is added or removed (the daemon's idle watch clears it)
+        self.activity = asyncio.Event()
 
     def _task(self, tid: str) -> Task:
         _check_id(tid)
@@ -76,10 +96,8 @@ class TaskService:
         """No task held (and none being created): the shim may exit."""
         return not self.tasks and not self._creating
 
-    async def _create(self, req: pb.CreateTaskRequest, cfg: Config, spec: dict[str, Any]) -> Task:
+    async def _create(self, req: pb.CreateTaskRequest, cfg: Config, spec: Spec) -> Task:
         """A sandbox makes this shim's pod; a CRI container joins it; else standalone."""
-        from podshim.pod.pod import Pod, spec_annotations
-
         ann = spec_annotations(spec)
         kind = ann.get(CONTAINER_TYPE_ANNOTATION)
         stdio = (req.terminal, req.stdin, req.stdout, req.stderr)
@@ -88,7 +106,7 @@ class TaskService:
                 raise errdefs.FailedPrecondition(
                     f"sandbox {req.id}: this shim already holds pod {self.pod.id}"
                 )
-            pod = await Pod.create(self.ctx, req.id, req.bundle, spec, cfg.default_host)
+            pod = await self._make_pod(self.ctx, req.id, req.bundle, spec, cfg.default_host)
             assert pod.sandbox is not None
             self.pod = pod
             return pod.sandbox
@@ -101,10 +119,7 @@ class TaskService:
             return await self.pod.create_workload(
                 req.id, req.bundle, spec, cfg.runtime, req.rootfs, stdio, self._known
             )
-        task = Container(self.ctx, req.id, req.bundle, cfg.runtime, spec, req.rootfs,
-                         terminal=req.terminal, stdin=req.stdin, stdout=req.stdout, stderr=req.stderr)  # fmt: skip
-        await task.create()
-        return task
+        return await self._make_task(self.ctx, req, cfg, spec)
 
     def _known(self, tid: str) -> bool:
         return tid in self.tasks
@@ -112,39 +127,6 @@ class TaskService:
     def _fields(self, tid: str, eid: str = "") -> dict[str, str]:
         """Log fields of a task: ``pod-id`` (once this shim holds a pod), ``tid``, ``eid``."""
         return logs.task_fields(self.pod.id if self.pod is not None else "", tid, eid)
-
-    def _test_crash_hook(self, tid: str, spec: dict[str, Any]) -> None:
-        """TEST HOOK (see :data:`TEST_CRASH_ENV`): crash the shim on purpose, shortly
-        after this Create has been answered, by an uncaught exception in a background
-        task. Does nothing unless the variable names this task or CRI container."""
-        target = os.environ.get(TEST_CRASH_ENV, "")
-        if not target:
-            return
-        ann = spec.get("annotations")
-        name = str(ann.get(CONTAINER_NAME_ANNOTATION, "")) if isinstance(ann, dict) else ""
-        if target not in (tid, name):
-            return
-        log.warning("test hook %s: crashing the shim", TEST_CRASH_ENV, extra=self._fields(tid))
-
-        async def crash() -> None:
-            await asyncio.sleep(0.2)  # let the Create response go out first
-            raise DeliberateCrash(f"deliberate crash after Create of task {tid} ({TEST_CRASH_ENV})")
-
-        task = asyncio.get_running_loop().create_task(crash(), name="podshim-test-crash")
-        self._background.add(task)
-        task.add_done_callback(self._background_done)
-
-    def _background_done(self, task: asyncio.Task[None]) -> None:
-        """A background task whose failure must end the shim has finished."""
-        self._background.discard(task)
-        if task.cancelled() or task.exception() is None:
-            return
-        exc = task.exception()
-        assert exc is not None
-        if self.on_fatal is not None:
-            self.on_fatal(exc)
-        else:  # no daemon around (tests): nothing to end
-            log.critical("background task %s failed", task.get_name(), exc_info=exc)
 
     # -- RPCs --------------------------------------------------------------------------
     async def Create(self, req: pb.CreateTaskRequest, _: CallContext) -> pb.CreateTaskResponse:
@@ -166,13 +148,15 @@ class TaskService:
             spec = load_spec(req.bundle)
             task = await self._create(req, cfg, spec)
             self.tasks[req.id] = task
+            self.activity.set()
         except Exception as exc:
             log.info("create task %s failed: %s", req.id, exc, extra=self._fields(req.id))
             raise
         finally:
             self._creating.discard(req.id)
         log.info("created task %s pid %d", req.id, task.pid, extra=self._fields(req.id))
-        self._test_crash_hook(req.id, spec)
+        for observe in self.observers:
+            observe(self, req.id, spec)
         return pb.CreateTaskResponse(pid=task.pid)
 
     async def Start(self, req: pb.StartRequest, _: CallContext) -> pb.StartResponse:
@@ -203,10 +187,11 @@ class TaskService:
         pid, ex = await task.delete(req.exec_id)
         if not req.exec_id:
             self.tasks.pop(req.id, None)
+            self.activity.set()
             if self.pod is not None:
                 self.pod.forget(req.id)
                 if req.id == self.pod.id:
-                    self.pod.release()
+                    await self.pod.release()
             log.info("deleted task %s", req.id, extra=self._fields(req.id))
         else:
             log.info("deleted exec %s", req.exec_id, extra=self._fields(req.id, req.exec_id))

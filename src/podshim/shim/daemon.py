@@ -5,17 +5,26 @@ session, and ``-bundle`` naming the first task's bundle. We become a child subre
 log to that bundle's ``log`` FIFO, and serve ttrpc until a Shutdown finds no task left
 (or SIGTERM/SIGINT, or nothing ever arrives), then remove our socket and exit.
 
-A crash (an exception escaping the asyncio main, a background task reported fatal
-through ``TaskService.on_fatal``, or a non-zero ``SystemExit``) writes the traceback to
-``panic.log`` in the pod sandbox's bundle (for a shim without a pod: the first task's
-bundle) and exits with status 2; the sandbox's ``delete`` action relays that file to
-containerd (see ``delete.py``).
+This module is the composition root: it builds the reaper, the event publisher, the OCI
+driver factory, the daemon's job group, the Task service with its factories and
+observers, the Diag service and the ttrpc server (with tracing as an interceptor when
+tracing is on), and wires them together. Nothing below it reads the environment for
+behaviour that tests inject: the tests' fault hooks arrive as Create observers named in
+``PODSHIM_HOOKS`` (``module:function`` entries, comma-separated; never set it in
+production).
+
+A crash (an exception escaping the asyncio main, a failed job of the daemon's own group,
+or a non-zero ``SystemExit``) writes the traceback to ``panic.log`` in the pod sandbox's
+bundle (for a shim without a pod: the first task's bundle) and exits with status 2; the
+sandbox's ``delete`` action relays that file to containerd (see ``panic.py``). A failed
+job of a *pod* fails that pod only (``Pod.fail``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import logging
 import os
 import signal
@@ -25,19 +34,25 @@ from collections.abc import Callable
 from podshim import logs, tracing
 from podshim.api.task.v2 import shim_pb2
 from podshim.diag.shim import ShimDiag
+from podshim.jobs import JobGroup
 from podshim.linux.reaper import Reaper, set_child_subreaper
-from podshim.service.tasks import TaskService
+from podshim.oci import bundle as files
+from podshim.oci import runc
+from podshim.service.publisher import publisher_from_env
+from podshim.service.tasks import CreateObserver, TaskService
 from podshim.shim.flags import Flags
-from podshim.shim.start import LISTEN_FD
+from podshim.shim.panic import write_panic
+from podshim.shim.spawn import LISTEN_FD
 from podshim.task.contract import ShimContext
-from podshim.task.events import publisher_from_env
-from podshim.ttrpc.server import Server
+from podshim.ttrpc.server import Interceptor, Server
 from podshim.ttrpc.services import bind
 
 log = logging.getLogger("podshim.daemon")
 
 #: exit when no task and no connection has been seen for this long
 IDLE_EXIT_SECONDS = 60.0
+#: Create observers to load (tests' fault hooks): ``module:function,...``
+HOOKS_ENV = "PODSHIM_HOOKS"
 
 
 def _heap_trimmer() -> Callable[[], None]:
@@ -55,7 +70,7 @@ def _heap_trimmer() -> Callable[[], None]:
 
 def _open_log_fifo(bundle: str) -> None:
     try:
-        fd = os.open(os.path.join(bundle, "log"), os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(os.path.join(bundle, files.LOG_FIFO), os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return  # no FIFO (e.g. run by hand): keep /dev/null
     os.set_blocking(fd, True)
@@ -87,7 +102,7 @@ class _Crash:
         if self.recorded:
             return
         self.recorded = True
-        path = logs.write_panic(self.panic_bundle(), exc)
+        path = write_panic(self.panic_bundle(), exc)
         log.critical("shim daemon crashed (traceback in %s)", path or "-", exc_info=exc)
         if self.unwind_limit:  # a crash must end the daemon, even if unwinding hangs
             with contextlib.suppress(Exception):
@@ -117,45 +132,76 @@ async def _serve(flags: Flags, crash: _Crash | None = None) -> None:
         raise
 
 
+def load_hooks(spec: str) -> list[CreateObserver]:
+    """The Create observers named by ``PODSHIM_HOOKS`` (``module:function,...``)."""
+    hooks: list[CreateObserver] = []
+    for entry in filter(None, (e.strip() for e in spec.split(","))):
+        module, _, name = entry.partition(":")
+        hooks.append(getattr(importlib.import_module(module), name))
+    return hooks
+
+
+async def _wait_either(*events: asyncio.Event, timeout: float | None = None) -> bool:
+    """Wait until one of ``events`` is set (then clear them all); False on timeout."""
+    waits = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        done, _ = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
+    for e in events:
+        e.clear()
+    return bool(done)
+
+
+async def _exit_when_idle(service: TaskService, server: Server, stop: asyncio.Event) -> None:
+    """Stop the daemon once it has held no task and no connection for
+    :data:`IDLE_EXIT_SECONDS` (woken by task and connection changes, never polling);
+    give freed heap back to the kernel whenever work settles."""
+    trim_heap = _heap_trimmer()
+    while True:
+        while not service.empty or server.connections:
+            await _wait_either(service.activity, server.activity)
+            trim_heap()
+        if not await _wait_either(service.activity, server.activity, timeout=IDLE_EXIT_SECONDS):
+            log.info("no task and no connection for %.0fs: exiting", IDLE_EXIT_SECONDS)
+            stop.set()
+            return
+
+
 async def _serve_until_stopped(flags: Flags, crash: _Crash) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    reaper = Reaper()
-    reaper.start()
-    publisher = publisher_from_env(flags.namespace)
-    service = TaskService(ShimContext(flags.namespace, reaper, publisher), stop.set)
-    crash.service = service
     fatal: asyncio.Future[BaseException] = loop.create_future()
 
-    def on_fatal(exc: BaseException) -> None:
+    def on_fatal(exc: BaseException, job: str) -> None:
         if not fatal.done():
             fatal.set_result(exc)
         stop.set()
 
-    service.on_fatal = on_fatal
+    jobs = JobGroup("daemon", on_failure=on_fatal)
+    reaper = Reaper()
+    reaper.start()
+    publisher = publisher_from_env(flags.namespace)
+    ctx = ShimContext(
+        flags.namespace, reaper, publisher, oci=runc.factory(flags.namespace, reaper), jobs=jobs
+    )
+    service = TaskService(ctx, stop.set, observers=load_hooks(os.environ.get(HOOKS_ENV, "")))
+    crash.service = service
     sock = socket.socket(fileno=LISTEN_FD)
     path = flags.socket or sock.getsockname()
     tasks = bind(shim_pb2.DESCRIPTOR.services_by_name["Task"], service)
     diag = ShimDiag(service, tasks, flags, str(path))  # podshim.diag.v1.Diag + registry entry
-    server = Server([tasks, diag.binding])
+    interceptor: Interceptor | None = tracing.rpc_interceptor if tracing.enabled() else None
+    server = Server([tasks, diag.binding], interceptor=interceptor)
     crash.server = server
     await server.serve(sock)
     diag.register()
     log.info("serving on %s; tracing: %s", path, tracing.describe())
-    trim_heap = _heap_trimmer()
-    idle = loop.time()
-    while not stop.is_set():
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(5):
-                await stop.wait()
-        trim_heap()
-        if not service.empty or server.connections:
-            idle = loop.time()
-        elif loop.time() - idle > IDLE_EXIT_SECONDS:
-            log.info("no task and no connection for %.0fs: exiting", IDLE_EXIT_SECONDS)
-            break
+    jobs.spawn(_exit_when_idle(service, server, stop), "daemon::exitWhenIdle")
+    await stop.wait()
     diag.unregister()  # first: `podshim diag list` stops showing a shim that is leaving
     if fatal.done():
         raise fatal.result()
@@ -165,6 +211,7 @@ async def _serve_until_stopped(flags: Flags, crash: _Crash) -> None:
             os.unlink(path)
     await server.shutdown(grace=1.0)
     await publisher.close(timeout=5.0)
+    await jobs.aclose()
     reaper.stop()
 
 

@@ -23,46 +23,15 @@ import sys
 import time
 from typing import Any
 
+from podshim.oci import bundle as files
+from podshim.oci.ids import CONTAINER_TYPE_ANNOTATION
 from podshim.shim.flags import Flags
-from podshim.shim.paths import CONTAINER_TYPE_ANNOTATION
-
-#: what Container.create records in the bundle for this action
-RUNTIME_FILE = "podshim-runtime.json"
-#: where the namespaces pod host keeps a pod's pins (see podshim.host.namespaces.cleanup)
-STATE_ROOT = "/run/podshim/pods"
-#: the crash report a dying shim daemon writes into a bundle (podshim.logs.write_panic)
-PANIC_FILE = "panic.log"
-#: how much of it the delete action relays to containerd
-PANIC_RELAY_LIMIT = 1 << 20
-
-
-def relay_panic(bundle: str, task_id: str) -> int:
-    """Copy the first :data:`PANIC_RELAY_LIMIT` bytes of ``<bundle>/panic.log`` to
-    stderr, after a header naming the task; returns how many bytes of it were relayed
-    (0 when there is none). The file is left in place."""
-    path = os.path.join(bundle, PANIC_FILE)
-    try:
-        with open(path, "rb") as f:
-            data = f.read(PANIC_RELAY_LIMIT + 1)
-    except OSError:
-        return 0
-    if not data:
-        return 0
-    cut = len(data) > PANIC_RELAY_LIMIT
-    data = data[:PANIC_RELAY_LIMIT]
-    head = f"podshim delete {task_id}: the shim serving this task crashed; {path}"
-    head += f" (first {PANIC_RELAY_LIMIT} bytes)" if cut else ""
-    sys.stderr.flush()
-    sys.stderr.buffer.write(
-        head.encode() + b":\n" + data + (b"" if data.endswith(b"\n") else b"\n")
-    )
-    sys.stderr.flush()
-    return len(data)
+from podshim.shim.panic import relay_panic
 
 
 def _runtime(bundle: str) -> tuple[str, str]:
     try:
-        with open(os.path.join(bundle, RUNTIME_FILE)) as f:
+        with open(os.path.join(bundle, files.RUNTIME_RECORD)) as f:
             rt = json.load(f)
         return str(rt["binary"]), str(rt["root"])
     except (OSError, ValueError, KeyError, TypeError):
@@ -71,16 +40,31 @@ def _runtime(bundle: str) -> tuple[str, str]:
 
 def _spec(bundle: str) -> dict[str, Any]:
     try:
-        with open(os.path.join(bundle, "config.json")) as f:
+        with open(os.path.join(bundle, files.CONFIG)) as f:
             spec = json.load(f)
     except (OSError, ValueError):
         return {}
     return spec if isinstance(spec, dict) else {}
 
 
+def _cleanup_host(bundle: str, namespace: str, pod_id: str, spec: dict[str, Any]) -> list[str]:
+    """The crash cleanup of the sandbox's host kind (recorded in its bundle by the Pod)."""
+    try:
+        with open(os.path.join(bundle, files.HOST_RECORD)) as f:
+            kind = str(json.load(f)["kind"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return []  # no pod host was made (or not by podshim)
+    from podshim.host import registry  # only for a sandbox: keeps delete fast
+
+    try:
+        return registry.get(kind).cleanup(namespace, pod_id, spec)
+    except Exception as exc:  # a plug-in's bug must not cost containerd the response
+        return [f"cleanup of the {kind} host of pod {pod_id}: {exc}"]
+
+
 def _read_pid(bundle: str) -> int:
     try:
-        with open(os.path.join(bundle, "init.pid")) as f:
+        with open(os.path.join(bundle, files.INIT_PID)) as f:
             return int(f.read().strip())
     except (OSError, ValueError):
         return 0
@@ -88,7 +72,7 @@ def _read_pid(bundle: str) -> int:
 
 def _remove_dead_socket(bundle: str) -> None:
     try:
-        with open(os.path.join(bundle, "address")) as f:
+        with open(os.path.join(bundle, files.ADDRESS)) as f:
             path = f.read().strip().removeprefix("unix://")
     except OSError:
         return
@@ -145,14 +129,8 @@ def delete(flags: Flags) -> int:
     is_sandbox = kind == "sandbox"
     if kind != "container":  # the sandbox, or a task of a shim without a pod
         relay_panic(bundle, flags.id)
-    if (
-        is_sandbox
-        and flags.id
-        and os.path.isdir(os.path.join(STATE_ROOT, flags.namespace, flags.id))
-    ):
-        from podshim.host.namespaces.cleanup import cleanup_sandbox
-
-        for problem in cleanup_sandbox(flags.namespace, flags.id, spec):
+    if is_sandbox and flags.id:
+        for problem in _cleanup_host(bundle, flags.namespace, flags.id, spec):
             print(f"podshim delete: {problem}", file=sys.stderr)
     binary, root = _runtime(bundle)
     if binary and flags.id and os.path.exists(os.path.join(root, flags.namespace, flags.id)):
@@ -174,9 +152,9 @@ def delete(flags: Flags) -> int:
             err = res.stderr.decode(errors="replace")
             if res.returncode != 0 and "does not exist" not in err:
                 print(f"podshim delete: {binary} delete: {err.strip()}", file=sys.stderr)
-    rootfs = os.path.join(bundle, "rootfs")
+    rootfs = os.path.join(bundle, files.ROOTFS)
     if os.path.ismount(rootfs):
-        from podshim.linux import mount
+        from podshim.linux import mount  # only when mounted: keeps delete fast
 
         try:
             mount.unmount_all(rootfs)

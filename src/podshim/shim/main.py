@@ -1,7 +1,7 @@
 """Entry point of ``containerd-shim-podshim-v1``.
 
 This module is imported for every ``start`` and ``delete`` containerd runs, so it imports
-only the standard library pieces each action needs, late.
+only what each action needs, late (the function-level imports below are there for speed).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return delete(flags)
     if flags.action == "zygote":
-        from podshim.shim.zygote import run
+        from podshim.shim.zygote_server import run
 
         return run(flags)
     if flags.action == "":

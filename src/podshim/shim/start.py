@@ -16,10 +16,10 @@ import sys
 from _socket import AF_UNIX, SOCK_STREAM
 from _socket import socket as _sock
 
+from podshim.oci import bundle as files
 from podshim.shim.flags import Flags
 from podshim.shim.paths import bundle_group, socket_address, socket_path
-
-LISTEN_FD = 3
+from podshim.shim.spawn import self_command, spawn_detached
 
 
 def _alive(path: str) -> bool:
@@ -72,31 +72,6 @@ def _listen(path: str) -> _sock | None:
     raise OSError(errno.EADDRINUSE, f"cannot bind {path}")
 
 
-def self_command() -> list[str]:
-    """How to run this shim again: the console script when we were started through it
-    (so ``ps`` shows the shim's name), else ``python -m``."""
-    me = sys.argv[0]
-    if os.path.isabs(me) and os.access(me, os.X_OK) and not me.endswith(".py"):
-        return [me]
-    return [sys.executable, "-m", "podshim.shim.main"]
-
-
-def spawn_detached(argv: list[str], extra_fd: int | None = None) -> None:
-    """Start ``argv`` in its own session with stdio on /dev/null (containerd waits for
-    EOF on our output pipe, so nothing long-lived may keep it) and, optionally, ``extra_fd``
-    as its fd 3."""
-    actions = []
-    devnull = os.open(os.devnull, os.O_RDWR)
-    try:
-        actions = [(os.POSIX_SPAWN_DUP2, devnull, i) for i in (0, 1, 2)]
-        if extra_fd is not None:
-            os.set_inheritable(extra_fd, True)  # dup2(3, 3) would keep CLOEXEC otherwise
-            actions.append((os.POSIX_SPAWN_DUP2, extra_fd, LISTEN_FD))
-        os.posix_spawn(argv[0], argv, os.environ, file_actions=actions, setsid=True)
-    finally:
-        os.close(devnull)
-
-
 def _spawn_daemon(flags: Flags, bundle: str, sock: _sock, path: str) -> None:
     tail = ["-namespace", flags.namespace, "-id", flags.id, "-address", flags.address]
     tail += ["-bundle", bundle, "-socket", path] + (["-debug"] if flags.debug else [])
@@ -106,7 +81,7 @@ def _spawn_daemon(flags: Flags, bundle: str, sock: _sock, path: str) -> None:
 def _launch(flags: Flags, bundle: str, sock: _sock, path: str) -> None:
     """Fork the daemon from the zygote when enabled, else spawn it."""
     if zygote_enabled(_read_options()):
-        from podshim.shim.zygote import request_fork
+        from podshim.shim.zygote import request_fork  # only when enabled: keeps start fast
 
         try:
             request_fork(flags, bundle, sock, path)
@@ -197,7 +172,7 @@ def start(flags: Flags) -> int:
         finally:
             sock.close()
     address = socket_address(path)
-    with open(os.path.join(bundle, "address"), "w") as f:
+    with open(os.path.join(bundle, files.ADDRESS), "w") as f:
         f.write(address)
     sys.stdout.write(address)
     sys.stdout.flush()

@@ -14,7 +14,7 @@ import os
 import tempfile
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from google.protobuf import any_pb2
 
@@ -24,8 +24,10 @@ from podshim.api.events import task_pb2 as ev
 from podshim.api.types import mount_pb2
 from podshim.linux import mount
 from podshim.logs import TaskLogger
-from podshim.oci.runc import Runc, RuntimeConfig
-from podshim.shim.paths import SANDBOX_ID_ANNOTATION, valid_id
+from podshim.oci import bundle as files
+from podshim.oci.ids import SANDBOX_ID_ANNOTATION, valid_id
+from podshim.oci.runtime import OciRuntime
+from podshim.oci.spec import Spec, private_pid_ns
 from podshim.task.contract import ExecRequest, ExitInfo, ProcessState, ShimContext, timestamp
 from podshim.task.process import Process
 from podshim.task.states import Status
@@ -36,28 +38,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("podshim.container")
 
 
-def load_spec(bundle: str) -> dict[str, Any]:
-    """Read ``<bundle>/config.json``. Raises InvalidArgument naming the problem."""
-    path = os.path.join(bundle, "config.json")
-    try:
-        with open(path, "rb") as f:
-            spec = json.load(f)
-    except FileNotFoundError:
-        raise errdefs.InvalidArgument(f"bundle {bundle}: missing config.json") from None
-    except (OSError, ValueError) as exc:
-        raise errdefs.InvalidArgument(f"{path}: invalid OCI spec: {exc}") from None
-    if not isinstance(spec, dict) or not isinstance(spec.get("process"), dict):
-        raise errdefs.InvalidArgument(f"{path}: invalid OCI spec: no process")
-    if not isinstance(spec.get("root"), dict):
-        raise errdefs.InvalidArgument(f"{path}: invalid OCI spec: no root")
-    return spec
-
-
-def private_pid_ns(spec: dict[str, Any]) -> bool:
-    nss = spec.get("linux", {}).get("namespaces", []) or []
-    return any(ns.get("type") == "pid" and not ns.get("path") for ns in nss)
-
-
 class Container:
     """A runc container with its init and execs."""
 
@@ -66,9 +46,9 @@ class Container:
         ctx: ShimContext,
         tid: str,
         bundle: str,
-        runtime: RuntimeConfig,
-        spec: dict[str, Any],
+        spec: Spec,
         rootfs: Sequence[mount_pb2.Mount],
+        runtime: OciRuntime,
         *,
         terminal: bool,
         stdin: str,
@@ -80,7 +60,8 @@ class Container:
         self.bundle = bundle
         self.spec = spec
         self.rootfs = list(rootfs)
-        self.runc = Runc(runtime, ctx.namespace, ctx.reaper, os.path.join(bundle, "log.json"))
+        #: the OCI runtime driver (injected: runc, crun, or the tests' fake)
+        self.runc = runtime
         self.init = Process(tid, "", bundle, terminal, stdin, stdout, stderr)
         self.execs: dict[str, Process] = {}
         self.execs_spec: dict[str, bytes] = {}  # exec id -> OCI process JSON for runc
@@ -92,6 +73,9 @@ class Container:
         #: the memory cgroup directory of the init (found right after create), or ""
         self.memory_cgroup = ""
         self._oom_watch: asyncio.Task[None] | None = None
+        #: this container's background jobs (exit monitors, OOM watch): a child of its
+        #: owner's group (the pod's, or the shim's for a standalone container)
+        self.jobs = ctx.jobs.child(f"task {tid}")
 
     # -- lifecycle ------------------------------------------------------------------
     @property
@@ -105,7 +89,7 @@ class Container:
             self._record_runtime()
             self._mount_rootfs()
             await self.init.io.open()
-            pid_file = os.path.join(self.bundle, "init.pid")
+            pid_file = os.path.join(self.bundle, files.INIT_PID)
             await self.runc.create(
                 self.id,
                 self.bundle,
@@ -118,7 +102,7 @@ class Container:
         except BaseException:
             await self._undo_create()
             raise
-        self.init.monitor = asyncio.get_running_loop().create_task(self._monitor(self.init))
+        self.init.monitor = self.jobs.spawn(self._monitor(self.init), f"waitExit:{self.id}")
         await self._watch_oom()
         self.ctx.publisher.publish(
             ev.TaskCreate(
@@ -137,10 +121,8 @@ class Container:
 
     def _record_runtime(self) -> None:
         """Leave what the ``delete`` action needs to clean up without us."""
-        from podshim.shim.delete import RUNTIME_FILE
-
         cfg = self.runc.cfg
-        with open(os.path.join(self.bundle, RUNTIME_FILE), "w") as f:
+        with open(os.path.join(self.bundle, files.RUNTIME_RECORD), "w") as f:
             json.dump({"binary": cfg.binary, "root": cfg.root}, f)
 
     async def _undo_create(self) -> None:
@@ -150,7 +132,7 @@ class Container:
         self._unmount_rootfs()
 
     def _mount_rootfs(self) -> None:
-        target = os.path.join(self.bundle, "rootfs")
+        target = os.path.join(self.bundle, files.ROOTFS)
         for m in self.rootfs:
             try:
                 mount.mount(m.type, m.source, target, list(m.options))
@@ -161,7 +143,7 @@ class Container:
     def _unmount_rootfs(self) -> None:
         if self._mounted or self.rootfs:
             try:
-                mount.unmount_all(os.path.join(self.bundle, "rootfs"))
+                mount.unmount_all(os.path.join(self.bundle, files.ROOTFS))
             except OSError as exc:
                 self.log.warning("task %s: %s", self.id, exc)
             self._mounted = False
@@ -175,7 +157,7 @@ class Container:
         if not self.memory_cgroup:
             self.log.warning("no memory cgroup found for pid %d: no OOM events", self.init.pid)
             return
-        task = asyncio.get_running_loop().create_task(
+        task = self.jobs.spawn(
             self._run_oom_watch(self.memory_cgroup), name=f"container::watchOOM:{self.id}"
         )
         self._oom_watch = task
@@ -224,6 +206,27 @@ class Container:
                 )
             )
 
+    @property
+    def running(self) -> bool:
+        return self.init.status is Status.RUNNING
+
+    def fail(self, why: BaseException) -> None:
+        """A job of this container (or of its pod) failed unexpectedly: report every
+        process exited (status 255) so nothing waits forever, and kill what runs."""
+        self.log.error("container failed: %s: killing it", why)
+        for p in [self.init, *self.execs.values()]:
+            if not p.has_exited and p.failed_to_start():
+                self.ctx.publisher.publish(ev.TaskExit(
+                    container_id=self.id, id=p.exec_id or self.id, pid=p.pid,
+                    exit_status=255, exited_at=timestamp(p.exit.at if p.exit else time.time()),
+                ))  # fmt: skip
+        if not self.jobs.closed:
+            self.jobs.spawn(self._kill_all(), f"kill:{self.id}")
+
+    async def _kill_all(self) -> None:
+        with contextlib.suppress(errdefs.ShimError):
+            await self.runc.kill(self.id, 9, all_=True)
+
     def _proc(self, exec_id: str) -> Process:
         if not exec_id:
             return self.init
@@ -250,7 +253,7 @@ class Container:
                 f"task {self.id}: cannot exec in a {self.init.status.name.lower()} task"
             )
         await p.io.open()
-        pid_file = os.path.join(self.bundle, f"{p.exec_id}.pid")
+        pid_file = os.path.join(self.bundle, files.exec_pid(p.exec_id))
         fd, spec_path = tempfile.mkstemp(prefix=f".{p.exec_id}-", suffix=".json", dir=self.bundle)
         try:
             with os.fdopen(fd, "wb") as f:
@@ -266,7 +269,7 @@ class Container:
             with contextlib.suppress(OSError):
                 os.unlink(spec_path)
         p.machine.fire("start")
-        p.monitor = asyncio.get_running_loop().create_task(self._monitor(p))
+        p.monitor = self.jobs.spawn(self._monitor(p), f"waitExit:{self.id}:{p.exec_id}")
         self.ctx.publisher.publish(
             ev.TaskExecStarted(container_id=self.id, exec_id=p.exec_id, pid=p.pid)
         )
@@ -344,6 +347,7 @@ class Container:
         for e in self.execs.values():
             e.release()
         p.release()
+        await self.jobs.aclose()
         self._unmount_rootfs()
         ex = p.exit or ExitInfo(137, time.time())
         self.ctx.publisher.publish(

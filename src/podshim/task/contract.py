@@ -8,12 +8,15 @@ contract tests.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from google.protobuf import any_pb2, timestamp_pb2
 
+from podshim import errors as errdefs
+from podshim.jobs import JobGroup
 from podshim.linux.reaper import Reaper
+from podshim.oci.runtime import OciFactory, OciRuntime, RuntimeConfig
 from podshim.task.events import Publisher
 from podshim.task.states import Status
 
@@ -59,13 +62,23 @@ class ExecRequest:
     spec: any_pb2.Any
 
 
+def no_oci(cfg: RuntimeConfig, bundle: str) -> OciRuntime:
+    """The OCI factory of a context that runs no containers (tests of other tasks)."""
+    raise errdefs.FailedPrecondition(f"no OCI runtime driver configured for {cfg.binary}")
+
+
 @dataclass
 class ShimContext:
-    """What every task of one shim shares."""
+    """What every task of one shim shares; built at the composition root (the daemon)."""
 
     namespace: str
     reaper: Reaper
     publisher: Publisher
+    #: makes a container's OCI runtime driver (``podshim.oci.runc.factory`` in a shim)
+    oci: OciFactory = field(default=no_oci)
+    #: where tasks made with this context own their background jobs (each task a child
+    #: group): the daemon's group for standalone tasks, a pod's group for its tasks
+    jobs: JobGroup = field(default_factory=lambda: JobGroup("shim"))
 
 
 class Task(Protocol):

@@ -100,12 +100,16 @@ class Process:
             self._exited.set()
         return True
 
-    def failed_to_start(self, status: int = 255) -> None:
-        """The runtime could not start the process: record an exit so waiters return."""
+    def failed_to_start(self, status: int = 255) -> bool:
+        """The runtime could not start the process (or its monitor failed): record an
+        exit so waiters return. False when an exit was already recorded."""
+        if self._exited.is_set():
+            return False
         if self.machine.can("exit"):
             self.machine.fire("exit")
         self.exit = ExitInfo(status, time.time())
         self._exited.set()
+        return True
 
     def check_delete(self) -> None:
         self.machine.check("delete")

@@ -13,11 +13,10 @@ import logging
 import os
 import socket
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 from podshim import errors as errdefs
-from podshim import tracing
 from podshim.ttrpc.codec import ProtocolError
 from podshim.ttrpc.protocol import ErrorReply, IncomingRequest, ServerConnection
 from podshim.ttrpc.services import CallContext, ServiceBinding
@@ -47,6 +46,11 @@ def same_user(cred: PeerCred) -> bool:
 
 PeerCheck = Callable[[PeerCred], bool]
 
+#: Wraps every call: ``interceptor(request, proceed)`` must return ``await proceed()``'s
+#: reply (or raise); it may observe the request (service, method, payload, metadata),
+#: e.g. to trace it. The application plugs it in; this layer knows no service.
+Interceptor = Callable[[IncomingRequest, Callable[[], Awaitable[bytes]]], Awaitable[bytes]]
+
 
 class _Conn(asyncio.Protocol):
     def __init__(self, server: Server) -> None:
@@ -72,6 +76,7 @@ class _Conn(asyncio.Protocol):
             transport.abort()
             return
         self._server._conns.add(self)
+        self._server.activity.set()
 
     def _server_cred_tuple(self) -> tuple[int, int, int]:
         return self._cred.pid, self._cred.uid, self._cred.gid
@@ -98,7 +103,9 @@ class _Conn(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._server._conns.discard(self)
+        if self in self._server._conns:
+            self._server._conns.discard(self)
+            self._server.activity.set()
         for t in list(self._tasks):
             t.cancel()
 
@@ -129,8 +136,11 @@ class _Conn(asyncio.Protocol):
         message = ""
         payload = b""
         try:
-            with tracing.rpc_span(req.service, req.method, req.payload, req.metadata):
+            intercept = self._server.interceptor
+            if intercept is None:
                 payload = await self._dispatch(req)
+            else:
+                payload = await intercept(req, lambda: self._dispatch(req))
         except asyncio.CancelledError:
             if self._transport is None or self._transport.is_closing():
                 raise  # connection gone: nothing to answer
@@ -167,10 +177,17 @@ class Server:
     """A ttrpc server. Register services, then :meth:`serve` on one or more sockets."""
 
     def __init__(
-        self, services: Iterable[ServiceBinding] = (), *, peer_check: PeerCheck = same_user
+        self,
+        services: Iterable[ServiceBinding] = (),
+        *,
+        peer_check: PeerCheck = same_user,
+        interceptor: Interceptor | None = None,
     ) -> None:
         self.services: dict[str, ServiceBinding] = {}
         self.peer_check = peer_check
+        self.interceptor = interceptor
+        #: set whenever a connection opens or closes (the owner clears it)
+        self.activity = asyncio.Event()
         self._conns: set[_Conn] = set()
         self._servers: list[asyncio.AbstractServer] = []
         for s in services:

@@ -16,11 +16,10 @@ import signal
 import time
 from typing import Any
 
+from podshim import rundir
 from podshim.host.namespaces.cgroup import hierarchies, validate_cgroups_path
+from podshim.host.namespaces.plan import PIN_FILES
 from podshim.linux import mount
-
-STATE_ROOT = "/run/podshim/pods"
-_PINS = ("net", "ipc", "uts")
 
 
 def _procs(d: str) -> list[int]:
@@ -67,13 +66,13 @@ def remove_sandbox_cgroup(cgroups_path: str, budget: float = 2.0) -> list[str]:
     return problems
 
 
-def remove_pins(namespace: str, pod_id: str, state_root: str = STATE_ROOT) -> list[str]:
+def remove_pins(namespace: str, pod_id: str, state_root: str | None = None) -> list[str]:
     """Unmount and remove the pod's namespace pins and its state directory."""
     problems: list[str] = []
-    state = os.path.join(state_root, namespace, pod_id)
+    state = os.path.join(state_root or rundir.pods_dir(), namespace, pod_id)
     if not os.path.isdir(state):
         return problems
-    for name in _PINS:
+    for name in PIN_FILES.values():
         pin = os.path.join(state, name)
         if not os.path.lexists(pin):
             continue
@@ -91,8 +90,11 @@ def remove_pins(namespace: str, pod_id: str, state_root: str = STATE_ROOT) -> li
 
 def cleanup_sandbox(namespace: str, pod_id: str, spec: dict[str, Any]) -> list[str]:
     """Everything above, in order: init and cgroup first (the init holds the pins'
-    namespaces), then the pins. Returns problems for containerd's warning log."""
+    namespaces), then the pins. Returns problems for containerd's warning log. Nothing
+    is done unless the pod's state directory exists (made by a namespaces host)."""
     problems: list[str] = []
+    if not os.path.isdir(os.path.join(rundir.pods_dir(), namespace, pod_id)):
+        return problems
     cgroups_path = str((spec.get("linux") or {}).get("cgroupsPath") or "")
     if cgroups_path:
         problems += remove_sandbox_cgroup(cgroups_path)

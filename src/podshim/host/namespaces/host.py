@@ -22,8 +22,8 @@ The spec is validated completely before anything is made, and a failure half-way
 everything made so far.
 
 When a workload shares the pod's PID namespace, the first :meth:`namespace_path` call for
-"pid" starts ``podshim-init`` (``podshim-init.c`` next to this file, built by
-``scripts/install.sh``): it joins the pod's network, IPC and UTS namespaces, becomes PID 1
+"pid" starts ``podshim-init`` (``podshim-init.c`` next to this file, built into the
+wheel): it joins the pod's network, IPC and UTS namespaces, becomes PID 1
 of a new PID namespace, and is put in the sandbox cgroup with the spec's
 ``oomScoreAdj`` (raised only). Its exit is the host's death (:meth:`wait`). The init runs
 with no capabilities at all (bounding set empty), ``no_new_privs``, not dumpable, no open
@@ -53,21 +53,23 @@ from typing import Any
 from google.protobuf import any_pb2
 
 from podshim import errors as errdefs
+from podshim import rundir
+from podshim.host.contract import Workload, WorkloadRequest
+from podshim.host.control import ExecControl
+from podshim.host.local import LocalWorkloads
 from podshim.host.namespaces import nsexec
 from podshim.host.namespaces.cgroup import (
     SandboxCgroup,
 )
-from podshim.host.namespaces.plan import Plan, plan_from_spec
+from podshim.host.namespaces.plan import PIN_FILES, Plan, plan_from_spec
 from podshim.linux import mount
 from podshim.linux.reaper import Exit, Reaper
+from podshim.task.contract import ShimContext
 
 log = logging.getLogger("podshim.host.namespaces.host")
 
-DEFAULT_STATE_ROOT = "/run/podshim/pods"
 INIT_NAME = "podshim-init"
 
-#: namespaces podshim pins itself, and the name of their pin file
-_PIN_FILES = {"network": "net", "ipc": "ipc", "uts": "uts"}
 
 
 #: how long close() waits for the killed init to be reaped, and for cgroups to empty
@@ -131,14 +133,14 @@ class NamespacesHost:
         spec: dict[str, Any],
         reaper: Reaper,
         *,
-        state_root: str = DEFAULT_STATE_ROOT,
+        state_root: str | None = None,
         init_binary: str | None = None,
     ) -> None:
         self.pod_id = pod_id
         self.namespace = namespace
         self._spec = spec
         self._reaper = reaper
-        self.state_dir = os.path.join(state_root, namespace, pod_id)
+        self.state_dir = os.path.join(state_root or rundir.pods_dir(), namespace, pod_id)
         self._init_binary = init_binary
         self._plan: Plan | None = None
         self._created = False
@@ -151,6 +153,9 @@ class NamespacesHost:
         self._init_exit: asyncio.Future[Exit] | None = None
         self._dead: asyncio.Future[int] | None = None
         self._close_task: asyncio.Task[None] | None = None
+        #: set when close() begins: running execs in the host are killed then
+        self.closing = asyncio.Event()
+        self._workloads = LocalWorkloads(self, spec)
 
     # -- create --------------------------------------------------------------------
 
@@ -201,7 +206,7 @@ class NamespacesHost:
     async def _pin(self, plan: Plan, unshare: str, sh: str) -> None:
         argv = [unshare]
         for t in plan.pins:
-            pin = os.path.join(self.state_dir, _PIN_FILES[t])
+            pin = os.path.join(self.state_dir, PIN_FILES[t])
             fd = os.open(pin, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o400)
             os.close(fd)
             self._pins[t] = pin
@@ -362,6 +367,7 @@ class NamespacesHost:
 
     async def _close(self) -> None:
         self._closing = True
+        self.closing.set()
         try:
             async with self._pid_lock:  # an init being started is started (or not) first
                 await self._kill_init()
@@ -422,10 +428,32 @@ class NamespacesHost:
 
     # -- the rest of the Host protocol ------------------------------------------------
 
+    def exec_target(self) -> nsexec.Target:
+        """Where an exec in this host runs. FailedPrecondition unless created and open."""
+        if not self._created or self._plan is None:
+            raise errdefs.FailedPrecondition(f"namespaces host of pod {self.pod_id} not created")
+        if self._closing:
+            raise errdefs.FailedPrecondition(f"namespaces host of pod {self.pod_id} is closed")
+        nss = tuple((flag, p) for t, flag in nsexec.NS_FLAGS if (p := self._ns_file(t)))
+        cg = self._cgroup
+        procs = tuple(os.path.join(d, "cgroup.procs") for _h, d in cg.dirs) if cg else ()
+        return nsexec.Target(self.pod_id, self._reaper, nss, procs, self.closing)
+
+    async def create_workload(self, ctx: ShimContext, req: WorkloadRequest) -> Workload:
+        return await self._workloads.create(ctx, req)
+
     async def exec_in_host(
-        self, args: list[str], stdin: str, stdout: str, stderr: str, terminal: bool
+        self,
+        args: list[str],
+        stdin: str,
+        stdout: str,
+        stderr: str,
+        terminal: bool,
+        control: ExecControl | None = None,
     ) -> int:
-        return await nsexec.run(self, args, stdin, stdout, stderr, terminal)
+        target = self.exec_target()
+        control = control or ExecControl()
+        return await nsexec.exec_in_host(target, args, stdin, stdout, stderr, terminal, control)
 
     async def dump_stacks(self) -> str:
         return ""

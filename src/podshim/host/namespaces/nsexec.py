@@ -39,17 +39,13 @@ import signal
 import struct
 import sys
 import termios
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from podshim import errors as errdefs
 from podshim.host.control import ExecControl
 from podshim.linux.reaper import Reaper, Result
 from podshim.task.stdio import ProcessIO, Pump, fifo_path
-
-if TYPE_CHECKING:
-    from podshim.host.namespaces.host import NamespacesHost
 
 log = logging.getLogger("podshim.host.namespaces.nsexec")
 
@@ -58,10 +54,9 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 OUTPUT_DRAIN_TIMEOUT = 5.0
 #: how long a SIGKILLed process may take to be reaped before the call gives up on it
 KILL_TIMEOUT = 10.0
-#: how often a running exec checks whether its pod host is closing
-CLOSING_POLL = 0.2
 
-_NS_FLAGS = (("network", "--net"), ("ipc", "--ipc"), ("uts", "--uts"))
+#: OCI namespace type -> nsenter flag, for the namespaces an exec joins
+NS_FLAGS = (("network", "--net"), ("ipc", "--ipc"), ("uts", "--uts"))
 
 _HELPER = r"""
 import fcntl, os, sys, termios
@@ -98,36 +93,22 @@ class Target:
     namespaces: tuple[tuple[str, str], ...] = ()
     #: the sandbox cgroup's ``cgroup.procs`` in every hierarchy
     cgroup_procs: tuple[str, ...] = ()
-    #: whether the pod host is closing (the exec is then killed)
-    closing: Callable[[], bool] = lambda: False
-
-
-def target_of(host: NamespacesHost) -> Target:
-    """The :class:`Target` of a namespaces host (this module is its companion and reads
-    its private state). FailedPrecondition unless the host is created and not closing."""
-    if not host._created or host._plan is None:
-        raise errdefs.FailedPrecondition(f"namespaces host of pod {host.pod_id} not created")
-    if host._closing:
-        raise errdefs.FailedPrecondition(f"namespaces host of pod {host.pod_id} is closed")
-    nss = tuple((flag, p) for t, flag in _NS_FLAGS if (p := host._ns_file(t)) is not None)
-    cg = host._cgroup
-    procs = tuple(os.path.join(d, "cgroup.procs") for _h, d in cg.dirs) if cg else ()
-    return Target(host.pod_id, host._reaper, nss, procs, lambda: host._closing)
-
-
-async def run(
-    host: NamespacesHost, args: list[str], stdin: str, stdout: str, stderr: str, terminal: bool
-) -> int:
-    """``NamespacesHost.exec_in_host``: :func:`exec_in_host` on the host's target."""
-    return await exec_in_host(target_of(host), args, stdin, stdout, stderr, terminal)
+    #: set when the pod host closes (the exec is then killed)
+    closing: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 async def exec_in_host(
-    target: Target, args: list[str], stdin: str, stdout: str, stderr: str, terminal: bool
+    target: Target,
+    args: list[str],
+    stdin: str,
+    stdout: str,
+    stderr: str,
+    terminal: bool,
+    control: ExecControl,
 ) -> int:
     """Run ``args`` in the pod (see the module docstring) and return its exit status
-    (128+signal when killed). Options, signal and resize come through the call's
-    :class:`ExecControl`.
+    (128+signal when killed). Options come from ``control``, which is attached to the
+    process while it runs (signal and resize reach it through the control).
 
     Raises:
         InvalidArgument: no command, a bad environment entry, working directory or
@@ -135,7 +116,6 @@ async def exec_in_host(
         FailedPrecondition: nsenter is missing.
         Internal: the process could not join the sandbox cgroup or start.
     """
-    control = ExecControl.current()
     if not args:
         raise errdefs.InvalidArgument(f"{control.what}: no command")
     env = _environment(control.env, terminal, control.what)
@@ -270,8 +250,7 @@ class _Session:
         raise errdefs.Internal(f"{what}: cannot join the pod's cgroup: {rest or kind}")
 
     async def _watch_host(self) -> None:
-        while not self.target.closing():
-            await asyncio.sleep(CLOSING_POLL)
+        await self.target.closing.wait()
         self.kill("the pod host is closing")
 
 

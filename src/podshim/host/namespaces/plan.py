@@ -20,6 +20,9 @@ from podshim.host.namespaces.cgroup import Resources, resources_from_spec, valid
 
 log = logging.getLogger("podshim.host.namespaces.host")
 
+#: namespaces the host pins itself -> their pin file in the pod's state directory
+PIN_FILES = {"network": "net", "ipc": "ipc", "uts": "uts"}
+
 SYSCTL_KEY = re.compile(r"^[a-z0-9_.]+$")
 
 #: IPC sysctls (besides the kernel.shm*/kernel.msg* families and fs.mqueue.*)

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from podshim import rundir
 from podshim.shim import paths as shim_paths
 from podshim_lab import Containerd, RuntimeHandler, wait_for
 from podshim_lab.cleanup import cgroup_dirs, mounts_under, unmount_under
@@ -65,7 +66,7 @@ CRI_NAMESPACE = "k8s.io"
 #: where the venv's console scripts (the shim binary) live
 BIN_DIR = str(Path(sys.executable).parent)
 #: podshim's per-pod namespace pins: <PODS_DIR>/<containerd namespace>/<pod id>
-PODS_DIR = Path(shim_paths.RUN_DIR) / "pods"
+PODS_DIR = Path(rundir.pods_dir())
 TASK_DIR = "io.containerd.runtime.v2.task"
 #: comm of the pod's PID-namespace init (exists only in shared-PID pods)
 INIT_COMM = "podshim-init"

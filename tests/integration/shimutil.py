@@ -34,6 +34,8 @@ from typing import Any
 
 import pytest
 
+from podshim import rundir
+from podshim.oci import ids as oci_ids
 from podshim.shim import paths as shim_paths
 from podshim_lab import Containerd, wait_for
 from podshim_lab.cleanup import mounts_under
@@ -41,12 +43,12 @@ from podshim_lab.procfs import ProcStat, descendants, read_stat
 
 RUNTIME = "io.containerd.podshim.v1"
 SHIM_BINARY = "containerd-shim-podshim-v1"
-GROUP_ANNOTATION = shim_paths.GROUP_ANNOTATION
+GROUP_ANNOTATION = oci_ids.GROUP_ANNOTATION
 #: where the venv's console scripts (the shim binary) live
 BIN_DIR = str(Path(sys.executable).parent)
-#: podshim's defaults (src/podshim/shim/runc.py, paths.py)
-DEFAULT_RUNC_ROOT = "/run/podshim/runc"
-SOCKET_DIR = shim_paths.SOCKET_DIR
+#: podshim's defaults (src/podshim/rundir.py)
+DEFAULT_RUNC_ROOT = rundir.runtime_root()
+SOCKET_DIR = rundir.sockets_dir()
 TASK_DIR = "io.containerd.runtime.v2.task"
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 

@@ -29,7 +29,6 @@ from podshim.host.none import NoneHost
 from podshim.linux.reaper import Reaper
 from podshim.pod.pod import Pod
 from podshim.service.tasks import TaskService
-from podshim.shim.flags import Flags
 from podshim.task.contract import ExitInfo, ProcessState, ShimContext
 from podshim.task.states import Status
 from podshim.ttrpc.client import Client
@@ -318,10 +317,9 @@ def test_diag_over_ttrpc_and_the_entry_follows_the_pod(
 
     async def main() -> None:
         svc = await shim(pod=False)
-        flags = Flags()
-        flags.namespace, flags.id, flags.address = "k8s.io", "pod1", "/run/c.sock"
         tasks = bind(shim_pb2.DESCRIPTOR.services_by_name["Task"], svc)
-        diag = ShimDiag(svc, tasks, flags, sock)
+        diag = ShimDiag(svc, tasks, address="/run/c.sock", namespace="k8s.io",
+                        first_id="pod1", socket_path=sock)  # fmt: skip
         server = Server([tasks, diag.binding])
         await server.serve_path(sock)
         diag.register()

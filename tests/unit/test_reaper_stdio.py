@@ -169,9 +169,6 @@ def test_resize_without_terminal_is_failed_precondition() -> None:
 def test_terminal_through_console_socket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A fake runtime sends a pty master over the console socket, as runc does."""
     monkeypatch.setenv("PODSHIM_RUN_DIR", str(tmp_path))
-    import podshim.shim.paths as paths
-
-    monkeypatch.setattr(paths, "RUN_DIR", str(tmp_path))
 
     async def main() -> None:
         _, stdout, _ = fifos(tmp_path)

@@ -13,7 +13,7 @@ from podshim import errors as errdefs
 from podshim.api.runc.options import oci_pb2
 from podshim.api.runtimeoptions.v1 import api_pb2 as ro_pb2
 from podshim.logs import LogrusFormatter
-from podshim.oci import runc
+from podshim.oci import ids, runc
 from podshim.oci.runtime import RuntimeConfig
 from podshim.service import config
 from podshim.shim import flags, paths
@@ -46,18 +46,18 @@ def test_flag_errors(argv: list[str], msg: str) -> None:
 
 @pytest.mark.parametrize("good", ["a", "t1", "a.b-c_d", "A" * 76])
 def test_valid_ids(good: str) -> None:
-    assert paths.valid_id(good)
+    assert ids.valid_id(good)
 
 
 @pytest.mark.parametrize("bad", ["", "a/b", "..", "../x", "a..b", "a b", ".a", "a-", "A" * 77])
 def test_invalid_ids(bad: str) -> None:
-    assert not paths.valid_id(bad)
+    assert not ids.valid_id(bad)
 
 
 def test_grouping_order() -> None:
-    ann = {paths.SANDBOX_ID_ANNOTATION: "pod1"}
+    ann = {ids.SANDBOX_ID_ANNOTATION: "pod1"}
     assert paths.group_id("c1", ann) == "pod1"
-    assert paths.group_id("c1", {**ann, paths.GROUP_ANNOTATION: "g"}) == "g"
+    assert paths.group_id("c1", {**ann, ids.GROUP_ANNOTATION: "g"}) == "g"
     assert paths.group_id("c1", {}) == "c1"
 
 
@@ -194,10 +194,10 @@ def test_logrus_text_format() -> None:
 @pytest.mark.parametrize(
     "spec",
     [
-        {"annotations": {paths.SANDBOX_ID_ANNOTATION: "pod1"}},
-        {"annotations": {paths.SANDBOX_ID_ANNOTATION: "pod1", paths.GROUP_ANNOTATION: "g1"}},
-        {"annotations": {"x": f'"{paths.SANDBOX_ID_ANNOTATION}":"evil"'}},  # only in a value
-        {"annotations": {paths.SANDBOX_ID_ANNOTATION: "bad/id"}},
+        {"annotations": {ids.SANDBOX_ID_ANNOTATION: "pod1"}},
+        {"annotations": {ids.SANDBOX_ID_ANNOTATION: "pod1", ids.GROUP_ANNOTATION: "g1"}},
+        {"annotations": {"x": f'"{ids.SANDBOX_ID_ANNOTATION}":"evil"'}},  # only in a value
+        {"annotations": {ids.SANDBOX_ID_ANNOTATION: "bad/id"}},
         {"annotations": {}},
         {},
     ],

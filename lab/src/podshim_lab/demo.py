@@ -1,6 +1,6 @@
 """``podshim demo``: a smoke run of podshim against a private, embedded containerd.
 
-:func:`run` starts a throw-away containerd (:mod:`podshim.lab`: own root, state, socket
+:func:`run` starts a throw-away containerd (:mod:`podshim_lab`: own root, state, socket
 and config; the machine's own containerd is never touched) whose PATH holds the
 ``containerd-shim-podshim-v1`` installed next to the running Python, imports a busybox
 image built locally, and then shows, step by step:
@@ -37,18 +37,18 @@ from typing import TypeVar
 from google.protobuf import empty_pb2
 from google.protobuf.message import Message
 
-from podshim import __version__
+from podshim import __version__, rundir
 from podshim import errors as errdefs
 from podshim.api.events import task_pb2 as events_task_pb2
 from podshim.api.services.ttrpc.events.v1 import events_pb2
 from podshim.api.task.v2 import shim_pb2
 from podshim.api.types import task_pb2 as types_pb2
-from podshim.lab import Containerd, LabError, WaitTimeout, wait_for
-from podshim.lab.procfs import read_stat
-from podshim.oci.runc import RuntimeConfig
-from podshim.shim import paths as shim_paths
-from podshim.task.events import EVENTS_SERVICE, NAMESPACE_METADATA_KEY, envelope_for, forward_sync
+from podshim.oci.runtime import RuntimeConfig
+from podshim.task.events import EVENTS_SERVICE, NAMESPACE_METADATA_KEY, envelope_for
 from podshim.ttrpc.client import call_sync
+from podshim_lab import Containerd, LabError, WaitTimeout, wait_for
+from podshim_lab.events import forward_sync
+from podshim_lab.procfs import read_stat
 
 __all__ = ["DemoError", "run"]
 
@@ -396,7 +396,7 @@ def _demo(lab: Containerd, shim_dir: Path, step: _Step) -> None:
     traces = _shim_shown(lab, image, step)
     _all_gone(lab, step, traces)
     step("a pod with two containers through Kubernetes CRI (runtime handler 'podshim')")
-    from podshim.demo_pod import PodDemoError, show_pod
+    from podshim_lab.demo_pod import PodDemoError, show_pod
 
     try:
         show_pod(lab, _info)
@@ -407,9 +407,9 @@ def _demo(lab: Containerd, shim_dir: Path, step: _Step) -> None:
 
 def _podshim_host_dirs(namespace: str) -> list[Path]:
     """Host-global dirs podshim shims create on demand (outside the lab's own dirs)."""
-    run_dir = Path(shim_paths.RUN_DIR)
+    run_dir = Path(rundir.run_dir())
     runc_root = Path(RuntimeConfig().root)
-    return [run_dir, Path(shim_paths.SOCKET_DIR), runc_root, runc_root / namespace]
+    return [run_dir, Path(rundir.sockets_dir()), runc_root, runc_root / namespace]
 
 
 def _tidy(created: list[Path]) -> list[str]:

@@ -27,15 +27,16 @@ import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, replace
 
+from podshim import rundir
+
 log = logging.getLogger("podshim.diag.registry")
 
 VERSION = 1
-DEFAULT_RUN_DIR = "/run/podshim"
 
 
 def registry_dir() -> str:
     """``$PODSHIM_RUN_DIR/shims`` (read now, not at import), else /run/podshim/shims."""
-    return os.path.join(os.environ.get("PODSHIM_RUN_DIR") or DEFAULT_RUN_DIR, "shims")
+    return rundir.registry_dir()
 
 
 def entry_name(socket: str) -> str:

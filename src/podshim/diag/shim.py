@@ -17,19 +17,25 @@ from podshim.ttrpc.services import CallContext, ServiceBinding, bind
 
 if TYPE_CHECKING:
     from podshim.service.tasks import TaskService
-    from podshim.shim.flags import Flags
 
 
 class ShimDiag:
     """The Diag service of one shim daemon and its registry entry."""
 
     def __init__(
-        self, service: TaskService, tasks: ServiceBinding, flags: Flags, socket_path: str
+        self,
+        service: TaskService,
+        tasks: ServiceBinding,
+        *,
+        address: str,
+        namespace: str,
+        first_id: str,
+        socket_path: str,
     ) -> None:
         self.service = DiagService(service)
         self.binding = bind(diag_pb2.DESCRIPTOR.services_by_name["Diag"], self.service)
         self.registration = Registration.for_this_process(
-            flags.address, flags.namespace, flags.id, socket_path
+            address, namespace, first_id, socket_path
         )
         _follow_pod(tasks, service, self.registration)
 

@@ -193,7 +193,8 @@ async def _serve_until_stopped(flags: Flags, crash: _Crash) -> None:
     sock = socket.socket(fileno=LISTEN_FD)
     path = flags.socket or sock.getsockname()
     tasks = bind(shim_pb2.DESCRIPTOR.services_by_name["Task"], service)
-    diag = ShimDiag(service, tasks, flags, str(path))  # podshim.diag.v1.Diag + registry entry
+    diag = ShimDiag(service, tasks, address=flags.address, namespace=flags.namespace,
+                    first_id=flags.id, socket_path=str(path))  # Diag service + registry entry
     interceptor: Interceptor | None = tracing.rpc_interceptor if tracing.enabled() else None
     server = Server([tasks, diag.binding], interceptor=interceptor)
     crash.server = server

@@ -1,4 +1,4 @@
-"""Where podshim keeps its sockets and state, and how tasks are grouped into shims.
+"""How tasks are grouped into shims, and where each shim's socket is.
 
 Standard library only: used on the ``start`` path.
 """
@@ -12,34 +12,9 @@ try:  # the builtin module: hashlib would load OpenSSL (~5 ms) on the start path
 except ImportError:  # Python 3.12+ names it _sha2
     from hashlib import sha256
 
-#: podshim's own directory under /run (sockets, later the diag registry and pins).
-RUN_DIR = os.environ.get("PODSHIM_RUN_DIR", "/run/podshim")
-SOCKET_DIR = os.path.join(RUN_DIR, "s")
-
-#: Annotation grouping tasks into one shim (like runc's ``io.containerd.runc.v2.group``).
-GROUP_ANNOTATION = "io.containerd.podshim.v1.group"
-SANDBOX_ID_ANNOTATION = "io.kubernetes.cri.sandbox-id"
-CONTAINER_TYPE_ANNOTATION = "io.kubernetes.cri.container-type"
-
-MAX_ID_LEN = 76
-_ALNUM = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
-
-
-def valid_id(value: str) -> bool:
-    """containerd's identifier rule (pkg/identifiers): alphanumerics joined by single
-    ``.``, ``_`` or ``-``, at most 76 characters; so never ``/``, ``..`` or spaces.
-    (No ``re``: this module is on the ``start`` path.)"""
-    if not value or len(value) > MAX_ID_LEN:
-        return False
-    after_sep = True  # must start with an alphanumeric
-    for c in value:
-        if c in _ALNUM:
-            after_sep = False
-        elif c in "._-" and not after_sep:
-            after_sep = True
-        else:
-            return False
-    return not after_sep
+from podshim import rundir
+from podshim.oci import bundle as files
+from podshim.oci.ids import GROUP_ANNOTATION, SANDBOX_ID_ANNOTATION, valid_id
 
 
 def read_annotations(bundle: str) -> dict[str, str]:
@@ -48,7 +23,7 @@ def read_annotations(bundle: str) -> dict[str, str]:
     import json
 
     try:
-        with open(os.path.join(bundle, "config.json"), "rb") as f:
+        with open(os.path.join(bundle, files.CONFIG), "rb") as f:
             spec = json.load(f)
     except (OSError, ValueError):
         return {}
@@ -62,7 +37,7 @@ def bundle_group(task_id: str, bundle: str) -> str:
     ``":"`` can only be a key: quotes inside JSON strings are escaped). Anything unusual
     (spacing, escapes, an invalid id) falls back to a full JSON parse."""
     try:
-        with open(os.path.join(bundle, "config.json"), "rb") as f:
+        with open(os.path.join(bundle, files.CONFIG), "rb") as f:
             raw = f.read()
     except OSError:
         return task_id
@@ -88,10 +63,10 @@ def group_id(task_id: str, annotations: dict[str, str]) -> str:
 
 
 def socket_path(address: str, namespace: str, group: str) -> str:
-    """``/run/podshim/s/<sha256(address/namespace/group)>``: unique per containerd
+    """``<run dir>/s/<sha256(address/namespace/group)>``: unique per containerd
     instance, namespace and group, and short enough for sun_path."""
     digest = sha256(f"{address}/{namespace}/{group}".encode()).hexdigest()
-    return os.path.join(SOCKET_DIR, digest)
+    return os.path.join(rundir.sockets_dir(), digest)
 
 
 def socket_address(path: str) -> str:

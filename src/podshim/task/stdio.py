@@ -29,6 +29,7 @@ import termios
 from urllib.parse import urlparse
 
 from podshim import errors as errdefs
+from podshim import rundir
 
 log = logging.getLogger("podshim.stdio")
 
@@ -311,8 +312,6 @@ class ProcessIO:
 
 
 def _console_base() -> str:
-    from podshim.shim.paths import RUN_DIR
-
-    base = os.path.join(RUN_DIR, "console")
+    base = rundir.console_dir()
     os.makedirs(base, mode=0o700, exist_ok=True)
     return base

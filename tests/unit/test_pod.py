@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from podshim import errors as errdefs
+from podshim.jobs import JobGroup
 from podshim.linux.reaper import Reaper
 from podshim.oci.runtime import RuntimeConfig
 from podshim.pod.pod import Pod
@@ -184,5 +185,37 @@ def test_pid_namespace_init_only_when_shared(tmp_path: Path) -> None:
         assert c2.spec["linux"]["namespaces"][0]["path"] == "/run/fake/pid"
         assert await sb.pids() == [(4321, "")]
         await pod.release()
+
+    run(main)
+
+
+def test_a_failed_job_of_a_pod_fails_that_pod_only(tmp_path: Path) -> None:
+    """An unexpected error in one of the pod's background jobs stops the pod (its
+    workloads report exited, its sandbox exits 1 and closes its host); it never reaches
+    the daemon's own group, whose failures are the shim's crash path."""
+
+    async def main() -> None:
+        daemon_failures: list[BaseException] = []
+        daemon = JobGroup("daemon", on_failure=lambda exc, _job: daemon_failures.append(exc))
+        pub = RecordingPublisher()
+        host = FakeHost()
+        ctx = ShimContext("k8s.io", Reaper(), pub, jobs=daemon)
+        pod = await Pod.create(ctx, "pod1", "/b/pod1", sandbox_spec(), "fake", host=host)
+        sb = pod.sandbox
+        assert sb is not None
+        await sb.start("")
+        c1 = await create(pod, "c1", workload(tmp_path / "c1", sb.pid))
+
+        async def bug() -> None:
+            raise RuntimeError("a bug in a pod's job")
+
+        pod.jobs.spawn(bug(), "bug")
+        ex = await asyncio.wait_for(sb.wait(""), 10)
+        assert ex.status == 1 and host.closes == 1
+        assert [str(e) for e in c1.failed] == ["a bug in a pod's job"] and not c1.running
+        assert pub.topics[-1] == "/tasks/exit"
+        assert daemon_failures == []
+        await pod.release()
+        assert len(daemon) == 0  # the pod's jobs ended with it
 
     run(main)

@@ -1,28 +1,38 @@
-"""The Task contract (``podshim.task.contract.Task``), run against every implementation that
-can run without a kernel: the in-memory FakeTask and the pod SandboxTask. The runc
-Container passes the same points through containerd in tests/integration (test_shim_*)."""
+"""The Task contract (``podshim.task.contract.Task``), run against every kind of task: the
+in-memory FakeTask, the pod SandboxTask, and the Container with a fake OCI driver that
+runs real processes (their exits come through the reaper). The Container with runc
+passes the same points through containerd in tests/integration (test_shim_*)."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
 
 from podshim import errors as errdefs
 from podshim.linux.reaper import Reaper
+from podshim.oci.runtime import RuntimeConfig
 from podshim.pod.sandbox import SandboxTask
+from podshim.task.container import Container
 from podshim.task.contract import ShimContext
 from podshim.task.states import Status
 from tests.unit.fakes import RecordingPublisher
 
+from .fakeoci import fake_oci_factory
 from .fakes import FakeHost, FakeTask
 
 
 async def make(kind: str) -> Any:
     if kind == "fake":
         return FakeTask("t1")
+    if kind == "container":
+        return await make_container()
 
     async def no_workloads(sig: int) -> None:
         return None
@@ -40,7 +50,31 @@ def run(fn: Callable[[], Awaitable[None]]) -> None:
     asyncio.run(asyncio.wait_for(fn(), 30))
 
 
-KINDS = ["fake", "sandbox"]
+KINDS = ["fake", "sandbox", "container"]
+_BUNDLES: list[str] = []
+
+
+@pytest.fixture(autouse=True)
+def _remove_bundles() -> Iterator[None]:
+    yield
+    while _BUNDLES:
+        shutil.rmtree(_BUNDLES.pop(), ignore_errors=True)
+
+
+async def make_container() -> Container:
+    reaper = Reaper()
+    reaper.start()
+    bundle = tempfile.mkdtemp(prefix="podshim-contract-")
+    _BUNDLES.append(bundle)
+    spec = {"process": {"args": ["sleep", "1000"]}, "root": {"path": "rootfs"},
+            "linux": {"namespaces": [{"type": "pid"}]}}  # fmt: skip
+    with open(os.path.join(bundle, "config.json"), "w") as f:
+        json.dump(spec, f)
+    ctx = ShimContext("ns", reaper, RecordingPublisher(), oci=fake_oci_factory())
+    c = Container(ctx, "t1", bundle, spec, [], ctx.oci(RuntimeConfig(), bundle),
+                  terminal=False, stdin="", stdout="", stderr="")  # fmt: skip
+    await c.create()
+    return c
 
 
 @pytest.mark.parametrize("kind", KINDS)

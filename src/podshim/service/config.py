@@ -10,7 +10,7 @@ override the runtime settings. Example (every key optional; these are the defaul
     systemd_cgroup = false
     log_level = "info"            # debug | info | warn | error (-debug forces debug)
     log_format = "text"           # text (logrus-like) | json
-    default_host = "namespaces"   # pod host kind: namespaces | none
+    default_host = "namespaces"   # pod host kind: namespaces | none | a registered plug-in
     zygote = false                # fork shims from a pre-warmed parent (read by `start`)
 """
 
@@ -25,6 +25,7 @@ from google.protobuf import any_pb2
 from podshim import errors as errdefs
 from podshim.api.runc.options import oci_pb2
 from podshim.api.runtimeoptions.v1 import api_pb2 as runtimeoptions_pb2
+from podshim.host import registry
 from podshim.oci.runtime import RuntimeConfig
 
 RUNTIMEOPTIONS_TYPE = "runtimeoptions.v1.Options"
@@ -32,7 +33,6 @@ RUNC_OPTIONS_TYPE = "containerd.runc.v1.Options"
 
 LOG_LEVELS = ("debug", "info", "warn", "error")
 LOG_FORMATS = ("text", "json")
-HOST_KINDS = ("none", "namespaces")
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,10 +92,17 @@ def load_file(path: str) -> Config:
         rt = replace(rt, systemd_cgroup=_expect(table, "systemd_cgroup", bool, path))
     if "zygote" in table:
         cfg = replace(cfg, zygote=_expect(table, "zygote", bool, path))
+    if "default_host" in table:  # any kind the host registry knows (plug-ins too)
+        kind = _expect(table, "default_host", str, path)
+        if not registry.known(kind):
+            raise errdefs.InvalidArgument(
+                f"podshim config {path}: default_host must be one of {registry.names()}, "
+                f"not {kind!r}"
+            )
+        cfg = replace(cfg, default_host=kind)
     for key, allowed in (
         ("log_level", LOG_LEVELS),
         ("log_format", LOG_FORMATS),
-        ("default_host", HOST_KINDS),
     ):
         if key in table:
             value = _expect(table, key, str, path)

@@ -1,6 +1,6 @@
 """Pod lifecycle through CRI: podshim vs ``io.containerd.runc.v2`` on one private containerd.
 
-Both runtimes are CRI handlers of the same private containerd (:mod:`podshim.lab`); their
+Both runtimes are CRI handlers of the same private containerd (:mod:`podshim_lab`); their
 iterations are interleaved so machine load hits both alike. Per iteration and runtime:
 
 * ``run_pod``:    RunPodSandbox (host network, so CNI time is not in the runtime figure;
@@ -31,9 +31,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from podshim.lab.containerd import Containerd
-from podshim.lab.cri.client import CriClient
-from podshim.lab.procfs import ProcStat, process_table
+from podshim_lab.containerd import Containerd
+from podshim_lab.cri.client import CriClient
+from podshim_lab.procfs import ProcStat, process_table
 
 STEPS = ("run_pod", "create_start", "exec_sync", "stop_remove")
 HANDLERS = {"runc.v2": "runc", "podshim": "podshim"}

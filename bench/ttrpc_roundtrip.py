@@ -1,6 +1,6 @@
 """Unary ttrpc round trips: the Go runc shim vs podshim's own ttrpc server.
 
-One run starts a private containerd (:mod:`podshim.lab`), runs a busybox ``sleep`` task
+One run starts a private containerd (:mod:`podshim_lab`), runs a busybox ``sleep`` task
 on ``io.containerd.runc.v2`` and then measures ``containerd.task.v2.Task/State`` with
 the same client code (:class:`podshim.ttrpc.client.Client`) against
 
@@ -298,7 +298,7 @@ async def _state_raw(path: str) -> bytes:
 
 
 def run_bench(seconds: float, max_calls: int) -> dict[str, object]:
-    from podshim.lab import Containerd
+    from podshim_lab import Containerd
 
     results: dict[str, object] = {}
     tmp = tempfile.mkdtemp(prefix="podshim-bench-")

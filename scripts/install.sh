@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent set-up of a Debian 12 machine for podshim: system packages and the
-# Python environment in .venv (podshim installed editable, with the dev tools).
+# Python environment in .venv (podshim installed editable, with the dev tools, and the
+# test lab podshim-lab from lab/, editable too: the tests, the demo and the benchmarks).
 # Runs as root (containerd, runc and the tests need it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,9 +26,12 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 stamp=.venv/.podshim-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+# (re)install when either pyproject.toml changed, or the lab is missing (a venv set up
+# before lab/ existed)
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ lab/pyproject.toml -nt "$stamp" ] ||
+   ! compgen -G '.venv/lib/python3*/site-packages/podshim_lab-*.dist-info' >/dev/null; then
   .venv/bin/pip install -q --disable-pip-version-check --upgrade pip >/dev/null
-  .venv/bin/pip install -q --disable-pip-version-check -e '.[dev]' >/dev/null
+  .venv/bin/pip install -q --disable-pip-version-check -e '.[dev]' -e ./lab >/dev/null
   touch "$stamp"
 fi
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install what is missing, then run the checks CI runs: ruff, mypy --strict, pytest.
+# Install what is missing, then run the checks CI runs: ruff, mypy --strict, the runtime
+# wheel on its own (scripts/check_wheel.sh), pytest.
 # Extra arguments go to pytest, e.g. `scripts/test.sh -m "not integration"` for the
 # fast unit tests only.
 set -euo pipefail
@@ -7,4 +8,5 @@ cd "$(dirname "$0")/.."
 bash scripts/install.sh
 .venv/bin/ruff check .
 .venv/bin/mypy
+bash scripts/check_wheel.sh
 exec .venv/bin/pytest "$@"

@@ -1,4 +1,4 @@
-"""podshim.lab: a private, real containerd (plus images and helpers) for tests.
+"""podshim_lab: a private, real containerd (plus images and helpers) for tests.
 
 * :class:`Containerd` starts containerd below a child-subreaper, drives ``ctr``,
   restarts containerd alone and tears everything down again.
@@ -7,15 +7,15 @@
 * :func:`wait_for` polls a condition with a deadline.
 """
 
-from podshim.lab.config import LabPaths, RuntimeHandler
-from podshim.lab.containerd import Containerd, CtrError, LabError
-from podshim.lab.images import (
+from podshim_lab.config import LabPaths, RuntimeHandler
+from podshim_lab.containerd import Containerd, CtrError, LabError
+from podshim_lab.images import (
     DEFAULT_BUSYBOX_REF,
     DEFAULT_PAUSE_REF,
     build_busybox_image,
     build_pause_image,
 )
-from podshim.lab.poll import WaitTimeout, wait_for
+from podshim_lab.poll import WaitTimeout, wait_for
 
 __all__ = [
     "DEFAULT_BUSYBOX_REF",

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-from podshim.lab.procfs import ProcStat
+from podshim_lab.procfs import ProcStat
 
 __all__ = [
     "Bundle",

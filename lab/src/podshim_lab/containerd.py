@@ -6,7 +6,7 @@ Usage::
         ref = lab.ensure_busybox()
         lab.ctr("run", "--rm", ref, "t1", "echo", "hi")
 
-containerd runs below :mod:`podshim.lab.subreaper`, which reaps the shims and
+containerd runs below :mod:`podshim_lab.subreaper`, which reaps the shims and
 containers it orphans (PID 1 on this machine never does) and restarts containerd
 alone on :meth:`Containerd.restart`, so shims survive it.  :meth:`Containerd.close`
 stops everything, unmounts, removes the CNI bridge, runc state and all dirs.
@@ -15,6 +15,7 @@ stops everything, unmounts, removes the CNI bridge, runc state and all dirs.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import secrets
 import signal
@@ -26,23 +27,23 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
-from podshim.lab import cleanup
-from podshim.lab.config import (
+from podshim_lab import cleanup
+from podshim_lab.config import (
     LabPaths,
     RuntimeHandler,
     TomlValue,
     render_cni_conflist,
     render_config,
 )
-from podshim.lab.images import (
+from podshim_lab.images import (
     DEFAULT_BUSYBOX_REF,
     DEFAULT_PAUSE_REF,
     build_busybox_image,
     build_pause_image,
 )
-from podshim.lab.poll import WaitTimeout, wait_for
-from podshim.lab.procfs import ProcStat, descendants, process_table
-from podshim.lab.subreaper import stop_supervisor
+from podshim_lab.poll import WaitTimeout, wait_for
+from podshim_lab.procfs import ProcStat, descendants, process_table
+from podshim_lab.subreaper import stop_supervisor
 
 __all__ = ["Containerd", "CtrError", "LabError"]
 
@@ -50,7 +51,19 @@ DEFAULT_NAMESPACE = "podshim-test"
 CRI_NAMESPACE = "k8s.io"
 _FIFO_COMMANDS = {("run",)} | {(t, c) for t in ("tasks", "task", "t") for c in ("start", "exec")}
 _RUNC_ROOT_COMMANDS = {("run",)}
-_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # the dir holding "podshim"
+
+
+def _package_roots() -> list[str]:
+    """The dirs holding ``podshim_lab`` and ``podshim`` (once if the same): the PYTHONPATH
+    of the subreaper, of containerd and so of the shims it starts."""
+    roots = [str(Path(__file__).resolve().parents[1])]
+    spec = importlib.util.find_spec("podshim")  # finds, does not import
+    if spec is not None and spec.submodule_search_locations:
+        roots.append(str(Path(next(iter(spec.submodule_search_locations))).resolve().parent))
+    return list(dict.fromkeys(roots))
+
+
+_PACKAGE_ROOTS = _package_roots()
 
 RuntimeSpec = RuntimeHandler | tuple[str, Mapping[str, TomlValue]]
 
@@ -70,7 +83,7 @@ class Containerd:
     """A private containerd instance (context manager; see the module docstring).
 
     Nothing starts before :meth:`start` (or ``with``).  Every path is unique to the
-    instance (see :class:`podshim.lab.config.LabPaths`); ``close()`` only removes
+    instance (see :class:`podshim_lab.config.LabPaths`); ``close()`` only removes
     what the instance created.
     """
 
@@ -236,11 +249,11 @@ class Containerd:
         env.update(self.extra_env)
         env["PATH"] = os.pathsep.join([*self.extra_path, env.get("PATH", os.defpath)])
         env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH", "")) if p
+            p for p in (*_PACKAGE_ROOTS, env.get("PYTHONPATH", "")) if p
         )
         for var in ("CONTAINERD_ADDRESS", "CONTAINERD_NAMESPACE", "NOTIFY_SOCKET"):
             env.pop(var, None)
-        cmd = [sys.executable, "-m", "podshim.lab.subreaper", "--pidfile", str(self.paths.pidfile)]
+        cmd = [sys.executable, "-m", "podshim_lab.subreaper", "--pidfile", str(self.paths.pidfile)]
         cmd += ["--stop-timeout", "20"]
         if self.watch_parent:
             cmd.append("--watch-parent")

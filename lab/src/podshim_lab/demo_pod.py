@@ -12,10 +12,10 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
-from podshim.lab import Containerd, wait_for
-from podshim.lab.cri import api_pb2 as api
-from podshim.lab.cri.client import CriClient, ExecResult
-from podshim.lab.procfs import process_table, read_stat
+from podshim_lab import Containerd, wait_for
+from podshim_lab.cri import api_pb2 as api
+from podshim_lab.cri.client import CriClient, ExecResult
+from podshim_lab.procfs import process_table, read_stat
 
 HANDLER = "podshim"
 

@@ -185,7 +185,7 @@ def build_image(
             "created": _CREATED,
             "config": runtime_config,
             "rootfs": {"type": "layers", "diff_ids": [layer_digest]},
-            "history": [{"created": _CREATED, "created_by": "podshim.lab.images"}],
+            "history": [{"created": _CREATED, "created_by": "podshim_lab.images"}],
         }
     )
     manifest = _canonical(

@@ -1,6 +1,6 @@
 """A tiny child-subreaper supervisor for a private containerd.
 
-Run as ``python -m podshim.lab.subreaper [options] -- cmd args...``.
+Run as ``python -m podshim_lab.subreaper [options] -- cmd args...``.
 
 On this machine PID 1 never reaps orphans, so shims and containers that outlive
 their parents would stay zombies forever.  This process
@@ -22,7 +22,7 @@ their parents would stay zombies forever.  This process
   delete network links; ``--cleanup-empty``/``--cleanup-cgroup``: rmdir shared
   dirs and cgroups if empty), since nobody else will.
 
-The ``/proc`` walking lives in :mod:`podshim.lab.procfs`.
+The ``/proc`` walking lives in :mod:`podshim_lab.procfs`.
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
-from podshim.lab.cleanup import orphan_cleanup
-from podshim.lab.procfs import descendants, thaw_cgroups
+from podshim_lab.cleanup import orphan_cleanup
+from podshim_lab.procfs import descendants, thaw_cgroups
 
 PR_SET_CHILD_SUBREAPER = 36
 _TICK_SECONDS = 0.5
@@ -233,7 +233,7 @@ def stop_supervisor(proc: subprocess.Popen[bytes], timeout: float = 90.0) -> Non
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point."""
-    parser = argparse.ArgumentParser(prog="python -m podshim.lab.subreaper", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m podshim_lab.subreaper", description=__doc__)
     parser.add_argument("--pidfile", type=Path, help="write the command's pid here")
     parser.add_argument(
         "--stop-timeout", type=float, default=30.0, help="seconds before SIGTERM escalates"

@@ -26,8 +26,8 @@ from typing import Any, Literal, NamedTuple, Protocol, TypeVar
 
 import grpc  # type: ignore[import-untyped,unused-ignore]  # typed only with types-grpcio
 
-from podshim.lab.cri import api_pb2 as api
-from podshim.lab.cri import api_pb2_grpc as api_grpc
+from podshim_lab.cri import api_pb2 as api
+from podshim_lab.cri import api_pb2_grpc as api_grpc
 
 __all__ = [
     "DEFAULT_TIMEOUT",

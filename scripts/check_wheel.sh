@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# The runtime distribution as a user gets it: build podshim's sdist and wheel (`python -m
+# build`: the wheel is built from the sdist), check that the wheel holds none of the test
+# lab (podshim_lab, lab/) nor the demo and does not depend on grpc, then install it alone
+# (no dev dependencies) into a fresh venv and check its console scripts there:
+# `podshim version` works, `podshim demo` exits 2 with the one-line hint to install the lab.
+#
+# The build reads a copy of the files git knows (tracked, and untracked but not ignored),
+# so stale build/, *.egg-info or __pycache__ of a working tree cannot leak into it.
+# Needs the network as pip is configured (setuptools for the isolated build, protobuf).
+# Called by scripts/test.sh before pytest; runs as any user; uses .venv (scripts/install.sh).
+#
+# TODO(next step): also run `lint-imports` (import-linter) in that fresh venv, so the
+# layering contracts are checked against the installed runtime alone.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+# nothing from this checkout or the caller's environment may be importable in the venv
+unset PYTHONPATH PYTHONHOME PYTHONSTARTUP
+HINT="podshim demo needs the test lab: pip install ./lab (run from a podshim checkout)"
+PIP=(--disable-pip-version-check -q)
+
+tmp=$(mktemp -d "${TMPDIR:-/tmp}/podshim-wheel.XXXXXX")
+trap 'rm -rf "$tmp"' EXIT
+
+fail() {
+  echo "check_wheel.sh: $*" >&2
+  exit 1
+}
+
+# -- the source tree to build from -----------------------------------------------------
+src=$tmp/src
+mkdir -p "$src"
+if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+  git ls-files -z --cached --others --exclude-standard |
+    while IFS= read -r -d '' f; do [ -e "$f" ] && printf '%s\0' "$f"; done |
+    tar --null -T - -cf - | tar -xf - -C "$src"
+else  # not a git checkout (e.g. an unpacked archive): everything but the venv
+  tar --exclude=./.venv -cf - . | tar -xf - -C "$src"
+fi
+
+# -- build -----------------------------------------------------------------------------
+dist=$tmp/dist
+if ! .venv/bin/python -m build --outdir "$dist" "$src" >"$tmp/build.log" 2>&1; then
+  cat "$tmp/build.log" >&2
+  fail "python -m build failed"
+fi
+wheels=("$dist"/podshim-*.whl)
+sdists=("$dist"/podshim-*.tar.gz)
+[ -f "${wheels[0]}" ] && [ ${#wheels[@]} -eq 1 ] || fail "expected one wheel in $dist: $(ls "$dist")"
+[ -f "${sdists[0]}" ] && [ ${#sdists[@]} -eq 1 ] || fail "expected one sdist in $dist: $(ls "$dist")"
+wheel=${wheels[0]}
+
+# -- what the wheel holds --------------------------------------------------------------
+.venv/bin/python - "$wheel" <<'EOF'
+import re
+import sys
+import zipfile
+
+wheel = sys.argv[1]
+with zipfile.ZipFile(wheel) as zf:
+    names = zf.namelist()
+    metadata = next(n for n in names if n.endswith(".dist-info/METADATA"))
+    requires = [
+        line.split(":", 1)[1].strip()
+        for line in zf.read(metadata).decode().splitlines()
+        if line.startswith("Requires-Dist:")
+    ]
+bad = [
+    n
+    for n in names
+    if n.startswith(("podshim/lab/", "podshim_lab"))
+    or re.fullmatch(r"podshim/demo[^/]*\.py", n)
+    or n.startswith("lab/")
+]
+problems = [f"must not be in the wheel: {n}" for n in bad]
+if "podshim/cli.py" not in names or "podshim/py.typed" not in names:
+    problems.append("podshim/cli.py or podshim/py.typed missing: is this the runtime wheel?")
+# runtime requirements (extras such as otel aside) must not pull in grpc
+runtime = [r for r in requires if "extra ==" not in r]
+problems += [f"runtime requirement {r!r} pulls in grpc" for r in runtime if "grpc" in r.lower()]
+if problems:
+    print(f"check_wheel.sh: {wheel}:", *problems, sep="\n  ", file=sys.stderr)
+    sys.exit(1)
+EOF
+
+# -- the wheel alone, in a fresh venv --------------------------------------------------
+venv=$tmp/venv
+"$PY" -m venv "$venv"
+(cd "$tmp" && "$venv/bin/pip" install "${PIP[@]}" "$wheel") || fail "pip install $wheel failed"
+
+version=$(cd "$tmp" && "$venv/bin/podshim" version) || fail "podshim version failed"
+case $version in
+  "podshim "[0-9]*) ;;
+  *) fail "podshim version printed: $version" ;;
+esac
+
+rc=0
+(cd "$tmp" && "$venv/bin/podshim" demo) >"$tmp/demo.out" 2>"$tmp/demo.err" || rc=$?
+[ "$rc" -eq 2 ] || fail "podshim demo without the lab exited $rc (want 2): $(cat "$tmp/demo.err")"
+[ ! -s "$tmp/demo.out" ] || fail "podshim demo without the lab wrote to stdout: $(cat "$tmp/demo.out")"
+[ "$(cat "$tmp/demo.err")" = "$HINT" ] ||
+  fail "podshim demo without the lab printed, on stderr: $(cat "$tmp/demo.err") (want: $HINT)"
+[ "$(wc -l <"$tmp/demo.err")" -eq 1 ] || fail "the hint is not exactly one line"
+
+"$venv/bin/python" -c 'import grpc' 2>/dev/null && fail "grpc is installed with the runtime wheel"
+
+# TODO(next step): run `lint-imports` here, in "$venv" (the runtime alone).
+
+echo "check_wheel.sh: $(basename "$wheel") ok: no lab, no demo, no grpc; podshim demo -> hint (exit 2)"

@@ -15,6 +15,7 @@ from podshim.host.control import ExecControl
 from podshim.host.local import LocalWorkloads, MakeWorkload
 from podshim.task.contract import ShimContext
 from podshim.task.events import topic_for
+from podshim.task.states import Verb
 
 
 class FakeHost:
@@ -161,14 +162,14 @@ class FakeTask:
         from podshim.task.contract import ExitInfo
 
         p = self._p(eid)
-        if p["m"].can("exit"):
-            p["m"].fire("exit")
+        if p["m"].can(Verb.EXIT):
+            p["m"].fire(Verb.EXIT)
             p["exit"] = ExitInfo(status, 1.0)
             p["ev"].set()
 
     async def start(self, exec_id: str) -> int:
         p = self._p(exec_id)
-        p["m"].fire("start")
+        p["m"].fire(Verb.START)
         p["pid"] = 100 + len(self.procs)
         return int(p["pid"])
 
@@ -198,7 +199,7 @@ class FakeTask:
         from podshim.task.contract import ExitInfo
 
         p = self._p(exec_id)
-        p["m"].fire("delete")
+        p["m"].fire(Verb.DELETE)
         if exec_id:
             del self.procs[exec_id]
         return int(p["pid"]), p["exit"] or ExitInfo(0, 1.0)
@@ -212,10 +213,10 @@ class FakeTask:
         return [(int(p["pid"]), eid) for eid, p in self.procs.items() if p["pid"]]
 
     async def pause(self) -> None:
-        self.procs[""]["m"].fire("pause")
+        self.procs[""]["m"].fire(Verb.PAUSE)
 
     async def resume(self) -> None:
-        self.procs[""]["m"].fire("resume")
+        self.procs[""]["m"].fire(Verb.RESUME)
 
     async def update(self, resources: Any) -> None:
         return None

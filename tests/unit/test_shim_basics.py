@@ -17,7 +17,7 @@ from podshim.oci import ids, runc
 from podshim.oci.runtime import RuntimeConfig
 from podshim.service import config
 from podshim.shim import flags, paths
-from podshim.task.states import EXEC_TABLE, INIT_TABLE, Machine, Status
+from podshim.task.states import EXEC_TABLE, INIT_TABLE, Machine, Status, Verb
 
 
 def test_flags_as_containerd_passes_them() -> None:
@@ -79,27 +79,27 @@ def test_read_annotations_tolerates_bad_bundles(tmp_path: Path) -> None:
 # -- state tables ----------------------------------------------------------------------
 def test_init_lifecycle_table() -> None:
     m = Machine(INIT_TABLE, "task t")
-    assert m.fire("start") is Status.RUNNING
-    assert m.fire("pause") is Status.PAUSED
-    assert m.fire("resume") is Status.RUNNING
+    assert m.fire(Verb.START) is Status.RUNNING
+    assert m.fire(Verb.PAUSE) is Status.PAUSED
+    assert m.fire(Verb.RESUME) is Status.RUNNING
     with pytest.raises(errdefs.FailedPrecondition, match="cannot delete a running process"):
-        m.check("delete")
+        m.check(Verb.DELETE)
     m.check_kill()
-    assert m.fire("exit") is Status.STOPPED
+    assert m.fire(Verb.EXIT) is Status.STOPPED
     with pytest.raises(errdefs.NotFound, match="already finished"):
         m.check_kill()
     with pytest.raises(errdefs.FailedPrecondition, match="cannot start a stopped process"):
-        m.check("start")
-    assert m.fire("delete") is Status.DELETED
+        m.check(Verb.START)
+    assert m.fire(Verb.DELETE) is Status.DELETED
     assert m.state.wire == Status.STOPPED.value
     with pytest.raises(errdefs.NotFound):
-        m.check("delete")
+        m.check(Verb.DELETE)
 
 
 def test_exec_cannot_pause_and_created_can_be_deleted() -> None:
     m = Machine(EXEC_TABLE, "exec e")
     assert "pause" not in EXEC_TABLE
-    assert m.fire("delete") is Status.DELETED
+    assert m.fire(Verb.DELETE) is Status.DELETED
 
 
 @pytest.mark.parametrize("table", [INIT_TABLE, EXEC_TABLE])
@@ -211,3 +211,26 @@ def test_bundle_group_fast_path_agrees_with_json(
     )
     expected = paths.group_id("t1", paths.read_annotations(str(tmp_path)))
     assert paths.bundle_group("t1", str(tmp_path)) == expected
+
+
+def test_lifecycle_tables_refuse_illegal_moves_with_one_error_kind() -> None:
+    from podshim.task.states import (
+        HOST_TABLE,
+        PUBLISHER_TABLE,
+        HostState,
+        Lifecycle,
+        PublisherState,
+    )
+
+    host = Lifecycle(HOST_TABLE, HostState.NEW, "host h")
+    with pytest.raises(errdefs.FailedPrecondition, match="host h is new: cannot ready"):
+        host.fire(Verb.READY)
+    assert [host.fire(v) for v in (Verb.CREATE, Verb.READY, Verb.CLOSE, Verb.CLOSED)] == [
+        HostState.CREATING, HostState.READY, HostState.CLOSING, HostState.CLOSED,
+    ]  # fmt: skip
+    with pytest.raises(errdefs.FailedPrecondition):
+        host.fire(Verb.CREATE)  # a host is made once
+    pub = Lifecycle(PUBLISHER_TABLE, PublisherState.IDLE, "events publisher")
+    assert pub.fire(Verb.CLOSE) is PublisherState.CLOSED
+    with pytest.raises(errdefs.FailedPrecondition, match="closed: cannot start"):
+        pub.fire(Verb.START)

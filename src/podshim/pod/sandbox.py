@@ -41,7 +41,7 @@ from podshim.api.events import task_pb2 as ev
 from podshim.host.contract import Host
 from podshim.logs import TaskLogger
 from podshim.task.contract import ExecRequest, ExitInfo, ProcessState, ShimContext, timestamp
-from podshim.task.states import Machine, Status
+from podshim.task.states import SANDBOX_INIT_TABLE, Machine, Status, Verb
 
 if TYPE_CHECKING:
     from podshim.cgroups.stats import Metrics
@@ -63,16 +63,6 @@ class Measured(Protocol):
 
 def _no_workloads() -> list[Measured]:
     return []
-
-
-C, R, S, D = Status.CREATED, Status.RUNNING, Status.STOPPED, Status.DELETED
-
-#: the fake init's table (the seed's wcowPodSandboxExec)
-SANDBOX_INIT_TABLE: dict[str, dict[Status, Status]] = {
-    "start": {C: R},
-    "exit": {C: S, R: S},
-    "delete": {C: D, S: D},
-}
 
 
 class SandboxTask:
@@ -138,8 +128,8 @@ class SandboxTask:
         """Move the init to Exited with ``status`` (idempotent; no event: close sends it)."""
         if self._init_exited.is_set():
             return
-        if self.machine.can("exit"):
-            self.machine.fire("exit")
+        if self.machine.can(Verb.EXIT):
+            self.machine.fire(Verb.EXIT)
         self.exit = ExitInfo(status, time.time())
         self._init_exited.set()
 
@@ -184,7 +174,7 @@ class SandboxTask:
     # -- Task ---------------------------------------------------------------------------
     async def start(self, exec_id: str) -> int:
         self._no_exec(exec_id)
-        self.machine.fire("start")
+        self.machine.fire(Verb.START)
         self.ctx.publisher.publish(ev.TaskStart(container_id=self.id, pid=self._pid))
         return self._pid
 
@@ -221,11 +211,11 @@ class SandboxTask:
 
     async def delete(self, exec_id: str) -> tuple[int, ExitInfo]:
         self._no_exec(exec_id)
-        self.machine.check("delete")  # Running -> FailedPrecondition
+        self.machine.check(Verb.DELETE)  # Running -> FailedPrecondition
         if self.machine.state is Status.CREATED:
             self.force_exit(0)
         await self.close()  # /tasks/exit before /tasks/delete
-        self.machine.fire("delete")
+        self.machine.fire(Verb.DELETE)
         await self.jobs.aclose()
         ex = self.exit or ExitInfo(0, time.time())
         self.ctx.publisher.publish(

@@ -18,6 +18,7 @@ from google.protobuf.message import Message
 from podshim import errors as errdefs
 from podshim.api.services.ttrpc.events.v1 import events_pb2
 from podshim.task.events import EVENTS_SERVICE, NAMESPACE_METADATA_KEY, NullPublisher, envelope_for
+from podshim.task.states import PUBLISHER_TABLE, Lifecycle, PublisherState, Verb
 from podshim.ttrpc.client import Client
 
 log = logging.getLogger("podshim.service.publisher")
@@ -107,8 +108,10 @@ class ForwardPublisher:
         self._last_seq = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: int | None = None
+        #: the sender job, owned by this publisher: close() cancels and awaits it
         self._task: asyncio.Task[None] | None = None
-        self._closed = False
+        #: IDLE -> SENDING -> CLOSED (tables in podshim.task.states)
+        self.life = Lifecycle(PUBLISHER_TABLE, PublisherState.IDLE, "events publisher")
         self._wakeup = asyncio.Event()  # queue became non-empty
         self._head_dropped = asyncio.Event()  # cut a retry backoff short
         self._progress = asyncio.Event()  # replaced each time the queue head advances
@@ -166,7 +169,7 @@ class ForwardPublisher:
         """
         if not self._closed:
             flushed = await self.flush(timeout)
-            self._closed = True
+            self.life.fire(Verb.CLOSE)
             if not flushed:
                 log.warning(
                     "events: closing with %d undelivered event(s); dropped", len(self._queue)
@@ -194,6 +197,7 @@ class ForwardPublisher:
         if self._task is not None:
             return
         loop = asyncio.get_running_loop()
+        self.life.fire(Verb.START)
         self._loop = loop
         self._thread = threading.get_ident()
         self._task = loop.create_task(self._run(), name="podshim-events")
@@ -204,6 +208,10 @@ class ForwardPublisher:
         return len(self._queue)
 
     # -- internals ---------------------------------------------------------------------
+    @property
+    def _closed(self) -> bool:
+        return self.life.state is PublisherState.CLOSED
+
     def _settled(self, seq: int) -> bool:
         return not self._queue or self._queue[0].seq > seq
 

@@ -30,7 +30,7 @@ from podshim.oci.runtime import OciRuntime
 from podshim.oci.spec import Spec, private_pid_ns
 from podshim.task.contract import ExecRequest, ExitInfo, ProcessState, ShimContext, timestamp
 from podshim.task.process import Process
-from podshim.task.states import Status
+from podshim.task.states import Status, Verb
 
 if TYPE_CHECKING:
     from podshim.cgroups.stats import Metrics
@@ -238,10 +238,10 @@ class Container:
     async def start(self, exec_id: str) -> int:
         p = self._proc(exec_id)
         async with p.lock:
-            p.machine.check("start")
+            p.machine.check(Verb.START)
             if p is self.init:
                 await self.runc.start(self.id)
-                p.machine.fire("start")
+                p.machine.fire(Verb.START)
                 self.ctx.publisher.publish(ev.TaskStart(container_id=self.id, pid=p.pid))
             else:
                 await self._start_exec(p)
@@ -268,7 +268,7 @@ class Container:
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(spec_path)
-        p.machine.fire("start")
+        p.machine.fire(Verb.START)
         p.monitor = self.jobs.spawn(self._monitor(p), f"waitExit:{self.id}:{p.exec_id}")
         self.ctx.publisher.publish(
             ev.TaskExecStarted(container_id=self.id, exec_id=p.exec_id, pid=p.pid)
@@ -324,7 +324,7 @@ class Container:
         p = self._proc(exec_id)
         p.check_delete()
         if p is not self.init:
-            p.machine.fire("delete")
+            p.machine.fire(Verb.DELETE)
             p.release()
             del self.execs[exec_id]
             self.execs_spec.pop(exec_id, None)
@@ -342,7 +342,7 @@ class Container:
             pass
         except errdefs.ShimError:
             await self.runc.delete(self.id, force=True)
-        p.machine.fire("delete")
+        p.machine.fire(Verb.DELETE)
         self._stop_oom_watch()
         for e in self.execs.values():
             e.release()
@@ -367,15 +367,15 @@ class Container:
         return [(pid, by_pid.get(pid, "")) for pid in await self.runc.ps(self.id)]
 
     async def pause(self) -> None:
-        self.init.machine.check("pause")
+        self.init.machine.check(Verb.PAUSE)
         await self.runc.pause(self.id)
-        self.init.machine.fire("pause")
+        self.init.machine.fire(Verb.PAUSE)
         self.ctx.publisher.publish(ev.TaskPaused(container_id=self.id))
 
     async def resume(self) -> None:
-        self.init.machine.check("resume")
+        self.init.machine.check(Verb.RESUME)
         await self.runc.resume(self.id)
-        self.init.machine.fire("resume")
+        self.init.machine.fire(Verb.RESUME)
         self.ctx.publisher.publish(ev.TaskResumed(container_id=self.id))
 
     async def update(self, resources: any_pb2.Any) -> None:

@@ -15,7 +15,7 @@ import time
 
 from podshim import errors as errdefs
 from podshim.task.contract import ExitInfo, ProcessState
-from podshim.task.states import EXEC_TABLE, INIT_TABLE, Machine, Status
+from podshim.task.states import EXEC_TABLE, INIT_TABLE, Machine, Status, Verb
 from podshim.task.stdio import ProcessIO
 
 log = logging.getLogger("podshim.process")
@@ -94,8 +94,8 @@ class Process:
         async with self.lock:
             if self._exited.is_set():
                 return False
-            if self.machine.can("exit"):
-                self.machine.fire("exit")
+            if self.machine.can(Verb.EXIT):
+                self.machine.fire(Verb.EXIT)
             self.exit = ExitInfo(status, at)
             self._exited.set()
         return True
@@ -105,14 +105,14 @@ class Process:
         exit so waiters return. False when an exit was already recorded."""
         if self._exited.is_set():
             return False
-        if self.machine.can("exit"):
-            self.machine.fire("exit")
+        if self.machine.can(Verb.EXIT):
+            self.machine.fire(Verb.EXIT)
         self.exit = ExitInfo(status, time.time())
         self._exited.set()
         return True
 
     def check_delete(self) -> None:
-        self.machine.check("delete")
+        self.machine.check(Verb.DELETE)
 
     def close_io(self) -> None:
         self.io.close_stdin()

@@ -1,13 +1,21 @@
-"""Process state machines as explicit tables.
+"""Every state machine of podshim, as explicit tables, in this one file.
 
 Every legal move is one row below; anything else is refused with the error kind
-containerd expects. Rule: code changes a process's state only through
-:meth:`Machine.fire`, so this file is the whole story of which transitions exist.
+containerd expects (:class:`Machine`) or, for lifecycles that are not processes, with
+FailedPrecondition (:class:`Lifecycle`): one error kind per kind of refusal, everywhere.
+Rule: code changes a state only through ``fire``, so this file is the whole story of
+which transitions exist. Verbs are an Enum (:class:`Verb`); states are Enums.
+
+* process status tables: a container's init (:data:`INIT_TABLE`), an exec
+  (:data:`EXEC_TABLE`), the pod sandbox's fake init (:data:`SANDBOX_INIT_TABLE`);
+* lifecycles: a pod host (:data:`HOST_TABLE`), the event publisher
+  (:data:`PUBLISHER_TABLE`).
 """
 
 from __future__ import annotations
 
 import enum
+from typing import Generic, TypeVar
 
 from podshim import errors as errdefs
 
@@ -28,43 +36,66 @@ class Status(enum.Enum):
         return Status.STOPPED.value if self is Status.DELETED else self.value
 
 
+class Verb(enum.StrEnum):
+    """What can happen to a state machine (the rows of the tables)."""
+
+    START = "start"
+    PAUSE = "pause"
+    RESUME = "resume"
+    EXIT = "exit"
+    DELETE = "delete"
+    # lifecycles
+    CREATE = "create"
+    READY = "ready"
+    FAIL = "fail"
+    CLOSE = "close"
+    CLOSED = "closed"
+
+
 C, R, S, P, D = Status.CREATED, Status.RUNNING, Status.STOPPED, Status.PAUSED, Status.DELETED
 
-#: event -> {from: to}, for a container's init process.
-INIT_TABLE: dict[str, dict[Status, Status]] = {
-    "start": {C: R},
-    "pause": {R: P},
-    "resume": {P: R},
-    "exit": {C: S, R: S, P: S},
-    "delete": {C: D, S: D},
+Table = dict[Verb, dict[Status, Status]]
+
+#: a container's init process
+INIT_TABLE: Table = {
+    Verb.START: {C: R},
+    Verb.PAUSE: {R: P},
+    Verb.RESUME: {P: R},
+    Verb.EXIT: {C: S, R: S, P: S},
+    Verb.DELETE: {C: D, S: D},
 }
 
-#: event -> {from: to}, for an exec'd process.
-EXEC_TABLE: dict[str, dict[Status, Status]] = {
-    "start": {C: R},
-    "exit": {C: S, R: S},
-    "delete": {C: D, S: D},
+#: an exec'd process
+EXEC_TABLE: Table = {
+    Verb.START: {C: R},
+    Verb.EXIT: {C: S, R: S},
+    Verb.DELETE: {C: D, S: D},
+}
+
+#: the pod sandbox's fake init (the seed's wcowPodSandboxExec)
+SANDBOX_INIT_TABLE: Table = {
+    Verb.START: {C: R},
+    Verb.EXIT: {C: S, R: S},
+    Verb.DELETE: {C: D, S: D},
 }
 
 #: Operations that do not change state, and the states they are allowed in.
 KILLABLE = frozenset({C, R, P})
 
-_VERBS = {"start": "start", "pause": "pause", "resume": "resume", "delete": "delete"}
-
 
 class Machine:
     """The state of one process, moved only by :meth:`fire`."""
 
-    def __init__(self, table: dict[str, dict[Status, Status]], what: str) -> None:
+    def __init__(self, table: Table, what: str) -> None:
         self.table = table
         self.what = what  # e.g. "task t1" or "exec e1 of task t1", for messages
         self.state = Status.CREATED
 
-    def can(self, event: str) -> bool:
-        return self.state in self.table[event]
+    def can(self, verb: Verb) -> bool:
+        return self.state in self.table[verb]
 
-    def check(self, event: str) -> None:
-        """Raise the error containerd expects when ``event`` is illegal now.
+    def check(self, verb: Verb) -> None:
+        """Raise the error containerd expects when ``verb`` is illegal now.
 
         Raises:
             FailedPrecondition: e.g. starting a running process, deleting a running one.
@@ -72,16 +103,15 @@ class Machine:
         """
         if self.state is Status.DELETED:
             raise errdefs.NotFound(f"{self.what}: deleted")
-        if not self.can(event):
+        if not self.can(verb):
             raise errdefs.FailedPrecondition(
-                f"{self.what}: cannot {_VERBS.get(event, event)} a "
-                f"{self.state.name.lower()} process"
+                f"{self.what}: cannot {verb.value} a {self.state.name.lower()} process"
             )
 
-    def fire(self, event: str) -> Status:
-        """Apply ``event`` (after :meth:`check`) and return the new state."""
-        self.check(event)
-        self.state = self.table[event][self.state]
+    def fire(self, verb: Verb) -> Status:
+        """Apply ``verb`` (after :meth:`check`) and return the new state."""
+        self.check(verb)
+        self.state = self.table[verb][self.state]
         return self.state
 
     def check_kill(self) -> None:
@@ -93,3 +123,67 @@ class Machine:
         """
         if self.state not in KILLABLE:
             raise errdefs.NotFound(f"{self.what}: process already finished")
+
+
+# -- lifecycles that are not processes ---------------------------------------------------
+
+
+class HostState(enum.Enum):
+    NEW = "new"
+    CREATING = "creating"
+    READY = "ready"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+#: a pod host: created once; a failed create closes it (its undo ran); closing is final
+HOST_TABLE: dict[Verb, dict[HostState, HostState]] = {
+    Verb.CREATE: {HostState.NEW: HostState.CREATING},
+    Verb.READY: {HostState.CREATING: HostState.READY},
+    Verb.FAIL: {HostState.CREATING: HostState.CLOSED},
+    Verb.CLOSE: {
+        HostState.NEW: HostState.CLOSING,
+        HostState.READY: HostState.CLOSING,
+        HostState.CLOSING: HostState.CLOSING,
+        HostState.CLOSED: HostState.CLOSED,
+    },
+    Verb.CLOSED: {HostState.CLOSING: HostState.CLOSED, HostState.CLOSED: HostState.CLOSED},
+}
+
+
+class PublisherState(enum.Enum):
+    IDLE = "idle"  # made, nothing sent yet (no I/O in the constructor)
+    SENDING = "sending"  # its sender job runs
+    CLOSED = "closed"  # flushed and stopped: later events are dropped
+
+
+#: the event publisher
+PUBLISHER_TABLE: dict[Verb, dict[PublisherState, PublisherState]] = {
+    Verb.START: {PublisherState.IDLE: PublisherState.SENDING},
+    Verb.CLOSE: {
+        PublisherState.IDLE: PublisherState.CLOSED,
+        PublisherState.SENDING: PublisherState.CLOSED,
+        PublisherState.CLOSED: PublisherState.CLOSED,
+    },
+}
+
+E = TypeVar("E", bound=enum.Enum)
+
+
+class Lifecycle(Generic[E]):
+    """The state of something that is not a process (a host, the publisher), moved only
+    by :meth:`fire`; an illegal move is FailedPrecondition naming it."""
+
+    def __init__(self, table: dict[Verb, dict[E, E]], initial: E, what: str) -> None:
+        self.table, self.state, self.what = table, initial, what
+
+    def can(self, verb: Verb) -> bool:
+        return self.state in self.table[verb]
+
+    def fire(self, verb: Verb) -> E:
+        if not self.can(verb):
+            raise errdefs.FailedPrecondition(
+                f"{self.what} is {self.state.value}: cannot {verb.value}"
+            )
+        self.state = self.table[verb][self.state]
+        return self.state

@@ -65,6 +65,7 @@ from podshim.host.namespaces.plan import PIN_FILES, Plan, plan_from_spec
 from podshim.linux import mount
 from podshim.linux.reaper import Exit, Reaper
 from podshim.task.contract import ShimContext
+from podshim.task.states import HOST_TABLE, HostState, Lifecycle, Verb
 
 log = logging.getLogger("podshim.host.namespaces.host")
 
@@ -143,8 +144,8 @@ class NamespacesHost:
         self.state_dir = os.path.join(state_root or rundir.pods_dir(), namespace, pod_id)
         self._init_binary = init_binary
         self._plan: Plan | None = None
-        self._created = False
-        self._closing = False
+        #: NEW -> CREATING -> READY -> CLOSING -> CLOSED (tables in podshim.task.states)
+        self.life = Lifecycle(HOST_TABLE, HostState.NEW, f"namespaces host of pod {pod_id}")
         self._state_made = False
         self._pins: dict[str, str] = {}  # ns type -> pin file (made by us)
         self._cgroup: SandboxCgroup | None = None
@@ -160,7 +161,7 @@ class NamespacesHost:
     # -- create --------------------------------------------------------------------
 
     async def create(self) -> None:
-        if self._created or self._closing:
+        if self.life.state is not HostState.NEW:
             raise errdefs.FailedPrecondition(f"namespaces host of pod {self.pod_id} already used")
         _check_component(self.namespace, "namespace")
         _check_component(self.pod_id, "pod id")
@@ -174,7 +175,7 @@ class NamespacesHost:
                 f"state directory {self.state_dir} of pod {self.pod_id} already exists"
             )
         cgroup = SandboxCgroup(plan.cgroups_path, pod_id=self.pod_id) if plan.cgroups_path else None
-        self._created = True
+        self.life.fire(Verb.CREATE)
         self._plan = plan
         try:
             os.makedirs(os.path.dirname(self.state_dir), mode=0o711, exist_ok=True)
@@ -193,8 +194,9 @@ class NamespacesHost:
         except BaseException as exc:
             log.warning("pod %s: create failed, undoing: %s", self.pod_id, exc)
             await self._teardown()
-            self._closing = True
+            self.life.fire(Verb.FAIL)
             raise
+        self.life.fire(Verb.READY)
         log.info(
             "pod %s: namespaces host ready (pins %s, netns %s, cgroup %s)",
             self.pod_id,
@@ -366,7 +368,7 @@ class NamespacesHost:
             log.error("pod %s: close failed: %s", self.pod_id, exc)
 
     async def _close(self) -> None:
-        self._closing = True
+        self.life.fire(Verb.CLOSE)
         self.closing.set()
         try:
             async with self._pid_lock:  # an init being started is started (or not) first
@@ -374,6 +376,7 @@ class NamespacesHost:
         except Exception as exc:
             log.error("pod %s: stopping the init: %s", self.pod_id, exc)
         await self._teardown()
+        self.life.fire(Verb.CLOSED)
         dead = self._dead_future()
         if not dead.done():
             dead.set_result(0)
@@ -427,6 +430,14 @@ class NamespacesHost:
                 log.log(level, "pod %s: remove %s: %s", self.pod_id, self.state_dir, exc)
 
     # -- the rest of the Host protocol ------------------------------------------------
+
+    @property
+    def _created(self) -> bool:
+        return self.life.state is not HostState.NEW
+
+    @property
+    def _closing(self) -> bool:
+        return self.life.state in (HostState.CLOSING, HostState.CLOSED)
 
     def exec_target(self) -> nsexec.Target:
         """Where an exec in this host runs. FailedPrecondition unless created and open."""

@@ -9,9 +9,8 @@
 # so stale build/, *.egg-info or __pycache__ of a working tree cannot leak into it.
 # Needs the network as pip is configured (setuptools for the isolated build, protobuf).
 # Called by scripts/test.sh before pytest; runs as any user; uses .venv (scripts/install.sh).
-#
-# TODO(next step): also run `lint-imports` (import-linter) in that fresh venv, so the
-# layering contracts are checked against the installed runtime alone.
+# Last, `lint-imports` (import-linter, pinned as in pyproject's dev extra) checks the
+# layering contracts of pyproject.toml against the installed runtime alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -106,6 +105,12 @@ rc=0
 
 "$venv/bin/python" -c 'import grpc' 2>/dev/null && fail "grpc is installed with the runtime wheel"
 
-# TODO(next step): run `lint-imports` here, in "$venv" (the runtime alone).
+# -- layering contracts, against the runtime alone ----------------------------------------
+il=$(grep -o '"import-linter==[^"]*"' pyproject.toml | tr -d '"')
+"$venv/bin/pip" install "${PIP[@]}" "$il" || fail "pip install $il failed"
+"$venv/bin/lint-imports" --no-cache >"$tmp/lint.out" 2>&1 || {
+  cat "$tmp/lint.out" >&2
+  fail "lint-imports: a layering contract is broken"
+}
 
-echo "check_wheel.sh: $(basename "$wheel") ok: no lab, no demo, no grpc; podshim demo -> hint (exit 2)"
+echo "check_wheel.sh: $(basename "$wheel") ok: no lab, no demo, no grpc; podshim demo -> hint (exit 2); import contracts kept"

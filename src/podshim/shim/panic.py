@@ -11,9 +11,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-import traceback
 
-from podshim.logs import go_time
 from podshim.oci import bundle as files
 
 #: how much of it the delete action relays to containerd
@@ -24,6 +22,10 @@ def write_panic(bundle: str, exc: BaseException) -> str | None:
     """Append a crash report (time, pid, traceback of ``exc``) to ``<bundle>/panic.log``;
     returns its path, or None when it could not be written (never raises). The ``delete``
     action of the task owning ``bundle`` relays it to containerd."""
+    import traceback  # here, not at the top: `delete` imports this module
+
+    from podshim.logs import go_time
+
     path = os.path.join(bundle, files.PANIC)
     try:
         when = go_time(time.time())

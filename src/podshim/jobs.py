@@ -103,11 +103,3 @@ class JobGroup:
             for t in jobs:
                 t.cancel()
             await asyncio.wait(jobs)
-
-    def cancel(self) -> None:
-        """Refuse new jobs and cancel every job without waiting (from sync code)."""
-        self._closed = True
-        for c in list(self._children):
-            c.cancel()
-        for t in list(self._jobs):
-            t.cancel()

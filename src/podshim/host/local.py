@@ -16,6 +16,7 @@ from typing import Protocol
 from podshim.host import rewrite
 from podshim.host.contract import Workload, WorkloadRequest
 from podshim.oci.spec import Spec, write_spec
+from podshim.task import container
 from podshim.task.container import Container
 from podshim.task.contract import ShimContext
 
@@ -25,10 +26,10 @@ MakeWorkload = Callable[[ShimContext, WorkloadRequest, Spec], Awaitable[Workload
 
 async def create_container(ctx: ShimContext, req: WorkloadRequest, spec: Spec) -> Container:
     """The default :data:`MakeWorkload`: a local OCI container with the context's driver."""
-    c = Container(ctx, req.id, req.bundle, spec, req.rootfs, ctx.oci(req.runtime, req.bundle),
-                  terminal=req.terminal, stdin=req.stdin, stdout=req.stdout, stderr=req.stderr)  # fmt: skip
-    await c.create()
-    return c
+    stdio = (req.terminal, req.stdin, req.stdout, req.stderr)
+    return await container.create_container(
+        ctx, req.id, req.bundle, spec, req.rootfs, req.runtime, stdio
+    )
 
 
 class NamespaceSource(Protocol):

@@ -23,7 +23,7 @@ from podshim.oci.ids import CONTAINER_TYPE_ANNOTATION, SANDBOX_ID_ANNOTATION, va
 from podshim.oci.spec import Spec, load_spec, spec_annotations
 from podshim.pod.pod import Pod
 from podshim.service.config import Config, from_options
-from podshim.task.container import Container
+from podshim.task import container
 from podshim.task.contract import ExecRequest, ExitInfo, ShimContext, Task, timestamp
 from podshim.ttrpc.services import CallContext
 
@@ -42,10 +42,10 @@ async def create_container(
     ctx: ShimContext, req: pb.CreateTaskRequest, cfg: Config, spec: Spec
 ) -> Task:
     """The default :data:`TaskFactory`: a local OCI container with the context's driver."""
-    c = Container(ctx, req.id, req.bundle, spec, req.rootfs, ctx.oci(cfg.runtime, req.bundle),
-                  terminal=req.terminal, stdin=req.stdin, stdout=req.stdout, stderr=req.stderr)  # fmt: skip
-    await c.create()
-    return c
+    stdio = (req.terminal, req.stdin, req.stdout, req.stderr)
+    return await container.create_container(
+        ctx, req.id, req.bundle, spec, req.rootfs, cfg.runtime, stdio
+    )
 
 
 def _check_id(tid: str) -> None:

@@ -26,7 +26,7 @@ from podshim.linux import mount
 from podshim.logs import TaskLogger
 from podshim.oci import bundle as files
 from podshim.oci.ids import SANDBOX_ID_ANNOTATION, valid_id
-from podshim.oci.runtime import OciRuntime
+from podshim.oci.runtime import OciRuntime, RuntimeConfig
 from podshim.oci.spec import Spec, private_pid_ns
 from podshim.task.contract import ExecRequest, ExitInfo, ProcessState, ShimContext, timestamp
 from podshim.task.process import Process
@@ -408,6 +408,24 @@ class Container:
 
     def resize(self, exec_id: str, width: int, height: int) -> None:
         self._proc(exec_id).resize(width, height)
+
+
+async def create_container(
+    ctx: ShimContext,
+    tid: str,
+    bundle: str,
+    spec: Spec,
+    rootfs: Sequence[mount_pb2.Mount],
+    runtime: RuntimeConfig,
+    stdio: tuple[bool, str, str, str],
+) -> Container:
+    """A created local OCI container whose driver the context's factory makes for
+    ``runtime``: what a standalone Create and a local host's workload both are."""
+    terminal, stdin, stdout, stderr = stdio
+    c = Container(ctx, tid, bundle, spec, rootfs, ctx.oci(runtime, bundle),
+                  terminal=terminal, stdin=stdin, stdout=stdout, stderr=stderr)  # fmt: skip
+    await c.create()
+    return c
 
 
 def _memory_cgroup(pid: int) -> str:

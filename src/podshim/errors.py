@@ -11,10 +11,10 @@ Import this module as ``from podshim import errors as errdefs`` and write
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import errno
 import logging
+import sys
 from typing import ClassVar
 
 __all__ = [
@@ -170,7 +170,8 @@ def to_status(exc: BaseException) -> tuple[Code, str]:
     """
     if isinstance(exc, ShimError):
         return exc.code, str(exc)
-    if isinstance(exc, asyncio.CancelledError):
+    aio = sys.modules.get("asyncio")  # not imported here: `delete` must not pay for asyncio
+    if aio is not None and isinstance(exc, aio.CancelledError):
         return Code.CANCELLED, "context canceled"
     if isinstance(exc, TimeoutError):
         return Code.DEADLINE_EXCEEDED, "context deadline exceeded"

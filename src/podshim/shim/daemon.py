@@ -51,6 +51,8 @@ log = logging.getLogger("podshim.daemon")
 
 #: exit when no task and no connection has been seen for this long
 IDLE_EXIT_SECONDS = 60.0
+#: how long tasks and connections must be unchanged before the heap is trimmed
+TRIM_AFTER_QUIET = 5.0
 #: Create observers to load (tests' fault hooks): ``module:function,...``
 HOOKS_ENV = "PODSHIM_HOOKS"
 
@@ -157,11 +159,15 @@ async def _wait_either(*events: asyncio.Event, timeout: float | None = None) -> 
 async def _exit_when_idle(service: TaskService, server: Server, stop: asyncio.Event) -> None:
     """Stop the daemon once it has held no task and no connection for
     :data:`IDLE_EXIT_SECONDS` (woken by task and connection changes, never polling);
-    give freed heap back to the kernel whenever work settles."""
+    give freed heap back to the kernel once work has settled for :data:`TRIM_AFTER_QUIET`
+    (never right after a change: that is when the next calls of a pod's start or stop
+    arrive, and the trim would hold up the event loop they need)."""
     trim_heap = _heap_trimmer()
     while True:
         while not service.empty or server.connections:
             await _wait_either(service.activity, server.activity)
+            while await _wait_either(service.activity, server.activity, timeout=TRIM_AFTER_QUIET):
+                pass
             trim_heap()
         if not await _wait_either(service.activity, server.activity, timeout=IDLE_EXIT_SECONDS):
             log.info("no task and no connection for %.0fs: exiting", IDLE_EXIT_SECONDS)

@@ -13,8 +13,6 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from podshim import errors as errdefs
-
 if TYPE_CHECKING:
     from podshim.host.contract import HostKind
 
@@ -48,8 +46,7 @@ def _entry_point(name: str) -> HostKind | None:
     return None
 
 
-def get(name: str) -> HostKind:
-    """The host kind called ``name``. InvalidArgument naming the known kinds if none."""
+def _find(name: str) -> HostKind | None:
     found = _registered.get(name)
     if found is not None:
         return found
@@ -57,8 +54,16 @@ def get(name: str) -> HostKind:
     if module is not None:
         kind: HostKind = importlib.import_module(module).KIND
         return kind
-    found = _entry_point(name)
+    return _entry_point(name)
+
+
+def get(name: str) -> HostKind:
+    """The host kind called ``name``. InvalidArgument naming the known kinds if none."""
+    found = _find(name)
     if found is None:
+        # imported only here: the `delete` action looks kinds up and must start fast
+        from podshim import errors as errdefs
+
         raise errdefs.InvalidArgument(
             f"unknown pod host kind {name!r} (known: {', '.join(names())})"
         )
@@ -71,8 +76,4 @@ def names() -> list[str]:
 
 
 def known(name: str) -> bool:
-    try:
-        get(name)
-    except errdefs.InvalidArgument:
-        return False
-    return True
+    return _find(name) is not None

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
-from podshim.oci.spec import Spec
+from podshim import rundir
 
 if TYPE_CHECKING:
     from podshim.host.namespaces.host import NamespacesHost
+    from podshim.oci.spec import Spec
     from podshim.task.contract import ShimContext
 
 
@@ -23,7 +25,10 @@ class NamespacesKind:
         return NamespacesHost(pod_id, ctx.namespace, spec, ctx.reaper)
 
     def cleanup(self, namespace: str, pod_id: str, spec: Spec) -> list[str]:
-        from podshim.host.namespaces.cleanup import cleanup_sandbox  # light: `delete` path
+        if not os.path.isdir(os.path.join(rundir.pods_dir(), namespace, pod_id)):
+            return []  # the host was closed by its shim: nothing left, nothing to import
+        # imported only now: `delete` runs for every sandbox, most of them closed cleanly
+        from podshim.host.namespaces.cleanup import cleanup_sandbox
 
         return cleanup_sandbox(namespace, pod_id, spec)
 

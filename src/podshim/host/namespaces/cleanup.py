@@ -90,11 +90,10 @@ def remove_pins(namespace: str, pod_id: str, state_root: str | None = None) -> l
 
 def cleanup_sandbox(namespace: str, pod_id: str, spec: dict[str, Any]) -> list[str]:
     """Everything above, in order: init and cgroup first (the init holds the pins'
-    namespaces), then the pins. Returns problems for containerd's warning log. Nothing
-    is done unless the pod's state directory exists (made by a namespaces host)."""
+    namespaces), then the pins. Returns problems for containerd's warning log. The
+    caller (``NamespacesKind.cleanup``) runs it only when the pod's state directory
+    exists (made by a namespaces host that was not closed)."""
     problems: list[str] = []
-    if not os.path.isdir(os.path.join(rundir.pods_dir(), namespace, pod_id)):
-        return problems
     cgroups_path = str((spec.get("linux") or {}).get("cgroupsPath") or "")
     if cgroups_path:
         problems += remove_sandbox_cgroup(cgroups_path)

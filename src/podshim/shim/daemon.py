@@ -52,7 +52,7 @@ log = logging.getLogger("podshim.daemon")
 #: exit when no task and no connection has been seen for this long
 IDLE_EXIT_SECONDS = 60.0
 #: how long tasks and connections must be unchanged before the heap is trimmed
-TRIM_AFTER_QUIET = 5.0
+TRIM_AFTER_QUIET = 0.5
 #: Create observers to load (tests' fault hooks): ``module:function,...``
 HOOKS_ENV = "PODSHIM_HOOKS"
 

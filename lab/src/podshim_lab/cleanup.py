@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
+from podshim import mountinfo
 from podshim_lab.procfs import ProcStat
 
 __all__ = [
@@ -45,20 +46,6 @@ TASK_DIR = "io.containerd.runtime.v2.task"
 _SHARED_DIRS = ("/run/containerd", SHIM_SOCKET_DIR, "/run/containerd/fifo", DEFAULT_RUNC_ROOT)
 
 
-def _unescape(field: str) -> str:
-    r"""Undo the octal escapes (``\040`` etc.) of ``/proc/self/mountinfo``."""
-    out, i = [], 0
-    while i < len(field):
-        code = field[i + 1 : i + 4]
-        if field[i] == "\\" and len(code) == 3 and code.isdigit():
-            out.append(chr(int(code, 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
 def is_under(path: str | Path, roots: Iterable[str | Path]) -> bool:
     """True if ``path`` equals or lies below one of ``roots``."""
     p = os.path.normpath(str(path))
@@ -72,15 +59,7 @@ def is_under(path: str | Path, roots: Iterable[str | Path]) -> bool:
 def mounts_under(roots: Sequence[str | Path]) -> list[str]:
     """Mount points (in our mount namespace) at or below any of ``roots``."""
     real = [os.path.realpath(r) for r in roots] + [os.path.normpath(str(r)) for r in roots]
-    found: list[str] = []
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as fh:
-        for line in fh:
-            fields = line.split()
-            if len(fields) > 4:
-                point = _unescape(fields[4])
-                if is_under(point, real):
-                    found.append(point)
-    return found
+    return [m.mountpoint for m in mountinfo.read() if is_under(m.mountpoint, real)]
 
 
 def unmount_under(roots: Sequence[str | Path], rounds: int = 10) -> list[str]:

@@ -13,9 +13,9 @@ containerd/cgroups v1 does, from the controllers it knows (``cpu``, ``cpuacct``,
 from __future__ import annotations
 
 import os
-import re
 
 from podshim import errors as errdefs
+from podshim import mountinfo
 from podshim.api.cgroups.v1 import metrics_pb2 as pb
 from podshim.cgroups import DEFAULT_ROOT, expand_cgroups_path
 from podshim.cgroups._fs import (
@@ -106,24 +106,16 @@ def paths_for_cgroups_path(cgroups_path: str, root: str = DEFAULT_ROOT) -> dict[
 
 
 _Mount = tuple[frozenset[str], str, str]  # (hierarchy keys, mount point, root within hierarchy)
-_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
 
 
-def _unescape(field: str) -> str:
-    return _OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), field)
-
-
-def _cgroup_mounts(mountinfo: str) -> list[_Mount]:
+def _cgroup_mounts(text: str) -> list[_Mount]:
     """The cgroup v1 mounts in a mountinfo text, with the hierarchy each one shows."""
     mounts: list[_Mount] = []
-    for line in mountinfo.splitlines():
-        left, sep, right = line.partition(" - ")
-        fields, super_fields = left.split(), right.split()
-        if not sep or len(fields) < 5 or len(super_fields) < 3 or super_fields[0] != "cgroup":
+    for m in mountinfo.parse(text):
+        if m.fstype != "cgroup":
             continue
-        options = super_fields[2].split(",")
-        keys = frozenset(o for o in options if o in CONTROLLERS or o.startswith("name="))
-        mounts.append((keys, _unescape(fields[4]), _unescape(fields[3])))
+        keys = frozenset(o for o in m.super_options if o in CONTROLLERS or o.startswith("name="))
+        mounts.append((keys, m.mountpoint, m.root))
     return mounts
 
 

@@ -6,6 +6,7 @@ import ctypes
 import os
 
 from podshim import errors as errdefs
+from podshim import mountinfo
 
 MS_RDONLY = 1
 MS_NOSUID = 2
@@ -93,7 +94,6 @@ def unmount_all(target: str) -> None:
 def is_mountpoint(path: str) -> bool:
     real = os.path.realpath(path)
     try:
-        with open("/proc/self/mountinfo") as f:
-            return any(line.split()[4] == real for line in f)
+        return any(m.mountpoint == real for m in mountinfo.read())
     except OSError:
         return os.path.ismount(path)

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from podshim import errors as errdefs
+from podshim.mountinfo import read as read_mountinfo
 
 log = logging.getLogger("podshim.host.namespaces.cgroup")
 
@@ -190,11 +191,6 @@ class Hierarchy:
     controllers: frozenset[str] = field(default_factory=frozenset)
 
 
-def _unescape(s: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \ooo
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), s)
-
-
 def hierarchies(
     root: str = DEFAULT_ROOT, mountinfo: str = "/proc/self/mountinfo"
 ) -> list[Hierarchy]:
@@ -205,28 +201,19 @@ def hierarchies(
     """
     root = root.rstrip("/") or "/"
     by_sb: dict[str, Hierarchy] = {}
-    with open(mountinfo, encoding="utf-8", errors="replace") as f:
-        lines = f.read().splitlines()
-    for line in lines:
-        left, sep, right = line.partition(" - ")
-        if not sep:
-            continue
-        lf = left.split()
-        rf = right.split()
-        if len(lf) < 5 or len(rf) < 3:
-            continue
-        dev, fsroot, mnt = lf[2], _unescape(lf[3]), _unescape(lf[4])
-        fstype, superopts = rf[0], rf[2]
-        if fstype not in ("cgroup", "cgroup2"):
+    for m in read_mountinfo(mountinfo):
+        dev, fsroot, mnt = m.dev, m.root, m.mountpoint
+        if m.fstype not in ("cgroup", "cgroup2"):
             continue
         if mnt != root and not mnt.startswith(root + "/"):
             continue
         if fsroot != "/" and dev in by_sb:
             continue
-        if fstype == "cgroup2":
+        if m.fstype == "cgroup2":
             h = Hierarchy(mnt, 2)
         else:
-            ctls = {o for o in superopts.split(",") if o in V1_CONTROLLERS or o.startswith("name=")}
+            opts = m.super_options
+            ctls = {o for o in opts if o in V1_CONTROLLERS or o.startswith("name=")}
             if not ctls:
                 continue
             h = Hierarchy(mnt, 1, frozenset(ctls))

@@ -21,7 +21,10 @@ from typing import TYPE_CHECKING
 from google.protobuf import any_pb2, empty_pb2
 
 from podshim import errors as errdefs
+from podshim.api.cgroups.v1 import metrics_pb2 as v1
+from podshim.api.cgroups.v2 import metrics_pb2 as v2
 from podshim.api.diag.v1 import diag_pb2 as pb
+from podshim.cgroups.stats import pack, sum_metrics, unpack
 from podshim.host.control import ExecControl
 from podshim.task.contract import Task
 from podshim.ttrpc.services import CallContext
@@ -86,10 +89,6 @@ def describe_task(tid: str, task: Task, kind: str, execs: bool) -> pb.DiagTask:
 def pod_total(items: list[any_pb2.Any]) -> any_pb2.Any | None:
     """The sum of metrics of one cgroup version, or None when there is nothing to add
     up (or versions are mixed)."""
-    from podshim.api.cgroups.v1 import metrics_pb2 as v1
-    from podshim.api.cgroups.v2 import metrics_pb2 as v2
-    from podshim.cgroups.stats import pack, sum_metrics, unpack
-
     try:
         metrics = [unpack(a) for a in items]
     except errdefs.InvalidArgument:

@@ -37,7 +37,11 @@ from google.protobuf import any_pb2
 
 from podshim import errors as errdefs
 from podshim import tracing
+from podshim.api.cgroups.v1 import metrics_pb2 as v1pb
+from podshim.api.cgroups.v2 import metrics_pb2 as v2pb
 from podshim.api.events import task_pb2 as ev
+from podshim.cgroups import mode, v1, v2
+from podshim.cgroups import stats as cgstats
 from podshim.host.contract import Host
 from podshim.logs import TaskLogger
 from podshim.task.contract import ExecRequest, ExitInfo, ProcessState, ShimContext, timestamp
@@ -255,17 +259,7 @@ class SandboxTask:
         whose init has exited is NotFound."""
         if self._init_exited.is_set():
             raise errdefs.NotFound(f"sandbox {self.id}: process already finished")
-        from podshim.cgroups import mode
-        from podshim.cgroups import stats as cgstats
-
-        if mode() == "unified":
-            from podshim.api.cgroups.v2 import metrics_pb2 as v2
-
-            kind: type[Metrics] = v2.Metrics
-        else:
-            from podshim.api.cgroups.v1 import metrics_pb2 as v1
-
-            kind = v1.Metrics
+        kind: type[Metrics] = v2pb.Metrics if mode() == "unified" else v1pb.Metrics
         parts: list[Metrics] = []
         inside = ""  # workloads below this directory are counted in the sandbox's already
         got = await self.host.stats()
@@ -304,8 +298,6 @@ class SandboxTask:
 
 def _memory_dir(cgroups_path: str) -> str:
     """The memory cgroup directory of an OCI ``linux.cgroupsPath`` ("" if unknown)."""
-    from podshim.cgroups import mode, v1, v2
-
     try:
         if mode() == "unified":
             return v2.path_for_cgroups_path(cgroups_path)

@@ -22,6 +22,9 @@ from podshim import errors as errdefs
 from podshim import tracing
 from podshim.api.events import task_pb2 as ev
 from podshim.api.types import mount_pb2
+from podshim.cgroups import mode, v1, v2
+from podshim.cgroups.oom import watch_oom
+from podshim.cgroups.stats import metrics_for_pid, pack
 from podshim.linux import mount
 from podshim.logs import TaskLogger
 from podshim.oci import bundle as files
@@ -164,8 +167,6 @@ class Container:
         await asyncio.sleep(0)  # let it open its watcher before create returns
 
     async def _run_oom_watch(self, path: str) -> None:
-        from podshim.cgroups.oom import watch_oom
-
         try:
             await watch_oom(path, self._on_oom)
         except asyncio.CancelledError:
@@ -394,13 +395,9 @@ class Container:
         NotFound when there is no running process (never started, exited, gone)."""
         if not self.init.pid or self.init.has_exited:
             raise errdefs.NotFound(f"task {self.id}: no running process to measure")
-        from podshim.cgroups.stats import metrics_for_pid
-
         return metrics_for_pid(self.init.pid)
 
     async def stats(self) -> any_pb2.Any:
-        from podshim.cgroups.stats import pack
-
         return pack(self.metrics())
 
     def close_io(self, exec_id: str) -> None:
@@ -431,8 +428,6 @@ async def create_container(
 def _memory_cgroup(pid: int) -> str:
     """The memory cgroup directory of process ``pid`` from ``/proc/<pid>/cgroup`` (the
     unified one on a cgroup v2 host), or "" when it has none or is gone."""
-    from podshim.cgroups import mode, v1, v2
-
     try:
         if mode() == "unified":
             return v2.path_for_pid(pid)

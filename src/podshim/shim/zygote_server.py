@@ -106,21 +106,37 @@ def run(flags: Flags) -> int:
         return 0
     ino = os.stat(path).st_ino
     children: set[int] = set()
+    exits: dict[int, int] = {}  # pidfd -> pid of each child: readable once it exited
     watch: int | None = None  # pidfd of containerd
+    poller = select.poll()  # not select(): pidfds of many children exceed FD_SETSIZE
+    poller.register(lst.fileno(), select.POLLIN)
     idle_since = time.monotonic()
     try:
         while True:
-            rlist: list[int] = [lst.fileno()] + ([watch] if watch is not None else [])
-            ready, _, _ = select.select(rlist, [], [], 1.0)
-            while children:
+            for pid in children - set(exits.values()):
                 try:
-                    pid, _ = os.waitpid(-1, os.WNOHANG)
-                except ChildProcessError:
-                    children.clear()
-                    break
-                if pid == 0:
-                    break
+                    fd = os.pidfd_open(pid)
+                except OSError:  # no pidfd for it: reaped below by a periodic check
+                    continue
+                exits[fd] = pid
+                poller.register(fd, select.POLLIN)
+            had_children = bool(children)
+            unwatched = len(children) > len(exits)
+            if unwatched:
+                timeout: float | None = 1.0
+            elif children:
+                timeout = None  # only an event wakes us
+            else:
+                timeout = max(0.0, IDLE_SECONDS - (time.monotonic() - idle_since))
+            ready = {fd for fd, _ in poller.poll(None if timeout is None else timeout * 1000)}
+            for fd in ready & exits.keys():
+                pid = exits.pop(fd)
+                poller.unregister(fd)
+                os.close(fd)
+                os.waitpid(pid, 0)  # it has exited: this does not block
                 children.discard(pid)
+            if unwatched:
+                _reap_unwatched(children, set(exits.values()))
             if watch is not None and watch in ready:
                 return 0  # containerd exited
             if lst.fileno() in ready:
@@ -132,12 +148,25 @@ def run(flags: Flags) -> int:
                 if watch is None and cpid > 0:
                     with contextlib.suppress(OSError):
                         watch = os.pidfd_open(cpid)
-            if children:
+                        poller.register(watch, select.POLLIN)
+            if children or had_children:  # the idle time starts when the last child left
                 idle_since = time.monotonic()
-            elif time.monotonic() - idle_since > IDLE_SECONDS:
+            elif time.monotonic() - idle_since >= IDLE_SECONDS:
                 return 0
     finally:
+        for fd in exits:
+            os.close(fd)
         with contextlib.suppress(OSError):
             if os.stat(path).st_ino == ino:  # still ours, not a successor's
                 os.unlink(path)
         lst.close()
+
+
+def _reap_unwatched(children: set[int], watched: set[int]) -> None:
+    """Reap exited children that have no pidfd (pidfd_open failed for them)."""
+    for pid in children - watched:
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                children.discard(pid)
+        except ChildProcessError:
+            children.discard(pid)

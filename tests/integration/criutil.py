@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from podshim import rundir
+from podshim.host.namespaces import cgroup
 from podshim.shim import paths as shim_paths
 from podshim_lab import Containerd, RuntimeHandler, wait_for
 from podshim_lab.cleanup import cgroup_dirs, mounts_under, unmount_under
@@ -302,11 +303,29 @@ class CriLab:
         if rec.handler == PODSHIM and os.path.lexists(self.shim_socket(pod_id)):
             found.append(f"shim socket {self.shim_socket(pod_id)}")
         for task_id in (pod_id, *rec.containers):
-            found += [f"cgroup {d}" for d in cgroup_dirs(f"{rec.cgroup_parent}/{task_id}")]
+            found += [
+                f"cgroup {d}" for d in self.task_cgroup_dirs(rec, task_id) if os.path.isdir(d)
+            ]
             for path in (self.bundle(task_id), self.runtime_state(rec, task_id)):
                 if os.path.lexists(path):
                     found.append(f"left {path}")
         return found
+
+    def task_cgroup_dirs(self, rec: PodRecord, task_id: str) -> list[str]:
+        """Where a task of the pod has its cgroup in each hierarchy, by the rule of
+        runc's cgroupfs driver: CRI turns a ``.slice`` parent into the relative
+        ``<last element>:cri-containerd:<id>``, below the cgroup of the runtime's caller
+        (the shim, in containerd's cgroup); any other parent is ``<parent>/<id>``."""
+        parent = rec.cgroup_parent
+        last = parent.rstrip("/").rsplit("/", 1)[-1]
+        if not last.endswith(".slice"):
+            return [str(d) for d in cgroup_dirs(f"{parent}/{task_id}")]
+        rel = f"{last}:cri-containerd:{task_id}"
+        assert self.lab.pid is not None
+        return [
+            os.path.join(mount, own.lstrip("/"), rel)
+            for mount, own in own_cgroup_dirs(self.lab.pid).items()
+        ]
 
     def wait_gone(self, pod_id: str, timeout: float = DEADLINE) -> None:
         """Poll until :meth:`leftovers` is empty; fail listing what is left."""
@@ -385,6 +404,17 @@ class CriLab:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(stat.pid, signal.SIGKILL)
         return errors
+
+
+def own_cgroup_dirs(pid: int) -> dict[str, str]:
+    """The cgroup of ``pid`` per mounted hierarchy: {mount point: path in it}."""
+    own = cgroup.own_cgroups(f"/proc/{pid}/cgroup")
+    out = {}
+    for h in cgroup.hierarchies():
+        key = "" if h.version == 2 else ",".join(sorted(h.controllers))
+        if key in own:
+            out[h.mountpoint] = own[key]
+    return out
 
 
 def podshim_config(path: Path, runtime_root: Path) -> Path:

@@ -23,6 +23,7 @@ from podshim.api.task.v2 import shim_pb2 as pb
 from podshim.host import registry
 from podshim.host.local import create_container
 from podshim.linux.reaper import Reaper
+from podshim.oci.runtime import RuntimeConfig
 from podshim.oci.spec import Spec
 from podshim.service.tasks import TaskService
 from podshim.shim import delete
@@ -52,7 +53,9 @@ class OnlyHereKind:
         self.hosts: list[OnlyHereHost] = []
         self.cleanups: list[tuple[str, str]] = []
 
-    def make(self, pod_id: str, ctx: ShimContext, spec: Spec) -> OnlyHereHost:
+    def make(
+        self, pod_id: str, ctx: ShimContext, spec: Spec, runtime: RuntimeConfig
+    ) -> OnlyHereHost:
         host = OnlyHereHost(make=create_container)  # real Containers, the context's driver
         self.hosts.append(host)
         return host

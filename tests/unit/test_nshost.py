@@ -53,13 +53,21 @@ def test_cgroups_path_validation() -> None:
     assert cg.validate_cgroups_path("") == ""
     assert cg.validate_cgroups_path("/k8s.io/abc") == "/k8s.io/abc"
     assert cg.validate_cgroups_path("//k8s.io//abc/") == "/k8s.io/abc"
-    with pytest.raises(errdefs.InvalidArgument, match="systemd form"):
-        cg.validate_cgroups_path("system.slice:cri-containerd:abc", "p1")
-    with pytest.raises(errdefs.InvalidArgument, match="must be absolute"):
-        cg.validate_cgroups_path("k8s.io/abc")
+    # relative paths (containerd's form of a .slice parent) join the shim's own cgroup
+    # as runc's cgroupfs driver does: kept relative, cleaned like Go's filepath.Clean
+    sd = "kubepods-burstable-pod1_2.slice:cri-containerd:abc"
+    assert cg.validate_cgroups_path(sd, "p1") == sd
+    assert cg.validate_cgroups_path("k8s.io/abc") == "k8s.io/abc"
+    assert cg.validate_cgroups_path("../k8s.io/./x/../abc") == "k8s.io/abc"
+    assert cg.validate_cgroups_path("/k8s.io/../etc") == "/etc"
     with pytest.raises(errdefs.InvalidArgument, match="root cgroup"):
         cg.validate_cgroups_path("/")
-    for bad in ("/k8s.io/../etc", "/a/./b", "/a/b c", "/a/b\nc"):
+    with pytest.raises(errdefs.InvalidArgument, match="root cgroup"):
+        cg.validate_cgroups_path("/a/..")
+    for own in (".", "a/..", "../.."):  # never adopt the shim's (containerd's) own cgroup
+        with pytest.raises(errdefs.InvalidArgument, match="shim's own cgroup"):
+            cg.validate_cgroups_path(own)
+    for bad in ("/a/b c", "/a/b\nc", "/a/$x"):
         with pytest.raises(errdefs.InvalidArgument, match="invalid component"):
             cg.validate_cgroups_path(bad)
     assert cg.shares_to_weight(2) == 1
@@ -198,3 +206,32 @@ def test_cgroup_hierarchies_from_mountinfo(tmp_path: Path) -> None:
     assert [(h.mountpoint, h.version) for h in cg.hierarchies(mountinfo=str(unified))] == [
         ("/sys/fs/cgroup", 2)
     ]
+
+
+def test_relative_cgroups_path_joins_own_cgroup_per_hierarchy(tmp_path: Path) -> None:
+    """runc's cgroupfs driver puts a relative path below runc's own cgroup in each
+    hierarchy (runc runs as the shim's child, in the shim's cgroup): so does podshim."""
+    hs = cg.hierarchies()
+    if not hs:
+        pytest.skip("no cgroup hierarchy mounted")
+    lines = []
+    for i, h in enumerate(hs):
+        ctl = "" if h.version == 2 else ",".join(sorted(h.controllers))
+        lines.append(f"{0 if h.version == 2 else i + 1}:{ctl}:/ctr-{i}/shim")
+    proc = tmp_path / "cgroup"
+    proc.write_text("\n".join(lines) + "\n")
+    rel = "kubepods-besteffort-podab_cd.slice:cri-containerd:p1"
+    sc = cg.SandboxCgroup(rel, pod_id="p1", proc_cgroup=str(proc))
+    chains = sc.chains()
+    assert [h for h, _ in chains] == hs
+    for i, (h, chain) in enumerate(chains):
+        assert chain == [f"{h.mountpoint}/ctr-{i}/shim/{rel}"]
+    absolute = cg.SandboxCgroup("/k8s.io/p1", pod_id="p1", proc_cgroup=str(proc))
+    assert [c for _h, c in absolute.chains()] == [
+        [f"{h.mountpoint}/k8s.io", f"{h.mountpoint}/k8s.io/p1"] for h in hs
+    ]
+    # a hierarchy this process is not in: refused, never guessed
+    proc.write_text(lines[0] + "\n")
+    if len(hs) > 1:
+        with pytest.raises(errdefs.FailedPrecondition, match="not in"):
+            cg.SandboxCgroup(rel, pod_id="p1", proc_cgroup=str(proc)).chains()

@@ -286,7 +286,7 @@ def test_invalid_specs_leave_nothing(env: Env) -> None:
                 env.spec(namespaces=[{"type": "network", "path": env.netns_path + "-gone"}]),
                 "does not exist",
             ),
-            (env.spec(cgroupsPath="kubepods.slice:cri:abc"), "systemd form"),
+            (env.spec(cgroupsPath="/a/b c"), "invalid component"),
             (
                 env.spec(namespaces=[{"type": "ipc"}], hostname=""),
                 "not allowed in host network namespace",

@@ -155,9 +155,11 @@ class HostKind(Protocol):
     #: the name in podshim's config (``default_host``) and in the sandbox's bundle record
     name: str
 
-    def make(self, pod_id: str, ctx: ShimContext, spec: Spec) -> Host:
-        """A new, not yet created host for the pod whose sandbox spec is ``spec``.
-        MUST do no I/O (``Host.create`` does)."""
+    def make(self, pod_id: str, ctx: ShimContext, spec: Spec, runtime: RuntimeConfig) -> Host:
+        """A new, not yet created host for the pod whose sandbox spec is ``spec``;
+        ``runtime`` is the Create's OCI runtime configuration (a host that makes the
+        pod's cgroup MUST use its driver: ``systemd_cgroup``). MUST do no I/O
+        (``Host.create`` does)."""
         ...
 
     def cleanup(self, namespace: str, pod_id: str, spec: Spec) -> list[str]:

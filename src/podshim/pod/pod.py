@@ -61,9 +61,11 @@ class Pod:
         spec: Spec,
         host_kind: str,
         host: Host | None = None,
+        runtime: RuntimeConfig | None = None,
     ) -> Pod:
         """Check the sandbox's annotations, build the host, and make the sandbox task.
-        ``host`` (tests) replaces the host the kind would make.
+        ``host`` (tests) replaces the host the kind would make; ``runtime`` is the
+        Create's OCI runtime configuration (its cgroup driver applies to the pod too).
 
         Raises:
             FailedPrecondition: the annotations do not describe this sandbox.
@@ -76,7 +78,7 @@ class Pod:
                 f"sandbox id {ann.get(SANDBOX_ID_ANNOTATION)!r}"
             )
         if host is None:
-            host = registry.get(host_kind).make(tid, ctx, spec)
+            host = registry.get(host_kind).make(tid, ctx, spec, runtime or RuntimeConfig())
         _record_host(bundle, host.kind)  # first: a crash during create is cleaned up too
         pod = cls(ctx, tid, spec, host)
         try:

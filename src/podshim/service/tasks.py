@@ -32,7 +32,8 @@ log = logging.getLogger("podshim.service")
 #: makes a standalone task (not part of a pod) from its Create
 TaskFactory = Callable[[ShimContext, pb.CreateTaskRequest, Config, Spec], Awaitable[Task]]
 #: makes a pod from its sandbox's Create: (context, id, bundle, spec, host kind)
-PodFactory = Callable[[ShimContext, str, str, Spec, str], Awaitable[Pod]]
+#: ``(ctx, id, bundle, spec, host kind, runtime=...)``: :meth:`Pod.create`
+PodFactory = Callable[..., Awaitable[Pod]]
 #: called after each successful Create with (service, task id, spec): the composition
 #: root's extension point (diagnostics, the tests' fault hooks)
 CreateObserver = Callable[["TaskService", str, Spec], None]
@@ -106,7 +107,9 @@ class TaskService:
                 raise errdefs.FailedPrecondition(
                     f"sandbox {req.id}: this shim already holds pod {self.pod.id}"
                 )
-            pod = await self._make_pod(self.ctx, req.id, req.bundle, spec, cfg.default_host)
+            pod = await self._make_pod(
+                self.ctx, req.id, req.bundle, spec, cfg.default_host, runtime=cfg.runtime
+            )
             assert pod.sandbox is not None
             self.pod = pod
             return pod.sandbox

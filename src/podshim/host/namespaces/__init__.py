@@ -9,6 +9,7 @@ from podshim import rundir
 
 if TYPE_CHECKING:
     from podshim.host.namespaces.host import NamespacesHost
+    from podshim.oci.runtime import RuntimeConfig
     from podshim.oci.spec import Spec
     from podshim.task.contract import ShimContext
 
@@ -18,11 +19,15 @@ class NamespacesKind:
 
     name = "namespaces"
 
-    def make(self, pod_id: str, ctx: ShimContext, spec: Spec) -> NamespacesHost:
+    def make(
+        self, pod_id: str, ctx: ShimContext, spec: Spec, runtime: RuntimeConfig
+    ) -> NamespacesHost:
         # imported here: the `delete` action imports this package for cleanup() only
         from podshim.host.namespaces.host import NamespacesHost
 
-        return NamespacesHost(pod_id, ctx.namespace, spec, ctx.reaper)
+        return NamespacesHost(
+            pod_id, ctx.namespace, spec, ctx.reaper, systemd_cgroup=runtime.systemd_cgroup
+        )
 
     def cleanup(self, namespace: str, pod_id: str, spec: Spec) -> list[str]:
         if not os.path.isdir(os.path.join(rundir.pods_dir(), namespace, pod_id)):

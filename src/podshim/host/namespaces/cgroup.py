@@ -16,15 +16,20 @@ Limits come from ``linux.resources`` (``cpu.shares``, ``cpu.quota``, ``cpu.perio
 ``memory.limit``) and, overriding them when set, from CRI's
 ``io.kubernetes.cri.sandbox-cpu-shares|cpu-quota|cpu-period|memory`` annotations.
 
-The systemd driver's ``slice:prefix:name`` form is rejected for now.
+The path is placed as runc's cgroupfs driver places it (absolute below each hierarchy's
+root, relative below the shim's own cgroup: :func:`validate_cgroups_path`). With
+``systemd_cgroup = true`` the pod's cgroup is a systemd scope instead
+(:mod:`podshim.host.namespaces.systemd`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import logging
 import os
+import posixpath
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -65,7 +70,7 @@ V1_CONTROLLERS = frozenset(
 #: v2 controllers the sandbox cgroup asks its parents for (those available)
 V2_WANTED = ("cpuset", "cpu", "io", "memory", "hugetlb", "pids", "rdma", "misc")
 
-_COMPONENT = re.compile(r"^[A-Za-z0-9_.@+=-]+$")
+_COMPONENT = re.compile(r"^[A-Za-z0-9_.@+=:-]+$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,35 +92,38 @@ class Resources:
 
 
 def validate_cgroups_path(path: str, pod_id: str = "") -> str:
-    """``linux.cgroupsPath`` checked and normalised for the cgroupfs driver.
+    """``linux.cgroupsPath`` checked and cleaned for the cgroupfs driver, as runc's is.
 
-    Returns ``""`` when the spec names no cgroup. Raises InvalidArgument for the systemd
-    form (``slice:prefix:name``), a relative path, the root cgroup itself, or a path with
-    ``.``/``..`` or odd characters in a component.
+    runc's cgroupfs driver takes any string as a path: an absolute one (``/k8s.io/<id>``)
+    is below each hierarchy's root, a relative one (such as the systemd form
+    ``kubepods-pod1.slice:cri-containerd:<id>`` that containerd's CRI makes of a ``.slice``
+    parent) below the *caller's own* cgroup in each hierarchy, and both are cleaned
+    lexically first (``a/../b`` is ``b``; ``..`` cannot climb above the start). Returns
+    ``""`` when the spec names no cgroup, ``/a/b`` for an absolute path, ``a/b`` for a
+    relative one. Raises InvalidArgument for a path that cleans to the start itself (the
+    root cgroup, or the caller's own cgroup: never adopted) or with odd characters in a
+    component.
     """
     who = f" for pod {pod_id}" if pod_id else ""
     if not path:
         return ""
     if not isinstance(path, str):
         raise errdefs.InvalidArgument(f"cgroupsPath{who} must be a string, not {path!r}")
-    if ":" in path:
-        raise errdefs.InvalidArgument(
-            f"cgroupsPath {path!r}{who} is in the systemd form (slice:prefix:name); "
-            "podshim's namespaces host only supports the cgroupfs driver for now"
-        )
-    if not path.startswith("/"):
-        raise errdefs.InvalidArgument(f"cgroupsPath {path!r}{who} must be absolute")
-    parts = [p for p in path.split("/") if p]
+    if len(path) > 4096:
+        raise errdefs.InvalidArgument(f"cgroupsPath{who} is too long")
+    absolute = path.startswith("/")
+    # "/" + ...: ".." stops at the top, as Go's filepath.Clean does for runc's CleanPath
+    parts = [p for p in posixpath.normpath("/" + path).split("/") if p]
     if not parts:
-        raise errdefs.InvalidArgument(f"cgroupsPath {path!r}{who} names the root cgroup")
+        where = "the root cgroup" if absolute else "the shim's own cgroup"
+        raise errdefs.InvalidArgument(f"cgroupsPath {path!r}{who} names {where}")
     for p in parts:
-        if p in (".", "..") or not _COMPONENT.match(p):
+        if not _COMPONENT.match(p):
             raise errdefs.InvalidArgument(
                 f"cgroupsPath {path!r}{who} has an invalid component {p!r}"
             )
-    if len(path) > 4096:
-        raise errdefs.InvalidArgument(f"cgroupsPath{who} is too long")
-    return "/" + "/".join(parts)
+    cleaned = "/".join(parts)
+    return "/" + cleaned if absolute else cleaned
 
 
 def _int_field(value: Any, what: str, pod_id: str) -> int | None:
@@ -250,45 +258,134 @@ def shares_to_weight(shares: int) -> int:
     return 1 + ((shares - 2) * 9999) // 262142
 
 
-class SandboxCgroup:
-    """The sandbox cgroup at ``cgroups_path`` in every hierarchy under ``root``."""
+#: in the pod's state directory: the cgroup directories the host made (JSON list)
+CGROUP_RECORD = "cgroups.json"
 
-    def __init__(self, cgroups_path: str, *, root: str = DEFAULT_ROOT, pod_id: str = "") -> None:
+
+def record_cgroup_dirs(state_dir: str, dirs: list[str]) -> None:
+    """Name the directories about to be made, for a crash cleanup (written atomically)."""
+    tmp = os.path.join(state_dir, CGROUP_RECORD + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(dirs, f)
+    os.replace(tmp, os.path.join(state_dir, CGROUP_RECORD))
+
+
+def recorded_cgroup_dirs(state_dir: str) -> list[str]:
+    """What :func:`record_cgroup_dirs` left ([] when nothing or unreadable)."""
+    try:
+        with open(os.path.join(state_dir, CGROUP_RECORD), encoding="utf-8") as f:
+            dirs = json.load(f)
+    except (OSError, ValueError):
+        return []
+    if not isinstance(dirs, list):
+        return []
+    return [d for d in dirs if isinstance(d, str) and d.startswith("/")]
+
+
+def own_cgroups(proc_cgroup: str = "/proc/self/cgroup") -> dict[str, str]:
+    """This process's cgroup per hierarchy, from ``/proc/self/cgroup``: each v1
+    hierarchy keyed by its sorted controllers (``cpu,cpuacct``, ``name=systemd``),
+    cgroup2 by ``""``."""
+    own: dict[str, str] = {}
+    with open(proc_cgroup, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            parts = line.rstrip("\n").split(":", 2)
+            if len(parts) == 3:
+                own[",".join(sorted(c for c in parts[1].split(",") if c))] = parts[2]
+    return own
+
+
+def _hierarchy_key(h: Hierarchy) -> str:
+    return "" if h.version == 2 else ",".join(sorted(h.controllers))
+
+
+class SandboxCgroup:
+    """The sandbox cgroup at ``cgroups_path`` in every hierarchy under ``root`` (the
+    cgroupfs driver; see :func:`validate_cgroups_path` for absolute and relative paths).
+
+    Only directories this object made are removed, and :attr:`planned` names them
+    before they are made, so the pod can record them for crash cleanup: a cgroup that
+    existed before (adopted) is used but never emptied or removed.
+    """
+
+    def __init__(
+        self,
+        cgroups_path: str,
+        *,
+        root: str = DEFAULT_ROOT,
+        pod_id: str = "",
+        proc_cgroup: str = "/proc/self/cgroup",
+    ) -> None:
         self.path = validate_cgroups_path(cgroups_path, pod_id)
         if not self.path:
             raise errdefs.InvalidArgument(f"no cgroupsPath for pod {pod_id}")
         self.root = root
         self.pod_id = pod_id
         self._hier = hierarchies(root)
+        self._proc_cgroup = proc_cgroup
         #: leaf directory per hierarchy, once created
         self.dirs: list[tuple[Hierarchy, str]] = []
         #: every directory we made (ancestors included), in creation order
         self._made: list[str] = []
+        #: the leaves that existed before create(): adopted, never removed by us
+        self.adopted: list[str] = []
 
     @property
     def version(self) -> int:
         return 2 if len(self._hier) == 1 and self._hier[0].version == 2 else 1
 
-    def create(self) -> None:
+    def chains(self) -> list[tuple[Hierarchy, list[str]]]:
+        """Per hierarchy, the directories from the first below the start to the leaf.
+
+        An absolute path starts at the hierarchy's root; a relative one at this
+        process's own cgroup there (runc's cgroupfs driver starts at the cgroup of runc,
+        a child of the shim: the same one). FailedPrecondition if a hierarchy is
+        missing from ``/proc/self/cgroup``.
+        """
+        own = own_cgroups(self._proc_cgroup) if not self.path.startswith("/") else {}
+        out = []
+        for h in self._hier:
+            start = h.mountpoint
+            if own:
+                mine = own.get(_hierarchy_key(h))
+                if mine is None:
+                    raise errdefs.FailedPrecondition(
+                        f"cgroup hierarchy {h.mountpoint} is not in {self._proc_cgroup}: "
+                        f"cannot place the relative cgroupsPath {self.path!r} of pod "
+                        f"{self.pod_id}"
+                    )
+                start = posixpath.join(h.mountpoint, mine.lstrip("/"))
+            chain, cur = [], start
+            for part in self.path.strip("/").split("/"):
+                cur = posixpath.join(cur, part)
+                chain.append(cur)
+            out.append((h, chain))
+        return out
+
+    def planned(self) -> list[str]:
+        """The directories create() will make (those not there now), parents first."""
+        return [d for _h, chain in self.chains() for d in chain if not os.path.isdir(d)]
+
+    async def create(self) -> None:
         """Make the cgroup in every hierarchy; on failure remove what was made and raise."""
         if not self._hier:
             raise errdefs.FailedPrecondition(f"no cgroup hierarchy is mounted under {self.root}")
         try:
-            for h in self._hier:
-                leaf = self._mkdirs(h)
+            for h, chain in self.chains():
+                leaf = self._mkdirs(h, chain)
                 self.dirs.append((h, leaf))
         except BaseException:
             self._remove_made_once()
             raise
 
-    def _mkdirs(self, h: Hierarchy) -> str:
-        cur = h.mountpoint
-        for part in self.path.strip("/").split("/"):
-            parent, cur = cur, os.path.join(cur, part)
+    def _mkdirs(self, h: Hierarchy, chain: list[str]) -> str:
+        for cur in chain:
+            parent = posixpath.dirname(cur)
             try:
                 os.mkdir(cur, 0o755)
             except FileExistsError:
-                pass
+                if cur == chain[-1]:
+                    self.adopted.append(cur)
             except OSError as exc:
                 raise errdefs.Internal(f"mkdir cgroup {cur}: {exc.strerror or exc}") from exc
             else:
@@ -297,7 +394,7 @@ class SandboxCgroup:
                 self._cpuset_from_parent(parent, cur)
             if h.version == 2:
                 self._enable_v2(parent)
-        return cur
+        return chain[-1]
 
     @staticmethod
     def _cpuset_from_parent(parent: str, child: str) -> None:
@@ -359,7 +456,7 @@ class SandboxCgroup:
             limit = "max" if res.memory_limit == -1 else str(res.memory_limit)
             _write(os.path.join(d, "memory.max"), limit)
 
-    def add(self, pid: int) -> None:
+    async def add(self, pid: int) -> None:
         """Move ``pid`` into the cgroup in every hierarchy."""
         for _h, d in self.dirs:
             _write(os.path.join(d, "cgroup.procs"), str(pid))
@@ -385,10 +482,8 @@ class SandboxCgroup:
 
     async def remove(self, timeout: float = 10.0) -> list[str]:
         """Remove the cgroup (and the ancestors we made, when empty), retrying while it
-        still has tasks. Never raises; returns the leaf directories that are left."""
-        for _h, d in self.dirs:
-            if d not in self._made:  # it existed already: still ours to remove
-                self._made.append(d)
+        still has tasks. Never raises; returns the leaf directories that are left.
+        An adopted leaf (there before create) is left alone."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         delay = 0.01

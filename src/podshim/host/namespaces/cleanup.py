@@ -2,8 +2,9 @@
 
 When a pod's shim dies (``kill -9``), containerd runs ``delete`` for each of its tasks.
 For the *sandbox* it must remove what the namespaces host made: the PID-namespace init
-(found as the processes of the sandbox cgroup, which holds nothing else), the sandbox
-cgroup, the namespace pins and the pod's state directory. A *workload*'s ``delete``
+(named with its start time in the pod's state directory), the processes of the
+cgroup directories the host recorded as made by it (never a cgroup it adopted: that could
+be anybody's, containerd's own included), those directories, the namespace pins and the pod's state directory. A *workload*'s ``delete``
 leaves all of this alone. Synchronous and bounded: containerd kills ``delete`` after 5 s.
 """
 
@@ -11,15 +12,19 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import signal
 import time
 from typing import Any
 
 from podshim import rundir
-from podshim.host.namespaces.cgroup import hierarchies, validate_cgroups_path
+from podshim.host.namespaces.cgroup import CGROUP_RECORD, recorded_cgroup_dirs
 from podshim.host.namespaces.plan import PIN_FILES
 from podshim.linux import mount
+
+#: in the pod's state directory: the PID-namespace init as ``{"pid": .., "start": ..}``
+INIT_RECORD = "init.json"
 
 
 def _procs(d: str) -> list[int]:
@@ -30,21 +35,61 @@ def _procs(d: str) -> list[int]:
         return []
 
 
-def remove_sandbox_cgroup(cgroups_path: str, budget: float = 2.0) -> list[str]:
-    """Kill what is left in the sandbox cgroup and remove it; returns problems."""
-    problems: list[str] = []
+def start_time(pid: int) -> int | None:
+    """The start time of ``pid`` (clock ticks after boot, ``/proc/<pid>/stat`` field 22):
+    with the pid, it names one process for good (a reused pid starts later)."""
     try:
-        rel = validate_cgroups_path(cgroups_path)
-    except Exception as exc:
-        return [f"cgroupsPath {cgroups_path!r}: {exc}"]
-    dirs = [os.path.join(h.mountpoint, rel.lstrip("/")) for h in hierarchies()]
-    dirs = [d for d in dirs if os.path.isdir(d)]
-    for d in dirs:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        return int(stat[stat.rindex(b")") + 2 :].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def record_init(state_dir: str, pid: int) -> None:
+    """Name the pod's init for a crash cleanup (its pid and start time)."""
+    tmp = os.path.join(state_dir, INIT_RECORD + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump({"pid": pid, "start": start_time(pid)}, f)
+    os.replace(tmp, os.path.join(state_dir, INIT_RECORD))
+
+
+def kill_recorded_init(state_dir: str) -> list[str]:
+    """SIGKILL the recorded init if that very process still runs (pid and start time
+    match; a reused pid is left alone), and remove the record."""
+    path = os.path.join(state_dir, INIT_RECORD)
+    try:
+        with open(path, encoding="utf-8") as f:
+            rec = json.load(f)
+        pid, start = int(rec["pid"]), rec["start"]
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return [f"init record {path}: {exc}"]
+    if pid > 1 and start is not None and start_time(pid) == start:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    return []
+
+
+def _leaves(dirs: list[str]) -> list[str]:
+    return [d for d in dirs if not any(o.startswith(d + "/") for o in dirs)]
+
+
+def remove_sandbox_cgroup(state_dir: str, budget: float = 2.0) -> list[str]:
+    """Kill what is left in the cgroup directories the host recorded as made by it
+    (never an adopted one) and remove them, deepest first; returns problems."""
+    problems: list[str] = []
+    made = [d for d in recorded_cgroup_dirs(state_dir) if os.path.isdir(d)]
+    for d in _leaves(made):
         for pid in _procs(d):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + budget
-    pending = dirs
+    pending = sorted(made, key=lambda d: d.count("/"), reverse=True)
+    leaves = set(_leaves(made))
     while pending:
         left = []
         for d in pending:
@@ -55,14 +100,18 @@ def remove_sandbox_cgroup(cgroups_path: str, budget: float = 2.0) -> list[str]:
             except OSError as exc:
                 if exc.errno not in (errno.EBUSY, errno.ENOTEMPTY):
                     problems.append(f"rmdir {d}: {exc.strerror}")
-                else:
+                elif d in leaves:
                     left.append(d)
+                # an ancestor we made that others now use (a container's cgroup): theirs
         pending = left
         if pending and time.monotonic() < deadline:
             time.sleep(0.02)
         elif pending:
             problems.append(f"cgroup dirs still busy: {pending}")
             break
+    if not problems:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(state_dir, CGROUP_RECORD))
     return problems
 
 
@@ -88,14 +137,15 @@ def remove_pins(namespace: str, pod_id: str, state_root: str | None = None) -> l
     return problems
 
 
-def cleanup_sandbox(namespace: str, pod_id: str, spec: dict[str, Any]) -> list[str]:
+def cleanup_sandbox(
+    namespace: str, pod_id: str, spec: dict[str, Any], state_root: str | None = None
+) -> list[str]:
     """Everything above, in order: init and cgroup first (the init holds the pins'
     namespaces), then the pins. Returns problems for containerd's warning log. The
     caller (``NamespacesKind.cleanup``) runs it only when the pod's state directory
     exists (made by a namespaces host that was not closed)."""
-    problems: list[str] = []
-    cgroups_path = str((spec.get("linux") or {}).get("cgroupsPath") or "")
-    if cgroups_path:
-        problems += remove_sandbox_cgroup(cgroups_path)
-    problems += remove_pins(namespace, pod_id)
+    state = os.path.join(state_root or rundir.pods_dir(), namespace, pod_id)
+    problems = kill_recorded_init(state)
+    problems += remove_sandbox_cgroup(state)
+    problems += remove_pins(namespace, pod_id, state_root)
     return problems

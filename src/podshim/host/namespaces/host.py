@@ -54,14 +54,21 @@ from google.protobuf import any_pb2
 
 from podshim import errors as errdefs
 from podshim import rundir
+from podshim.cgroups import stats as cgstats
+from podshim.cgroups import v1 as cgroup_v1
+from podshim.cgroups import v2 as cgroup_v2
 from podshim.host.contract import Workload, WorkloadRequest
 from podshim.host.control import ExecControl
 from podshim.host.local import LocalWorkloads
 from podshim.host.namespaces import nsexec
 from podshim.host.namespaces.cgroup import (
+    CGROUP_RECORD,
     SandboxCgroup,
+    record_cgroup_dirs,
 )
+from podshim.host.namespaces.cleanup import INIT_RECORD, record_init
 from podshim.host.namespaces.plan import PIN_FILES, Plan, plan_from_spec
+from podshim.host.namespaces.systemd import SystemdScope
 from podshim.linux import mount
 from podshim.linux.reaper import Exit, Reaper
 from podshim.task.contract import ShimContext
@@ -70,7 +77,6 @@ from podshim.task.states import HOST_TABLE, HostState, Lifecycle, Verb
 log = logging.getLogger("podshim.host.namespaces.host")
 
 INIT_NAME = "podshim-init"
-
 
 
 #: how long close() waits for the killed init to be reaped, and for cgroups to empty
@@ -136,6 +142,7 @@ class NamespacesHost:
         *,
         state_root: str | None = None,
         init_binary: str | None = None,
+        systemd_cgroup: bool = False,
     ) -> None:
         self.pod_id = pod_id
         self.namespace = namespace
@@ -143,12 +150,13 @@ class NamespacesHost:
         self._reaper = reaper
         self.state_dir = os.path.join(state_root or rundir.pods_dir(), namespace, pod_id)
         self._init_binary = init_binary
+        self._systemd_cgroup = systemd_cgroup
         self._plan: Plan | None = None
         #: NEW -> CREATING -> READY -> CLOSING -> CLOSED (tables in podshim.task.states)
         self.life = Lifecycle(HOST_TABLE, HostState.NEW, f"namespaces host of pod {pod_id}")
         self._state_made = False
         self._pins: dict[str, str] = {}  # ns type -> pin file (made by us)
-        self._cgroup: SandboxCgroup | None = None
+        self._cgroup: SandboxCgroup | SystemdScope | None = None
         self._pid_lock = asyncio.Lock()
         self._init_pid = 0
         self._init_exit: asyncio.Future[Exit] | None = None
@@ -174,7 +182,7 @@ class NamespacesHost:
             raise errdefs.AlreadyExists(
                 f"state directory {self.state_dir} of pod {self.pod_id} already exists"
             )
-        cgroup = SandboxCgroup(plan.cgroups_path, pod_id=self.pod_id) if plan.cgroups_path else None
+        cgroup = self._make_cgroup(plan)
         self.life.fire(Verb.CREATE)
         self._plan = plan
         try:
@@ -188,8 +196,10 @@ class NamespacesHost:
             if plan.sysctls:
                 await self._sysctls(plan, nsenter, sh)
             if cgroup is not None:
-                cgroup.create()
+                # named before they are made: a crash cleanup removes only these
+                record_cgroup_dirs(self.state_dir, cgroup.planned())
                 self._cgroup = cgroup
+                await cgroup.create()
                 cgroup.apply(plan.resources)
         except BaseException as exc:
             log.warning("pod %s: create failed, undoing: %s", self.pod_id, exc)
@@ -204,6 +214,13 @@ class NamespacesHost:
             plan.netns,
             plan.cgroups_path or "-",
         )
+
+    def _make_cgroup(self, plan: Plan) -> SandboxCgroup | SystemdScope | None:
+        if not plan.cgroups_path:
+            return None
+        if self._systemd_cgroup:
+            return SystemdScope(plan.cgroups_path, pod_id=self.pod_id)
+        return SandboxCgroup(plan.cgroups_path, pod_id=self.pod_id)
 
     async def _pin(self, plan: Plan, unshare: str, sh: str) -> None:
         argv = [unshare]
@@ -317,7 +334,7 @@ class NamespacesHost:
         exited = self._reaper.watch(pid)
         try:
             if self._cgroup is not None:
-                self._cgroup.add(pid)
+                await self._cgroup.add(pid)
         except BaseException as exc:
             log.error("pod %s: init %d not put in the sandbox cgroup: %s", self.pod_id, pid, exc)
             with contextlib.suppress(ProcessLookupError):
@@ -328,6 +345,10 @@ class NamespacesHost:
                 log.error("pod %s: failed init %d was not reaped", self.pod_id, pid)
             raise
         self._init_pid = pid
+        try:
+            record_init(self.state_dir, pid)
+        except OSError as exc:  # the init is still ours to kill on close
+            log.warning("pod %s: init %d not recorded for crash cleanup: %s", self.pod_id, pid, exc)
         self._init_exit = exited
         exited.add_done_callback(self._on_init_exit)
         log.info("pod %s: PID-namespace init is pid %d", self.pod_id, pid)
@@ -420,6 +441,10 @@ class NamespacesHost:
                 continue
             del self._pins[t]
         if self._state_made:
+            records = [INIT_RECORD] + ([CGROUP_RECORD] if self._cgroup is None else [])
+            for name in records:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.state_dir, name))
             try:
                 os.rmdir(self.state_dir)
                 self._state_made = False
@@ -476,4 +501,15 @@ class NamespacesHost:
         )
 
     async def stats(self) -> any_pb2.Any | None:
-        return None
+        """Metrics of the pod's own cgroup (where it was placed, whatever the path's
+        form); None when the pod has none (yet)."""
+        cg = self._cgroup
+        if cg is None or not cg.dirs:
+            return None
+        try:
+            if cg.version == 2:
+                return cgstats.pack(cgroup_v2.read_metrics(cg.dirs[0][1]))
+            paths = {c: d for h, d in cg.dirs if h.version == 1 for c in h.controllers}
+            return cgstats.pack(cgroup_v1.read_metrics(paths))
+        except errdefs.NotFound:
+            return None

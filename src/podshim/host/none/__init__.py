@@ -15,6 +15,7 @@ from podshim import errors as errdefs
 from podshim.host.contract import Workload, WorkloadRequest
 from podshim.host.control import ExecControl
 from podshim.host.local import LocalWorkloads
+from podshim.oci.runtime import RuntimeConfig
 from podshim.oci.spec import Spec
 from podshim.task.contract import ShimContext
 
@@ -76,7 +77,9 @@ class NoneKind:
 
     name = "none"
 
-    def make(self, pod_id: str, ctx: ShimContext, spec: Spec) -> NoneHost:
+    def make(
+        self, pod_id: str, ctx: ShimContext, spec: Spec, runtime: RuntimeConfig
+    ) -> NoneHost:
         return NoneHost(spec)
 
     def cleanup(self, namespace: str, pod_id: str, spec: Spec) -> list[str]:

@@ -8,7 +8,10 @@
 # The build reads a copy of the files git knows (tracked, and untracked but not ignored),
 # so stale build/, *.egg-info or __pycache__ of a working tree cannot leak into it.
 # Needs the network as pip is configured (setuptools for the isolated build, protobuf).
+# The wheel must carry podshim-init, compiled by the build (setup.py), executable.
 # Called by scripts/test.sh before pytest; runs as any user; uses .venv (scripts/install.sh).
+# With PODSHIM_WHEEL_VENV set, the fresh venv is made there and kept (replacing what was
+# there): tests/integration/test_wheel_pod.py runs a CRI pod from it.
 # Last, `lint-imports` (import-linter, pinned as in pyproject's dev extra) checks the
 # layering contracts of pyproject.toml against the installed runtime alone.
 set -euo pipefail
@@ -74,6 +77,17 @@ bad = [
     or n.startswith("lab/")
 ]
 problems = [f"must not be in the wheel: {n}" for n in bad]
+init = "podshim/host/namespaces/podshim-init"
+with zipfile.ZipFile(wheel) as zf:
+    info = zf.getinfo(init) if init in names else None
+    if info is None:
+        problems.append(f"{init} (compiled by setup.py) is missing")
+    elif not (info.external_attr >> 16) & 0o111 or not zf.read(init).startswith(b"\x7fELF"):
+        problems.append(f"{init} is not an executable ELF program")
+if "podshim/host/namespaces/podshim-init.c" not in names:
+    problems.append("podshim-init.c is not package data")
+if "-py3-none-linux_" not in wheel:
+    problems.append("the wheel is not tagged py3-none-linux_<arch> (it holds a native program)")
 if "podshim/cli.py" not in names or "podshim/py.typed" not in names:
     problems.append("podshim/cli.py or podshim/py.typed missing: is this the runtime wheel?")
 # runtime requirements (extras such as otel aside) must not pull in grpc
@@ -85,7 +99,8 @@ if problems:
 EOF
 
 # -- the wheel alone, in a fresh venv --------------------------------------------------
-venv=$tmp/venv
+venv=${PODSHIM_WHEEL_VENV:-$tmp/venv}
+rm -rf "$venv"
 "$PY" -m venv "$venv"
 (cd "$tmp" && "$venv/bin/pip" install "${PIP[@]}" "$wheel") || fail "pip install $wheel failed"
 
@@ -104,6 +119,13 @@ rc=0
 [ "$(wc -l <"$tmp/demo.err")" -eq 1 ] || fail "the hint is not exactly one line"
 
 "$venv/bin/python" -c 'import grpc' 2>/dev/null && fail "grpc is installed with the runtime wheel"
+init_found=$(cd "$tmp" && "$venv/bin/python" -c \
+  'from podshim.host.namespaces.host import find_init_binary as f; print(f())') ||
+  fail "podshim-init is not found from the installed wheel"
+case $init_found in
+  "$venv"/lib/python3*/site-packages/podshim/host/namespaces/podshim-init) ;;
+  *) fail "podshim-init found at $init_found, not in the installed package" ;;
+esac
 
 # -- layering contracts, against the runtime alone ----------------------------------------
 il=$(grep -o '"import-linter==[^"]*"' pyproject.toml | tr -d '"')
@@ -113,4 +135,4 @@ il=$(grep -o '"import-linter==[^"]*"' pyproject.toml | tr -d '"')
   fail "lint-imports: a layering contract is broken"
 }
 
-echo "check_wheel.sh: $(basename "$wheel") ok: no lab, no demo, no grpc; podshim demo -> hint (exit 2); import contracts kept"
+echo "check_wheel.sh: $(basename "$wheel") ok: podshim-init built in and found; no lab, no demo, no grpc; podshim demo -> hint (exit 2); import contracts kept"

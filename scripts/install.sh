@@ -35,13 +35,11 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ lab/pyproject.toml 
   touch "$stamp"
 fi
 
-# podshim-init, the PID-namespace init of the namespaces pod host: built static (libc.a)
-# when possible, else dynamic; only when missing or older than its source.
+# podshim-init, the PID-namespace init of the namespaces pod host: the editable install
+# compiles it into the package (setup.py); again here when its source changed since.
 init_src=src/podshim/host/namespaces/podshim-init.c
-init_bin=.venv/bin/podshim-init
+init_bin=src/podshim/host/namespaces/podshim-init
 if [ ! -x "$init_bin" ] || [ "$init_src" -nt "$init_bin" ]; then
-  if ! cc -O2 -Wall -Wextra -static -o "$init_bin.tmp" "$init_src" 2>/dev/null; then
-    cc -O2 -Wall -Wextra -o "$init_bin.tmp" "$init_src"
-  fi
-  mv -f "$init_bin.tmp" "$init_bin"
+  .venv/bin/python setup.py compile-init "$init_bin"
 fi
+rm -f .venv/bin/podshim-init  # where older set-ups put it

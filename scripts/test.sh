@@ -9,5 +9,7 @@ bash scripts/install.sh
 .venv/bin/ruff check .
 .venv/bin/mypy
 .venv/bin/lint-imports --no-cache
+# the wheel's own venv, made afresh by check_wheel.sh: test_wheel_pod.py runs a pod from it
+export PODSHIM_WHEEL_VENV=$PWD/.venv-wheel
 bash scripts/check_wheel.sh
 exec .venv/bin/pytest "$@"

@@ -423,14 +423,18 @@ def podshim_config(path: Path, runtime_root: Path) -> Path:
     return path
 
 
-def open_cri_lab(config_dir: Path) -> tuple[Containerd, CriLab]:
-    """Start the two-handler CRI containerd with pause + busybox in ``k8s.io``."""
+def open_cri_lab(
+    config_dir: Path, bin_dir: str = BIN_DIR, shim_pythonpath: bool = True
+) -> tuple[Containerd, CriLab]:
+    """Start the two-handler CRI containerd with pause + busybox in ``k8s.io``; podshim's
+    shim binary is found in ``bin_dir`` (this venv's by default)."""
     config_dir.mkdir(parents=True, exist_ok=True)
     config = config_dir / "podshim.toml"
     lab = Containerd(
         cri=True,
         runtimes={PODSHIM: RuntimeHandler(PODSHIM_RUNTIME, {"ConfigPath": str(config)})},
-        extra_path=[BIN_DIR],
+        extra_path=[bin_dir],
+        shim_pythonpath=shim_pythonpath,
     )
     runtime_root = lab.state / "podshim-runc"
     podshim_config(config, runtime_root)

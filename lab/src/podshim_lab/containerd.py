@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
-from podshim_lab import cleanup
+from podshim_lab import cleanup, subreaper
 from podshim_lab.config import (
     LabPaths,
     RuntimeHandler,
@@ -98,6 +98,7 @@ class Containerd:
         sandbox_image: str = DEFAULT_PAUSE_REF,
         extra_path: Sequence[Path | str] = (),
         extra_env: Mapping[str, str] | None = None,
+        shim_pythonpath: bool = True,
         log_level: str = "debug",
         start_timeout: float = 60.0,
         watch_parent: bool = True,
@@ -110,7 +111,9 @@ class Containerd:
         ``extra_path`` is prepended to containerd's PATH (where shim binaries such as
         ``containerd-shim-podshim-v1`` live); ``extra_env`` is added to its
         environment.  With ``watch_parent`` the subreaper stops everything when the
-        creating process dies.
+        creating process dies. Without ``shim_pythonpath`` containerd (and the shims it
+        starts) gets no PYTHONPATH: the shims import only what their own venv holds
+        (the test of the runtime wheel).
         """
         base = Path(base_dir) if base_dir is not None else Path(tempfile.gettempdir())
         self.paths = LabPaths.create(base, Path(run_dir), secrets.token_hex(4))
@@ -124,6 +127,7 @@ class Containerd:
         self.sandbox_image = sandbox_image
         self.extra_path = [str(p) for p in extra_path]
         self.extra_env = dict(extra_env or {})
+        self.shim_pythonpath = shim_pythonpath
         self.log_level = log_level
         self.start_timeout = start_timeout
         self.watch_parent = watch_parent
@@ -251,6 +255,8 @@ class Containerd:
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (*_PACKAGE_ROOTS, env.get("PYTHONPATH", "")) if p
         )
+        if not self.shim_pythonpath:
+            env[subreaper.CHILD_PYTHONPATH] = ""
         for var in ("CONTAINERD_ADDRESS", "CONTAINERD_NAMESPACE", "NOTIFY_SOCKET"):
             env.pop(var, None)
         cmd = [sys.executable, "-m", "podshim_lab.subreaper", "--pidfile", str(self.paths.pidfile)]

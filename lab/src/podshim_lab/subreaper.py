@@ -42,6 +42,8 @@ from types import FrameType
 from podshim_lab.cleanup import orphan_cleanup
 from podshim_lab.procfs import descendants, thaw_cgroups
 
+#: set by the lab: the PYTHONPATH of the supervised program ("" for none)
+CHILD_PYTHONPATH = "PODSHIM_LAB_CHILD_PYTHONPATH"
 PR_SET_CHILD_SUBREAPER = 36
 _TICK_SECONDS = 0.5
 _PREFIX = "podshim-subreaper"
@@ -122,7 +124,7 @@ class Supervisor:
         """Start the command and publish its pid."""
         defaults = (signal.SIGPIPE, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGALRM)
         self.child = os.posix_spawnp(
-            self.argv[0], self.argv, dict(os.environ), setsigdef=defaults, setsigmask=()
+            self.argv[0], self.argv, child_env(), setsigdef=defaults, setsigmask=()
         )
         if self.pidfile is not None:
             tmp = self.pidfile.with_name(self.pidfile.name + ".tmp")
@@ -204,6 +206,20 @@ def kill_all_descendants(deadline: float = 60.0) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(stat.pid, signal.SIGKILL)
         time.sleep(0.02)
+
+
+def child_env() -> dict[str, str]:
+    """The supervised program's environment: ours, but with the PYTHONPATH we needed
+    ourselves replaced by ``PODSHIM_LAB_CHILD_PYTHONPATH`` when that is set (so the
+    shims of a containerd run only what their own venv installed)."""
+    env = dict(os.environ)
+    child = env.pop(CHILD_PYTHONPATH, None)
+    if child is not None:
+        if child:
+            env["PYTHONPATH"] = child
+        else:
+            env.pop("PYTHONPATH", None)
+    return env
 
 
 def stop_supervisor(proc: subprocess.Popen[bytes], timeout: float = 90.0) -> None:

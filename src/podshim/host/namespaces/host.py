@@ -86,21 +86,34 @@ CGROUP_TIMEOUT = 10.0
 _PR_GET_CHILD_SUBREAPER = 37
 
 
+#: where the build (setup.py) puts podshim-init: next to this module, in the package
+PACKAGED_INIT = os.path.join(os.path.dirname(os.path.abspath(__file__)), INIT_NAME)
+
+
+def _executable(path: str) -> bool:
+    return os.path.isfile(path) and os.access(path, os.X_OK)
+
+
 def find_init_binary(explicit: str | None = None) -> str:
-    """``explicit``, else ``podshim-init`` on PATH, else next to ``sys.executable``."""
+    """``explicit``, else the one built into the installed package, else ``podshim-init``
+    on PATH, else next to ``sys.executable``."""
     if explicit:
-        if os.path.isfile(explicit) and os.access(explicit, os.X_OK):
+        if _executable(explicit):
             return explicit
-        raise errdefs.FailedPrecondition(
-            f"podshim-init not found at {explicit}: run scripts/install.sh"
-        )
+        raise errdefs.FailedPrecondition(f"podshim-init not found at {explicit}")
+    if _executable(PACKAGED_INIT):
+        return PACKAGED_INIT
     found = shutil.which(INIT_NAME)
     if found:
         return found
     beside = os.path.join(os.path.dirname(sys.executable), INIT_NAME)
-    if os.path.isfile(beside) and os.access(beside, os.X_OK):
+    if _executable(beside):
         return beside
-    raise errdefs.FailedPrecondition("podshim-init not found: run scripts/install.sh")
+    raise errdefs.FailedPrecondition(
+        f"podshim-init not found (not at {PACKAGED_INIT}, nor on PATH, nor beside "
+        f"{sys.executable}): install podshim from its wheel or sdist, which compile it "
+        "(a C compiler is needed), or run scripts/install.sh in a checkout"
+    )
 
 
 def _tool(name: str, package: str = "util-linux") -> str:

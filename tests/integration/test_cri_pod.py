@@ -143,6 +143,8 @@ def test_shared_pid_namespace(cri: cu.CriLab) -> None:
     assert cp.cgroup_of(init.pid, "memory") == f"/k8s.io/{pod}"
 
     assert "sleep 3602" in cri.exec_ok(one.id, "ps")
+    # PID 1 looks like pause: a short fixed command line, nothing of the host's paths
+    assert cri.exec_ok(one.id, "cat", "/proc/1/cmdline").rstrip("\0") == "podshim-init"
     assert "sleep 3601" in cri.exec_ok(two.id, "ps")
     # PID 1 of the pod shows nothing of the host
     res = cri.exec(one.id, "ls", "-A", "/proc/1/root/")

@@ -374,6 +374,11 @@ def test_pid_init_is_hardened_reaps_orphans_and_its_death_ends_the_host(env: Env
             assert st["NoNewPrivs"] == "1"
             assert st["NSpid"].split() == [str(pid), "1"]
             assert os.listdir(f"/proc/{pid}/fd") == []
+            # a short fixed command line, as pause has, and no environment
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                assert f.read().rstrip(b"\0") == b"podshim-init"
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                assert set(f.read()) <= {0}
             assert read(f"/proc/{pid}/oom_score_adj") == "500"
 
             # in the pod's namespaces and cgroup

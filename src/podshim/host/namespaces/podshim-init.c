@@ -17,6 +17,10 @@
  *   - makes every mount of its new mount namespace private, mounts an empty 4 KiB tmpfs
  *     (mode 0555), pivots into it, detaches the old root entirely and remounts the new
  *     root read-only: /proc/<pid>/root shows an empty directory and nothing of the host;
+ *   - shows a short fixed command line, "podshim-init", as pause does: workloads that
+ *     share the pod's PID namespace see it as PID 1, so nothing of the host (the paths
+ *     of the program, the network namespace, the pins) may show; its environment is
+ *     wiped too;
  *   - raises (never lowers) its oom_score_adj when asked to;
  *   - drops every capability (bounding, ambient, effective, permitted, inheritable),
  *     sets no_new_privs and clears the dumpable flag;
@@ -29,7 +33,7 @@
  * signal is never discarded, even for a namespace init with default dispositions.
  *
  * This file is podshim's own code; build: cc -O2 -Wall -Wextra -static -o podshim-init
- * podshim-init.c (scripts/install.sh does it).
+ * podshim-init.c (the package build does it: setup.py).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -227,8 +231,30 @@ static void __attribute__((noreturn)) init_loop(void)
 	}
 }
 
+/* Overwrite our argv and environment strings in place: /proc/<pid>/cmdline then reads
+ * TITLE (the kernel reads a command line whose last byte is not NUL up to its first
+ * NUL, as for setproctitle(3)) and /proc/<pid>/environ only NULs. */
+static void hide_cmdline(int argc, char **argv)
+{
+	static const char title[] = "podshim-init";
+	char *start = argv[0];
+	char *end = argv[argc - 1] + strlen(argv[argc - 1]) + 1;
+	size_t len = (size_t)(end - start);
+
+	for (char **e = environ; e != NULL && *e != NULL; e++)
+		memset(*e, 0, strlen(*e));
+	memset(start, 0, len);
+	if (len > sizeof(title)) {
+		memcpy(start, title, sizeof(title));
+		start[len - 1] = ' ';
+	} else {
+		memcpy(start, title, len - 1);
+	}
+}
+
 /* The child after fork: become the hardened init, report, and loop. */
-static void __attribute__((noreturn)) child(int report_fd, long oom_adj, int set_oom)
+static void __attribute__((noreturn))
+child(int report_fd, long oom_adj, int set_oom, int argc, char **argv)
 {
 	int null;
 
@@ -248,6 +274,7 @@ static void __attribute__((noreturn)) child(int report_fd, long oom_adj, int set
 	signal(SIGCHLD, SIG_DFL);
 	signal(SIGTERM, SIG_DFL);
 	signal(SIGINT, SIG_DFL);
+	hide_cmdline(argc, argv);
 	if (set_oom)
 		raise_oom_score_adj(oom_adj); /* needs /proc: before the root goes away */
 	empty_root();
@@ -325,7 +352,7 @@ int main(int argc, char **argv)
 	}
 	if (pid == 0) {
 		close(pipefd[0]);
-		child(pipefd[1], oom_adj, set_oom);
+		child(pipefd[1], oom_adj, set_oom, argc, argv);
 	}
 	sigprocmask(SIG_SETMASK, &old, NULL);
 	close(pipefd[1]);

@@ -3,6 +3,8 @@ are in ``test_nshost_live.py``."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +12,7 @@ import pytest
 
 from podshim import errors as errdefs
 from podshim.host.namespaces import cgroup as cg
+from podshim.host.namespaces import plan as plan_mod
 from podshim.host.namespaces.host import NamespacesHost
 from podshim.host.namespaces.plan import classify_sysctl, plan_from_spec
 from podshim.linux.reaper import Reaper
@@ -95,7 +98,7 @@ def test_resources_from_spec_annotations_override() -> None:
         cg.resources_from_spec({"annotations": {cg.ANN_CPU_PERIOD: "10"}})
 
 
-def test_plan_rejects_what_it_cannot_pin(tmp_path: Path) -> None:
+def test_plan_rejects_what_it_cannot_pin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def ns(*entries: dict[str, str]) -> dict[str, Any]:
         return {"linux": {"namespaces": list(entries)}}
 
@@ -108,8 +111,12 @@ def test_plan_rejects_what_it_cannot_pin(tmp_path: Path) -> None:
         with pytest.raises(errdefs.InvalidArgument, match=f"given {t} namespace"):
             plan_from_spec(ns({"type": t, "path": "/proc/1/ns/" + t}), "p1")
     missing = str(tmp_path / "no-such-netns")
-    with pytest.raises(errdefs.InvalidArgument, match="does not exist"):
+    with pytest.raises(errdefs.InvalidArgument, match="No such file"):
         plan_from_spec(ns({"type": "network", "path": missing}), "p1")
+    with pytest.raises(errdefs.InvalidArgument, match="is the host's"):
+        plan_from_spec(ns({"type": "network", "path": "/proc/self/ns/net"}), "p1")
+    # (which files are network namespaces: test_netns_must_be_a_network_namespace)
+    monkeypatch.setattr(plan_mod, "check_netns", lambda path, pod_id: None)
     with pytest.raises(errdefs.InvalidArgument, match="listed twice"):
         plan_from_spec(ns({"type": "ipc"}, {"type": "ipc"}), "p1")
     with pytest.raises(errdefs.InvalidArgument, match="without a UTS namespace"):
@@ -235,3 +242,29 @@ def test_relative_cgroups_path_joins_own_cgroup_per_hierarchy(tmp_path: Path) ->
     if len(hs) > 1:
         with pytest.raises(errdefs.FailedPrecondition, match="not in"):
             cg.SandboxCgroup(rel, pod_id="p1", proc_cgroup=str(proc)).chains()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (ip netns add)")
+def test_netns_must_be_a_network_namespace_not_the_hosts(tmp_path: Path) -> None:
+    """A sandbox's network namespace path must name a network namespace, and never the
+    host's (a pod asks for host networking by leaving the namespace out)."""
+    regular = tmp_path / "file"
+    regular.write_text("")
+    refused = {
+        str(regular): "not a network namespace",
+        "/proc/self/ns/ipc": "not a network namespace",
+        # (PID 1's namespace files are not ours to open on some machines: refused anyway)
+        "/proc/1/ns/net": "is the host's|Permission denied",
+        "/proc/self/ns/net": "is the host's",
+        str(tmp_path): "not a network namespace",
+        "relative/netns": "network namespace path",
+    }
+    for path, why in refused.items():
+        with pytest.raises(errdefs.InvalidArgument, match=why):
+            plan_mod.check_netns(path, "p1")
+    name = f"podshim-t-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        plan_mod.check_netns(f"/run/netns/{name}", "p1")  # a pod's own: fine
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], check=True)

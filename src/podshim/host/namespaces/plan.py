@@ -8,6 +8,7 @@ belongs to, refusing the others the way runc does.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import re
@@ -22,6 +23,49 @@ log = logging.getLogger("podshim.host.namespaces.host")
 
 #: namespaces the host pins itself -> their pin file in the pod's state directory
 PIN_FILES = {"network": "net", "ipc": "ipc", "uts": "uts"}
+
+#: ioctl(2) on a namespace file: its type (linux/nsfs.h)
+NS_GET_NSTYPE = 0xB703
+CLONE_NEWNET = 0x40000000
+#: the host's network namespace, as seen by PID 1 and by the shim itself
+HOST_NETNS = ("/proc/1/ns/net", "/proc/self/ns/net")
+
+
+def check_netns(path: str, pod_id: str, host: tuple[str, ...] = HOST_NETNS) -> None:
+    """InvalidArgument unless ``path`` is a network namespace that is not the host's.
+
+    A pod gets the host's network namespace only by leaving the namespace out of its
+    spec (CRI's host networking), never by naming it: a path such as ``/proc/1/ns/net``
+    would put the pod, and its ``net.*`` sysctls, on the host."""
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise errdefs.InvalidArgument(f"network namespace path {path!r} of pod {pod_id}")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
+    except OSError as exc:
+        raise errdefs.InvalidArgument(
+            f"network namespace {path} of pod {pod_id}: {exc.strerror or exc}"
+        ) from None
+    try:
+        st = os.fstat(fd)
+        try:
+            kind = fcntl.ioctl(fd, NS_GET_NSTYPE)
+        except OSError:
+            kind = -1
+    finally:
+        os.close(fd)
+    if kind != CLONE_NEWNET:
+        raise errdefs.InvalidArgument(f"{path} of pod {pod_id} is not a network namespace")
+    for ref in host:
+        try:
+            h = os.stat(ref)
+        except OSError:
+            continue
+        if (h.st_dev, h.st_ino) == (st.st_dev, st.st_ino):
+            raise errdefs.InvalidArgument(
+                f"network namespace {path} of pod {pod_id} is the host's: a pod uses the "
+                "host network by leaving the network namespace out of its spec"
+            )
+
 
 SYSCTL_KEY = re.compile(r"^[a-z0-9_.]+$")
 
@@ -114,10 +158,7 @@ def plan_from_spec(spec: Mapping[str, Any], pod_id: str) -> Plan:
                 plan.pins.append(t)
         elif t == "network":
             if path:
-                if not os.path.exists(path):
-                    raise errdefs.InvalidArgument(
-                        f"network namespace {path} of pod {pod_id} does not exist"
-                    )
+                check_netns(path, pod_id)
                 plan.netns = path
             else:
                 plan.pins.append("network")

@@ -18,8 +18,12 @@ Deliberate deviations from the seed, each tested:
 2. Stats with no host does not crash: it answers an empty Metrics of the host's cgroup
    version (the seed dereferenced the nil UVM on some paths).
 3. ForceExit honours its status. Kill exits the fake init with 128+signal, like a real
-   pause process killed by that signal (runc.v2 reports 137 after StopPodSandbox); the
-   seed reported 0 (Running) or 1 (Created) whatever the signal.
+   pause process killed by that signal (runc.v2 reports 137 after StopPodSandbox), for
+   the signals that end pause (SIGINT, SIGTERM, SIGKILL); any other signal changes
+   nothing, as pause never receives it. The seed exited with 0 (Running) or 1
+   (Created) on any signal at all. Signals outside 1-64 are InvalidArgument (service).
+5. ``close`` (host teardown, ``/tasks/exit``) releases Wait and Delete even when the
+   host's close raises.
 4. Kill with ``all`` signals the workloads first and the sandbox last, and still reaches
    the workloads when the sandbox has already exited (then answers NotFound for it).
 """
@@ -29,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Protocol
@@ -52,6 +57,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("podshim.sandbox")
 
+
+#: the signals that end pause (it handles SIGINT and SIGTERM; SIGKILL always acts): as
+#: the init of its PID namespace, pause never receives the others, so they change nothing
+ENDING_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGKILL})
 
 class Measured(Protocol):
     """What the sandbox's Stats needs of a workload container of its pod."""
@@ -162,18 +171,21 @@ class SandboxTask:
             await self.host.close()
         except Exception:
             log.exception("sandbox %s: closing the pod host", self.id)
-        ex = self.exit or ExitInfo(1, time.time())
-        self.log.info("sandbox exited status %d", ex.status)
-        self.ctx.publisher.publish(
-            ev.TaskExit(
-                container_id=self.id,
-                id=self.id,
-                pid=self._pid,
-                exit_status=ex.status,
-                exited_at=timestamp(ex.at),
+        finally:
+            # whatever happened above, the sandbox has exited: Wait and Delete go on
+            self.force_exit(1)  # no-op when it has an exit already
+            ex = self.exit or ExitInfo(1, time.time())
+            self._closed.set()
+            self.log.info("sandbox exited status %d", ex.status)
+            self.ctx.publisher.publish(
+                ev.TaskExit(
+                    container_id=self.id,
+                    id=self.id,
+                    pid=self._pid,
+                    exit_status=ex.status,
+                    exited_at=timestamp(ex.at),
+                )
             )
-        )
-        self._closed.set()
 
     # -- Task ---------------------------------------------------------------------------
     async def start(self, exec_id: str) -> int:
@@ -207,8 +219,10 @@ class SandboxTask:
             await self._kill_workloads(signal)  # workloads first, even after the sandbox exited
         if self._init_exited.is_set():
             raise errdefs.NotFound(f"sandbox {self.id}: process already finished")
-        if signal:
+        if signal in ENDING_SIGNALS:
             self.force_exit(128 + signal)
+        else:  # what pause, a PID-namespace init without a handler for it, never sees
+            self.log.info("signal %d ignored, as pause ignores it", signal)
 
     async def exec(self, req: ExecRequest) -> None:
         raise errdefs.NotImplemented(f"sandbox {self.id}: a pod sandbox runs no processes")

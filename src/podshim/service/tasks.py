@@ -24,7 +24,14 @@ from podshim.oci.spec import Spec, load_spec, spec_annotations
 from podshim.pod.pod import Pod
 from podshim.service.config import Config, from_options
 from podshim.task import container
-from podshim.task.contract import ExecRequest, ExitInfo, ShimContext, Task, timestamp
+from podshim.task.contract import (
+    ExecRequest,
+    ExitInfo,
+    ShimContext,
+    Task,
+    check_signal,
+    timestamp,
+)
 from podshim.ttrpc.services import CallContext
 
 log = logging.getLogger("podshim.service")
@@ -231,7 +238,9 @@ class TaskService:
     async def Kill(self, req: pb.KillRequest, _: CallContext) -> empty_pb2.Empty:
         fields = self._fields(req.id, req.exec_id)
         log.info("kill signal %d all=%s", req.signal, req.all, extra=fields)
-        await self._task(req.id).kill(req.exec_id, req.signal, req.all)
+        task = self._task(req.id)
+        check_signal(req.signal, f"kill {req.id}")  # nothing changes for a bad one
+        await task.kill(req.exec_id, req.signal, req.all)
         return empty_pb2.Empty()
 
     async def Exec(self, req: pb.ExecProcessRequest, _: CallContext) -> empty_pb2.Empty:

@@ -30,10 +30,28 @@ def timestamp(at: float) -> timestamp_pb2.Timestamp:
 
 @dataclass(frozen=True, slots=True)
 class ExitInfo:
-    """A process's end: exit code or 128+signal, and when (unix time)."""
+    """A process's end: exit code or 128+signal, and when (unix time).
+
+    ``status`` travels as a uint32 (events, Wait, Delete): a negative one is made 255
+    (an unknown failure), one above 2**32-1 is clamped there, so encoding never fails."""
 
     status: int
     at: float
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.status <= MAX_STATUS:
+            object.__setattr__(self, "status", 255 if self.status < 0 else MAX_STATUS)
+
+
+MAX_STATUS = 2**32 - 1
+#: the signals Kill accepts are 1..MAX_SIGNAL (Linux has no signal above 64)
+MAX_SIGNAL = 64
+
+
+def check_signal(signal: int, what: str) -> None:
+    """InvalidArgument for a signal number no process can receive."""
+    if not 1 <= signal <= MAX_SIGNAL:
+        raise errdefs.InvalidArgument(f"{what}: signal {signal} is not in 1-{MAX_SIGNAL}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,13 +3,38 @@
 
 Read at call time, not at import, so a test or a second instance can point podshim
 elsewhere with the environment. Standard library only: used on the ``start`` path.
+
+State that names containers and pods (the OCI runtime's root, the pods' state) is kept
+per containerd instance: two containerds on one host may use the same namespace and id,
+and one must never see, let alone delete, the other's. The instance key is a digest of
+the containerd address (:func:`instance_key`); the shim's entry points bind it once
+(:func:`bind_instance`) from their ``-address`` flag.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 DEFAULT = "/run/podshim"
+
+_instance = ""
+
+
+def instance_key(address: str) -> str:
+    """The directory name of a containerd instance's state: ``sha256(address)[:16]``."""
+    return hashlib.sha256(address.encode()).hexdigest()[:16]
+
+
+def bind_instance(address: str) -> None:
+    """Key :func:`pods_dir` and :func:`runtime_root` by this containerd's address."""
+    global _instance
+    _instance = instance_key(address) if address else ""
+
+
+def _keyed(base: str, address: str | None) -> str:
+    key = instance_key(address) if address is not None else _instance
+    return os.path.join(base, key) if key else base
 
 
 def run_dir() -> str:
@@ -27,9 +52,10 @@ def zygote_dir() -> str:
     return os.path.join(run_dir(), "z")
 
 
-def pods_dir() -> str:
-    """Pod hosts' state: ``<run>/pods/<namespace>/<pod id>`` (e.g. namespace pins)."""
-    return os.path.join(run_dir(), "pods")
+def pods_dir(address: str | None = None) -> str:
+    """Pod hosts' state: ``<run>/pods/<instance>/<namespace>/<pod id>`` (e.g. namespace
+    pins), for the bound containerd instance or the one at ``address``."""
+    return _keyed(os.path.join(run_dir(), "pods"), address)
 
 
 def console_dir() -> str:
@@ -42,6 +68,7 @@ def registry_dir() -> str:
     return os.path.join(run_dir(), "shims")
 
 
-def runtime_root() -> str:
-    """The OCI runtime's default ``--root`` (a directory per containerd namespace below)."""
-    return os.path.join(run_dir(), "runc")
+def runtime_root(address: str | None = None) -> str:
+    """The OCI runtime's default ``--root``, ``<run>/runc/<instance>`` (a directory per
+    containerd namespace below), for the bound instance or the one at ``address``."""
+    return _keyed(os.path.join(run_dir(), "runc"), address)

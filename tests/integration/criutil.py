@@ -66,8 +66,6 @@ PODSHIM_RUNTIME = "io.containerd.podshim.v1"
 CRI_NAMESPACE = "k8s.io"
 #: where the venv's console scripts (the shim binary) live
 BIN_DIR = str(Path(sys.executable).parent)
-#: podshim's per-pod namespace pins: <PODS_DIR>/<containerd namespace>/<pod id>
-PODS_DIR = Path(rundir.pods_dir())
 TASK_DIR = "io.containerd.runtime.v2.task"
 #: comm of the pod's PID-namespace init (exists only in shared-PID pods)
 INIT_COMM = "podshim-init"
@@ -276,7 +274,8 @@ class CriLab:
 
     # -- tearing down ----------------------------------------------------------------------
     def pins(self, pod_id: str) -> Path:
-        return PODS_DIR / CRI_NAMESPACE / pod_id
+        """podshim's state of the pod (namespace pins): per containerd instance."""
+        return Path(rundir.pods_dir(self.lab.address)) / CRI_NAMESPACE / pod_id
 
     def shim_socket(self, pod_id: str) -> str:
         return shim_paths.socket_path(self.lab.address, CRI_NAMESPACE, pod_id)
@@ -468,6 +467,14 @@ def close_cri_lab(lab: Containerd, crilab: CriLab | None) -> list[str]:
             errors += [f"mount {m}" for m in mounts_under([pins])]
             if os.path.lexists(pins):
                 errors.append(f"pin dir {pins}")
+    # podshim's per-instance state directory of this containerd: empty dirs only left
+    instance = Path(rundir.pods_dir(lab.address))
+    for d in (instance / CRI_NAMESPACE, instance):
+        with contextlib.suppress(FileNotFoundError):
+            try:
+                d.rmdir()
+            except OSError as exc:
+                errors.append(f"podshim state {d}: {exc.strerror}: {sorted(os.listdir(d))}")
     return errors
 
 
@@ -509,7 +516,6 @@ __all__ = [
     "INIT_COMM",
     "MIB",
     "PODSHIM",
-    "PODS_DIR",
     "RUNC",
     "ContainerInfo",
     "CriError",

@@ -47,7 +47,6 @@ GROUP_ANNOTATION = oci_ids.GROUP_ANNOTATION
 #: where the venv's console scripts (the shim binary) live
 BIN_DIR = str(Path(sys.executable).parent)
 #: podshim's defaults (src/podshim/rundir.py)
-DEFAULT_RUNC_ROOT = rundir.runtime_root()
 SOCKET_DIR = rundir.sockets_dir()
 TASK_DIR = "io.containerd.runtime.v2.task"
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -80,12 +79,13 @@ def open_lab(**kwargs: Any) -> Containerd:
     return lab
 
 
-def runc_root(lab: Containerd, root: str = DEFAULT_RUNC_ROOT) -> str:
-    """The OCI runtime's ``--root`` podshim uses for this lab's namespace."""
-    return os.path.join(root, lab.namespace)
+def runc_root(lab: Containerd, root: str = "") -> str:
+    """The OCI runtime's ``--root`` podshim uses for this lab's namespace (by default:
+    the runtime root of this containerd instance)."""
+    return os.path.join(root or rundir.runtime_root(lab.address), lab.namespace)
 
 
-def runc_ids(lab: Containerd, root: str = DEFAULT_RUNC_ROOT) -> set[str]:
+def runc_ids(lab: Containerd, root: str = "") -> set[str]:
     """Container ids ``runc --root <root>/<ns> list -q`` knows."""
     res = subprocess.run(
         ["runc", "--root", runc_root(lab, root), "list", "-q"],
@@ -99,7 +99,7 @@ def runc_ids(lab: Containerd, root: str = DEFAULT_RUNC_ROOT) -> set[str]:
     return set(res.stdout.split())
 
 
-def runc_state_dirs(lab: Containerd, root: str = DEFAULT_RUNC_ROOT) -> set[str]:
+def runc_state_dirs(lab: Containerd, root: str = "") -> set[str]:
     """Entries of runc's state dir for this lab's namespace."""
     try:
         return set(os.listdir(runc_root(lab, root)))
@@ -127,7 +127,7 @@ def close_lab(lab: Containerd) -> None:
 
     The shim must not have logged errors or tracebacks. The lab itself checks processes,
     mounts, its dirs and the sockets of bundles still present at close. podshim keeps
-    runc state below ``/run/podshim/runc/<ns>``, which the lab does not know: anything
+    runc state below ``/run/podshim/runc/<instance>/<ns>``, which the lab does not know: anything
     left there is reported (and force-deleted), then the empty namespace dir is removed;
     the same for cgroups below ``/<ns>``.
     """
@@ -153,6 +153,7 @@ def close_lab(lab: Containerd) -> None:
                 shutil.rmtree(os.path.join(ns_root, cid))
     with contextlib.suppress(OSError):
         os.rmdir(ns_root)
+        os.rmdir(os.path.dirname(ns_root))  # this containerd instance's, if now empty
     for hierarchy in cgroup_hierarchies():
         parent = hierarchy / lab.namespace
         if parent.is_dir():

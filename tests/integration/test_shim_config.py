@@ -95,7 +95,7 @@ def test_config_runtime_wrapper_is_used(lab: Containerd, tmp_path: Path) -> None
     assert "delete" in verbs[2:], record.read_text()
     # the wrapper got podshim's usual global options first
     first = record.read_text().splitlines()[0].split()
-    assert first[:2] == ["--root", os.path.join(su.DEFAULT_RUNC_ROOT, lab.namespace)], first
+    assert first[:2] == ["--root", su.runc_root(lab)], first
     assert "create" in first and "--bundle" in first and first[-1] == "cfg1"
 
 

@@ -47,6 +47,11 @@ class FakeOci:
         self.inits: dict[str, int] = {}
         self.gates: dict[str, int] = {}
         self.execs: dict[str, list[int]] = {}
+        #: containers somebody else made in the same runtime root (tests set them)
+        self.foreign: set[str] = set()
+
+    def exists(self, cid: str) -> bool:
+        return cid in self.inits or cid in self.foreign
 
     def _pid(self, cid: str) -> int:
         pid = self.inits.get(cid)

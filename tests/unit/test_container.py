@@ -53,3 +53,30 @@ def test_container_drives_its_injected_runtime_and_reports_exits(tmp_path: Path)
     assert pub.topics == ["/tasks/create", "/tasks/start", "/tasks/exec-added",
                           "/tasks/exec-started", "/tasks/exit", "/tasks/exit",
                           "/tasks/delete"]  # fmt: skip
+
+
+def test_create_of_an_id_the_runtime_already_has_touches_nothing(tmp_path: Path) -> None:
+    """Another containerd's container of the same id in a shared runtime root: the
+    Create is AlreadyExists before it writes, mounts or asks the runtime anything (it
+    used to end in ``runc delete --force`` of the other's container)."""
+    import pytest
+
+    from podshim import errors as errdefs
+
+    spec = {"process": {"args": ["true"]}, "root": {"path": "rootfs"}}
+    (tmp_path / "config.json").write_text(json.dumps(spec))
+    oci = FakeOci(RuntimeConfig(binary="fake-runc", root=str(tmp_path / "root")))
+    oci.foreign.add("c1")
+    pub = RecordingPublisher()
+
+    async def main() -> None:
+        ctx = ShimContext("ns", Reaper(), pub)
+        c = Container(ctx, "c1", str(tmp_path), spec, [], oci,
+                      terminal=False, stdin="", stdout="", stderr="")  # fmt: skip
+        with pytest.raises(errdefs.AlreadyExists, match="left alone"):
+            await c.create()
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+    assert oci.calls == []
+    assert not (tmp_path / "podshim-runtime.json").exists()
+    assert pub.topics == []

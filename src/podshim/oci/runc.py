@@ -103,6 +103,10 @@ class Runc:
     def name(self) -> str:
         return os.path.basename(self.cfg.binary)
 
+    def exists(self, cid: str) -> bool:
+        """runc and crun keep a directory per container under ``--root``."""
+        return os.path.lexists(os.path.join(self.cfg.root, self.namespace, cid))
+
     def _log_size(self) -> int:
         try:
             return os.stat(self.log_path).st_size

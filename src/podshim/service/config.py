@@ -6,7 +6,8 @@ Create may instead send ``containerd.runc.v1.Options``, whose ``binary_name``/``
 override the runtime settings. Example (every key optional; these are the defaults)::
 
     runtime = "runc"              # OCI runtime binary: "runc", "crun" or a path
-    runtime_root = "/run/podshim/runc"   # its --root (a namespace dir is added)
+    runtime_root = "/run/podshim/runc/<instance>"  # --root (+ a namespace dir); <instance>
+                                  # = sha256(containerd address)[:16]
     systemd_cgroup = false
     log_level = "info"            # debug | info | warn | error (-debug forces debug)
     log_format = "text"           # text (logrus-like) | json

@@ -31,7 +31,7 @@ import signal
 import socket
 from collections.abc import Callable
 
-from podshim import logs, tracing
+from podshim import logs, rundir, tracing
 from podshim.api.task.v2 import shim_pb2
 from podshim.diag.shim import ShimDiag
 from podshim.jobs import JobGroup
@@ -43,6 +43,7 @@ from podshim.service.tasks import CreateObserver, TaskService
 from podshim.shim.flags import Flags
 from podshim.shim.panic import write_panic
 from podshim.shim.spawn import LISTEN_FD
+from podshim.shim.zygote import is_socket_file_of
 from podshim.task.contract import ShimContext
 from podshim.ttrpc.server import Interceptor, Server
 from podshim.ttrpc.services import bind
@@ -213,8 +214,8 @@ async def _serve_until_stopped(flags: Flags, crash: _Crash) -> None:
     if fatal.done():
         raise fatal.result()
     log.info("shutting down")
-    with contextlib.suppress(OSError):
-        if isinstance(path, str) and path:
+    if isinstance(path, str) and is_socket_file_of(path, sock.fileno()):  # never another file
+        with contextlib.suppress(OSError):
             os.unlink(path)
     await server.shutdown(grace=1.0)
     await publisher.close(timeout=5.0)
@@ -225,6 +226,7 @@ async def _serve_until_stopped(flags: Flags, crash: _Crash) -> None:
 def serve(flags: Flags) -> int:
     bundle = flags.bundle or os.getcwd()
     os.chdir(bundle)
+    rundir.bind_instance(flags.address)
     set_child_subreaper()
     _open_log_fifo(bundle)
     logs.setup(2, "info", {"runtime": "io.containerd.podshim.v1"}, debug=flags.debug)

@@ -23,6 +23,7 @@ import sys
 import time
 from typing import Any
 
+from podshim import rundir
 from podshim.oci import bundle as files
 from podshim.oci.ids import CONTAINER_TYPE_ANNOTATION
 from podshim.shim.flags import Flags
@@ -123,6 +124,7 @@ def encode_delete_response(pid: int, exit_status: int, exited_at_ns: int) -> byt
 
 def delete(flags: Flags) -> int:
     bundle = flags.bundle or os.getcwd()
+    rundir.bind_instance(flags.address)  # the pod host's state of this containerd
     spec = _spec(bundle)
     ann = spec.get("annotations") or {}
     kind = ann.get(CONTAINER_TYPE_ANNOTATION) if isinstance(ann, dict) else None

@@ -87,7 +87,17 @@ class Container:
 
     async def create(self) -> None:
         """Mount the rootfs, open stdio, ``runc create``; publishes /tasks/create.
-        On failure everything done so far is undone."""
+        On failure everything done so far is undone.
+
+        AlreadyExists, touching nothing (not even the runtime record the ``delete``
+        action acts on), when the runtime already holds a container of this id in this
+        namespace: another containerd's, sharing a configured runtime root, or a
+        leftover. Only what this Create made is undone after a failure."""
+        if self.runc.exists(self.id):
+            raise errdefs.AlreadyExists(
+                f"task {self.id}: the OCI runtime ({self.runc.cfg.root}) already has a "
+                f"container {self.id} in namespace {self.ctx.namespace}; it is left alone"
+            )
         try:
             self._record_runtime()
             self._mount_rootfs()
@@ -129,9 +139,12 @@ class Container:
             json.dump({"binary": cfg.binary, "root": cfg.root}, f)
 
     async def _undo_create(self) -> None:
+        """Undo a failed create: the runtime's container only if it exists now (it did
+        not before: create() checked), then stdio and the rootfs mounts."""
         self.init.io.close()
-        with contextlib.suppress(errdefs.ShimError):
-            await self.runc.delete(self.id, force=True)
+        if self.runc.exists(self.id):
+            with contextlib.suppress(errdefs.ShimError):
+                await self.runc.delete(self.id, force=True)
         self._unmount_rootfs()
 
     def _mount_rootfs(self) -> None:

@@ -10,6 +10,11 @@ Wire format (containerd/ttrpc v1.1)::
 
 Nothing here touches a socket: :class:`FrameDecoder` is fed whatever bytes arrived and
 hands back complete events, so it can be tested with any split of the byte stream.
+
+Sizes: a body up to :data:`MAX_BODY` is a message; one up to :data:`MAX_SKIP` is skipped
+as it arrives and reported (:class:`Oversized`), so its stream can be answered; a header
+declaring more than that ends the connection (:class:`ProtocolError`): no ttrpc peer
+sends it, and skipping it would tie the connection up for up to 4 GiB.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from dataclasses import dataclass
 HEADER = struct.Struct(">IIBB")
 HEADER_SIZE = HEADER.size  # 10
 MAX_BODY = 4 << 20  # 4 MiB, ttrpc's messageLengthMax
+MAX_SKIP = 2 * MAX_BODY  # the largest oversized body skipped rather than fatal
 
 TYPE_REQUEST = 0x01
 TYPE_RESPONSE = 0x02
@@ -29,9 +35,11 @@ class ProtocolError(Exception):
     """The peer broke the framing itself; the connection cannot go on.
 
     Raised for a header naming stream 0 (never a valid stream: nothing could be
-    answered on it) and for a stream that ends in the middle of a frame.
-    Problems confined to one stream (an oversized body, an undecodable message, an
-    even stream id) are *not* protocol errors: they are answered on that stream.
+    answered on it), for a header declaring a body over the decoder's ``max_skip``, and
+    for a stream that ends in the middle of a frame.
+    Problems confined to one stream (a body over ``max_body`` but not ``max_skip``, an
+    undecodable message, an even stream id) are *not* protocol errors: they are answered
+    on that stream.
     """
 
 
@@ -47,7 +55,8 @@ class Frame:
 
 @dataclass(frozen=True, slots=True)
 class Oversized:
-    """A frame whose body exceeds :data:`MAX_BODY`; its body is skipped as it arrives."""
+    """A frame whose body exceeds ``max_body`` (but not ``max_skip``); its body is skipped
+    as it arrives."""
 
     stream_id: int
     type: int
@@ -76,11 +85,12 @@ class FrameDecoder:
 
     Feed it bytes with :meth:`feed`; it returns the events completed by them. It keeps at
     most one partial frame buffered, and never buffers the body of an oversized frame:
-    those bytes are dropped as they arrive.
+    those bytes are dropped as they arrive, up to ``max_skip`` of them.
     """
 
-    def __init__(self, max_body: int = MAX_BODY) -> None:
+    def __init__(self, max_body: int = MAX_BODY, max_skip: int = MAX_SKIP) -> None:
         self._max_body = max_body
+        self._max_skip = max_skip
         self._buf = bytearray()
         self._skip = 0  # bytes of an oversized body still to drop
 
@@ -89,11 +99,17 @@ class FrameDecoder:
         """Bytes held for a frame not yet complete (for tests and metrics)."""
         return len(self._buf)
 
+    @property
+    def in_frame(self) -> bool:
+        """True between the first byte of a frame and its last (skipped bodies included)."""
+        return bool(self._buf) or self._skip > 0
+
     def feed(self, data: bytes) -> list[Event]:
         """Consume ``data`` and return every event it completes, in order.
 
         Raises:
-            ProtocolError: a header is unusable; the caller must close the connection.
+            ProtocolError: a header is unusable (stream 0, or a body over ``max_skip``);
+                the caller must close the connection.
         """
         events: list[Event] = []
         view = memoryview(data)
@@ -115,6 +131,11 @@ class FrameDecoder:
                     raise ProtocolError("frame header names stream 0")
                 if length > self._max_body:
                     self._buf.clear()
+                    if length > self._max_skip:
+                        raise ProtocolError(
+                            f"frame header declares {length} bytes (skipping at most "
+                            f"{self._max_skip})"
+                        )
                     self._skip = length
                     events.append(Oversized(sid, type_, length))
                     continue

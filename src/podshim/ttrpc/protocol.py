@@ -105,6 +105,11 @@ class ServerConnection:
                 out.append(item)
         return out
 
+    @property
+    def in_frame(self) -> bool:
+        """True while a frame is partly received (the transport times such a pause)."""
+        return self.decoder.in_frame
+
     def eof(self) -> None:
         """The peer closed; raises ProtocolError when it stopped inside a frame."""
         self.decoder.eof()

@@ -4,6 +4,15 @@ Every request runs in its own task, so a long ``Wait`` never holds up other call
 same connection; each response frame is written with a single ``transport.write``, which
 makes it atomic. A peer whose framing breaks, or who vanishes mid-frame, loses only its
 own connection.
+
+Each connection is bounded (:class:`Limits`): at most ``max_in_flight`` calls (and
+``max_in_flight_bytes`` of their requests) run at once, and answers wait in their calls
+while more than ``max_queued_bytes`` are unsent. Past either bound the socket is no
+longer read (``pause_reading``) until calls finish and the peer reads its answers, so a
+peer that pipelines calls without reading answers is slowed down, not buffered for. A
+header declaring a body the codec will not even skip (over ``codec.MAX_SKIP``) and a
+frame left unfinished for ``frame_timeout`` seconds close the connection; a connection
+idle *between* frames is never closed here.
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ import logging
 import os
 import socket
 import struct
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
@@ -52,6 +62,33 @@ PeerCheck = Callable[[PeerCred], bool]
 Interceptor = Callable[[IncomingRequest, Callable[[], Awaitable[bytes]]], Awaitable[bytes]]
 
 
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Per-connection bounds of a :class:`Server`.
+
+    A connection's memory stays below about ``max_in_flight_bytes + max_queued_bytes +
+    max_in_flight * (largest answer)``, plus the frame being received (at most 4 MiB) and
+    the requests parsed from one socket read (256 KiB) that wait for a free slot.
+    """
+
+    #: calls running at once; past it the socket is not read until one finishes
+    max_in_flight: int = 256
+    #: request payload bytes of the running calls (one call is always let in)
+    max_in_flight_bytes: int = 16 << 20
+    #: unsent answer bytes (the transport's high-water mark); past it answers wait in
+    #: their calls, which keep their slots, and the socket is not read
+    max_queued_bytes: int = 1 << 20
+    #: seconds a frame may stay unfinished with no byte arriving (time the server itself
+    #: is not reading does not count); then the connection is closed
+    frame_timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        if min(self.max_in_flight, self.max_in_flight_bytes, self.max_queued_bytes) < 1:
+            raise ValueError(f"ttrpc limits must be positive: {self}")
+        if not self.frame_timeout > 0:
+            raise ValueError(f"ttrpc frame_timeout must be positive: {self.frame_timeout}")
+
+
 class _Conn(asyncio.Protocol):
     def __init__(self, server: Server) -> None:
         self._server = server
@@ -59,6 +96,29 @@ class _Conn(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._cred = PeerCred(0, -1, -1)
+        limits = server.limits
+        self._max_in_flight = limits.max_in_flight
+        self._max_in_flight_bytes = limits.max_in_flight_bytes
+        self._max_queued_bytes = limits.max_queued_bytes
+        self._frame_timeout = limits.frame_timeout
+        # Backpressure: requests parsed while every slot is taken wait here, unread
+        # bytes wait in the socket. The counters cover the calls started and unanswered.
+        self._backlog: deque[IncomingRequest] = deque()
+        self._in_flight = 0
+        self._in_flight_bytes = 0
+        self._reading_paused = False
+        self._writing_paused = False
+        self._writable = asyncio.Event()  # set while the transport takes answers
+        self._writable.set()
+        self._warned_full = False
+        # A frame left unfinished: when its last byte came, and the timer checking it.
+        self._partial_since = 0.0
+        self._frame_timer: asyncio.TimerHandle | None = None
+        #: the most calls ever running at once
+        self.peak_in_flight = 0
+        #: the most answer bytes ever unsent, noted once over ``max_queued_bytes`` (the
+        #: bound is about those; 0 while the transport never held that much)
+        self.peak_queued_bytes = 0
 
     # asyncio.Protocol -------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -75,6 +135,7 @@ class _Conn(asyncio.Protocol):
             log.warning("ttrpc: rejecting peer pid=%d uid=%d gid=%d", *self._server_cred_tuple())
             transport.abort()
             return
+        transport.set_write_buffer_limits(high=self._max_queued_bytes)
         self._server._conns.add(self)
         self._server.activity.set()
 
@@ -82,17 +143,29 @@ class _Conn(asyncio.Protocol):
         return self._cred.pid, self._cred.uid, self._cred.gid
 
     def data_received(self, data: bytes) -> None:
+        state = self._state
         try:
-            items = self._state.receive(data)
+            items = state.receive(data)
         except ProtocolError as exc:
             log.warning("ttrpc: closing connection from pid %d: %s", self._cred.pid, exc)
             self.abort()
             return
         for item in items:
             if isinstance(item, ErrorReply):
-                self._write(item.data)
+                self._write(item.data)  # small, and at most one read's worth unthrottled
+            elif (
+                self._backlog
+                or self._in_flight >= self._max_in_flight
+                or (
+                    self._in_flight
+                    and self._in_flight_bytes + len(item.payload) > self._max_in_flight_bytes
+                )
+            ):
+                self._hold(item)
             else:
-                self._spawn(item)
+                self._start(item)
+        if state.in_frame:
+            self._frame_pending()
 
     def eof_received(self) -> bool:
         try:
@@ -102,10 +175,26 @@ class _Conn(asyncio.Protocol):
         # Let in-flight calls finish writing? The peer cannot read them: close now.
         return False
 
+    def pause_writing(self) -> None:
+        # Over max_queued_bytes unsent: answers wait, and so do new requests.
+        self._writing_paused = True
+        self._writable.clear()
+        self._note_queued()
+        self._pause_reading()
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        self._writable.set()
+        self._refill()
+
     def connection_lost(self, exc: Exception | None) -> None:
         if self in self._server._conns:
             self._server._conns.discard(self)
             self._server.activity.set()
+        self._backlog.clear()
+        if self._frame_timer is not None:
+            self._frame_timer.cancel()
+            self._frame_timer = None
         for t in list(self._tasks):
             t.cancel()
 
@@ -115,17 +204,124 @@ class _Conn(asyncio.Protocol):
             self._transport.abort()
 
     def _write(self, data: bytes) -> None:
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.write(data)
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+            if self._writing_paused:  # past the high-water mark (only then can it peak)
+                self._note_queued()
 
-    def _spawn(self, req: IncomingRequest) -> None:
+    def _note_queued(self) -> None:
+        if self._transport is not None:
+            queued = self._transport.get_write_buffer_size()
+            if queued > self.peak_queued_bytes:
+                self.peak_queued_bytes = queued
+
+    def _hold(self, req: IncomingRequest) -> None:
+        """Keep ``req`` until a call finishes (the bounds are reached); stop reading."""
+        self._backlog.append(req)
+        if not self._warned_full:
+            self._warned_full = True
+            log.info(
+                "ttrpc: pid %d has %d calls (%d bytes) in flight: reading paused",
+                self._cred.pid,
+                self._in_flight,
+                self._in_flight_bytes,
+            )
+        self._pause_reading()
+
+    def _start(self, req: IncomingRequest) -> None:
+        self._in_flight += 1
+        self._in_flight_bytes += len(req.payload)
+        if self._in_flight > self.peak_in_flight:
+            self.peak_in_flight = self._in_flight
         task = asyncio.get_running_loop().create_task(self._handle(req))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def _refill(self) -> None:
+        """Start held requests while the bounds allow; read again once none is held."""
+        if self._transport is None or self._transport.is_closing():
+            return
+        backlog = self._backlog
+        while (
+            backlog
+            and self._in_flight < self._max_in_flight
+            and (
+                not self._in_flight
+                or self._in_flight_bytes + len(backlog[0].payload) <= self._max_in_flight_bytes
+            )
+        ):
+            self._start(backlog.popleft())
+        if not backlog and not self._writing_paused:
+            self._resume_reading()
+
+    def _pause_reading(self) -> None:
+        if not self._reading_paused and self._transport is not None:
+            self._reading_paused = True
+            self._transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self._reading_paused and self._transport is not None:
+            self._reading_paused = False
+            self._transport.resume_reading()
+            if self._state.in_frame:
+                self._frame_pending()  # the peer's clock starts when we read again
+
+    def _frame_pending(self) -> None:
+        """A frame is unfinished after a read: (re)start its ``frame_timeout``."""
+        loop = asyncio.get_running_loop()
+        self._partial_since = loop.time()
+        if self._frame_timer is None:
+            self._frame_timer = loop.call_at(
+                self._partial_since + self._frame_timeout, self._frame_expired
+            )
+
+    def _frame_expired(self) -> None:
+        # One timer per connection, re-armed lazily: reads only note the time.
+        self._frame_timer = None
+        if self._reading_paused or not self._state.in_frame:
+            return  # resumed reading restarts the clock; a finished frame needs none
+        if self._transport is None or self._transport.is_closing():
+            return
+        due = self._partial_since + self._frame_timeout
+        loop = asyncio.get_running_loop()
+        if loop.time() < due:
+            self._frame_timer = loop.call_at(due, self._frame_expired)
+            return
+        log.warning(
+            "ttrpc: closing connection from pid %d: no byte for %.1fs inside a frame",
+            self._cred.pid,
+            self._frame_timeout,
+        )
+        self.abort()
+
+    @property
+    def in_flight(self) -> int:
+        """Calls started and not yet answered (for tests and diagnostics)."""
+        return self._in_flight
+
+    @property
+    def in_flight_bytes(self) -> int:
+        """Request payload bytes of those calls."""
+        return self._in_flight_bytes
+
+    @property
+    def held(self) -> int:
+        """Requests parsed but waiting for a slot (at most one read's worth)."""
+        return len(self._backlog)
+
+    @property
+    def queued_bytes(self) -> int:
+        """Answer bytes written but not yet taken by the socket."""
+        return self._transport.get_write_buffer_size() if self._transport is not None else 0
+
+    @property
+    def reading_paused(self) -> bool:
+        return self._reading_paused
+
     @property
     def busy(self) -> bool:
-        return bool(self._tasks)
+        return bool(self._tasks) or bool(self._backlog)
 
     async def wait_idle(self) -> None:
         while self._tasks:
@@ -136,18 +332,28 @@ class _Conn(asyncio.Protocol):
         message = ""
         payload = b""
         try:
-            intercept = self._server.interceptor
-            if intercept is None:
-                payload = await self._dispatch(req)
-            else:
-                payload = await intercept(req, lambda: self._dispatch(req))
-        except asyncio.CancelledError:
-            if self._transport is None or self._transport.is_closing():
-                raise  # connection gone: nothing to answer
-            code, message = errdefs.to_status(errdefs.Canceled("context canceled"))
-        except Exception as exc:
-            code, message = errdefs.to_status(exc)
-        self._write(ServerConnection.reply(req.stream_id, payload, code, message))
+            try:
+                intercept = self._server.interceptor
+                if intercept is None:
+                    payload = await self._dispatch(req)
+                else:
+                    payload = await intercept(req, lambda: self._dispatch(req))
+            except asyncio.CancelledError:
+                if self._transport is None or self._transport.is_closing():
+                    raise  # connection gone: nothing to answer
+                code, message = errdefs.to_status(errdefs.Canceled("context canceled"))
+            except Exception as exc:
+                code, message = errdefs.to_status(exc)
+            data = ServerConnection.reply(req.stream_id, payload, code, message)
+            payload = b""  # only the frame waits below
+            while self._writing_paused:  # the answer waits here, holding its slot
+                await self._writable.wait()
+            self._write(data)
+        finally:
+            self._in_flight -= 1
+            self._in_flight_bytes -= len(req.payload)
+            if self._backlog or self._reading_paused:
+                self._refill()
 
     async def _dispatch(self, req: IncomingRequest) -> bytes:
         svc = self._server.services.get(req.service)
@@ -182,10 +388,13 @@ class Server:
         *,
         peer_check: PeerCheck = same_user,
         interceptor: Interceptor | None = None,
+        limits: Limits = Limits(),
     ) -> None:
         self.services: dict[str, ServiceBinding] = {}
         self.peer_check = peer_check
         self.interceptor = interceptor
+        #: bounds of each connection (read when a connection opens)
+        self.limits = limits
         #: set whenever a connection opens or closes (the owner clears it)
         self.activity = asyncio.Event()
         self._conns: set[_Conn] = set()

@@ -70,9 +70,12 @@ class FakeOci:
         self.calls.append(("create", "--bundle", bundle, "--pid-file", pid_file, cid))
         with open(os.path.join(bundle, files.CONFIG)) as f:
             spec: dict[str, Any] = json.load(f)
+        args = (spec.get("process") or {}).get("args")
+        if not args or not isinstance(args, list):  # runc: "args must not be empty"
+            raise errdefs.Unknown(f"fake runtime: container {cid}: args must not be empty")
         r, w = os.pipe()
         try:
-            pid = _spawn([str(a) for a in spec["process"]["args"]], stdio, gate=r)
+            pid = _spawn([str(a) for a in args], stdio, gate=r)
         except BaseException:
             os.close(w)
             raise

@@ -284,7 +284,7 @@ def test_invalid_specs_leave_nothing(env: Env) -> None:
             (env.spec(namespaces=[{"type": "ipc", "path": "/proc/1/ns/ipc"}]), "given ipc"),
             (
                 env.spec(namespaces=[{"type": "network", "path": env.netns_path + "-gone"}]),
-                "does not exist",
+                "No such file",
             ),
             (env.spec(cgroupsPath="/a/b c"), "invalid component"),
             (

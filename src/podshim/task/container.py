@@ -26,6 +26,7 @@ from podshim.cgroups import mode, v1, v2
 from podshim.cgroups.oom import watch_oom
 from podshim.cgroups.stats import metrics_for_pid, pack
 from podshim.linux import mount
+from podshim.linux.reaper import Exit
 from podshim.logs import TaskLogger
 from podshim.oci import bundle as files
 from podshim.oci.ids import SANDBOX_ID_ANNOTATION, valid_id
@@ -69,6 +70,8 @@ class Container:
         self.execs: dict[str, Process] = {}
         self.execs_spec: dict[str, bytes] = {}  # exec id -> OCI process JSON for runc
         self._mounted = False
+        #: read now: the exit monitor must not meet a spec it cannot read
+        self._own_pid_ns = private_pid_ns(spec)
         ann = spec.get("annotations")
         pod_id = str(ann.get(SANDBOX_ID_ANNOTATION, "")) if isinstance(ann, dict) else ""
         #: logs with this task's pod-id and tid fields
@@ -93,6 +96,12 @@ class Container:
         action acts on), when the runtime already holds a container of this id in this
         namespace: another containerd's, sharing a configured runtime root, or a
         leftover. Only what this Create made is undone after a failure."""
+        wants_tty = (self.spec.get("process") or {}).get("terminal") is True
+        if wants_tty != self.init.io.terminal:
+            raise errdefs.InvalidArgument(
+                f"task {self.id}: the request's terminal={self.init.io.terminal} does not "
+                f"match the spec's process.terminal={wants_tty}"
+            )
         if self.runc.exists(self.id):
             raise errdefs.AlreadyExists(
                 f"task {self.id}: the OCI runtime ({self.runc.cfg.root}) already has a "
@@ -204,10 +213,15 @@ class Container:
     async def _watch_exit(self, p: Process) -> None:
         ex = await self.ctx.reaper.watch(p.pid)
         tracing.set_attribute("exit-status", ex.status)
-        if p is self.init and not private_pid_ns(self.spec):
-            # Without its own pid namespace nothing kills the rest: do it like runc's shim.
-            with contextlib.suppress(errdefs.ShimError):
-                await self.runc.kill(self.id, 9, all_=True)
+        try:
+            if p is self.init and not self._own_pid_ns:
+                # Without its own pid namespace nothing kills the rest: as runc's shim does.
+                with contextlib.suppress(errdefs.ShimError):
+                    await self.runc.kill(self.id, 9, all_=True)
+        finally:  # whatever failed above, the exit is recorded and reported
+            await self._report_exit(p, ex)
+
+    async def _report_exit(self, p: Process, ex: Exit) -> None:
         if await p.exited_with(ex.status, ex.at):
             self.log.info("exited pid %d status %d", p.pid, ex.status, extra={"eid": p.exec_id})
             self.ctx.publisher.publish(

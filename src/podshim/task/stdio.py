@@ -180,12 +180,17 @@ class ProcessIO:
         self._console_listener: socket.socket | None = None
 
     async def open(self) -> None:
-        """Open the FIFOs and create the pipes (or the console socket)."""
+        """Open the FIFOs and create the pipes (or the console socket). A FIFO or file
+        that cannot be opened is InvalidArgument naming it."""
         try:
             if self.terminal:
                 self._open_console_socket()
             else:
                 self._open_pipes()
+        except OSError as exc:
+            self.close()
+            where = exc.filename or "stdio"
+            raise errdefs.InvalidArgument(f"open {where}: {exc.strerror or exc}") from None
         except BaseException:
             self.close()
             raise
@@ -248,8 +253,13 @@ class ProcessIO:
             return
         assert self._console_listener is not None
         loop = asyncio.get_running_loop()
-        async with asyncio.timeout(timeout):
-            conn, _ = await loop.sock_accept(self._console_listener)
+        try:
+            async with asyncio.timeout(timeout):
+                conn, _ = await loop.sock_accept(self._console_listener)
+        except TimeoutError:
+            raise errdefs.DeadlineExceeded(
+                f"the runtime sent no pty master on the console socket in {timeout:.0f}s"
+            ) from None
         with conn:
             conn.setblocking(True)
             conn.settimeout(timeout)

@@ -59,7 +59,7 @@ cri = cu.cri  # per test: its pods stopped, removed and checked gone
 
 
 def test_shared_pid_pod_from_the_wheel(cri: cu.CriLab, wheel_venv: Path) -> None:
-    assert not str(wheel_venv).startswith(str(Path(sys.prefix))), "not a separate venv"
+    assert not wheel_venv.resolve().is_relative_to(Path(sys.prefix).resolve()), "not separate"
     pod, _ = cri.pod("wheelpod", cu.PODSHIM, hostname="wheelpod", pid_mode="POD")
     one = cri.container(pod, "one", ["sleep", "3601"])
     two = cri.container(pod, "two", ["sleep", "3602"])

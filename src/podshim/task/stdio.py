@@ -190,7 +190,7 @@ class ProcessIO:
         except OSError as exc:
             self.close()
             where = exc.filename or "stdio"
-            raise errdefs.InvalidArgument(f"open {where}: {exc.strerror or exc}") from None
+            raise errdefs.InvalidArgument(f"stdio: open {where}: {exc.strerror or exc}") from None
         except BaseException:
             self.close()
             raise

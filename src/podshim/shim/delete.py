@@ -16,9 +16,11 @@ the first :data:`PANIC_RELAY_LIMIT` bytes to stderr, so containerd logs them as 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
+import stat
 import sys
 import time
 from typing import Any
@@ -77,16 +79,21 @@ def _remove_dead_socket(bundle: str) -> None:
             path = f.read().strip().removeprefix("unix://")
     except OSError:
         return
-    if not path:
+    # only a shim socket of ours: the file names a path, never trusted to be one
+    if not path or os.path.dirname(path) != os.path.abspath(rundir.sockets_dir()):
         return
     s = socket.socket(socket.AF_UNIX)
     try:
         s.connect(path)
-    except OSError:
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
+    except OSError:  # nobody serves it: the daemon is dead (killed, or containerd was down)
+        with contextlib.suppress(OSError):
+            if stat.S_ISSOCK(os.lstat(path).st_mode):
+                os.unlink(path)
+        # and its diag registry entry, which only a reader would prune otherwise
+        from podshim.diag.registry import entry_name  # only for a dead shim
+
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(rundir.registry_dir(), entry_name(path)))
     finally:
         s.close()
 

@@ -82,13 +82,17 @@ def _remove_dead_socket(bundle: str) -> None:
     # only a shim socket of ours: the file names a path, never trusted to be one
     if not path or os.path.dirname(path) != os.path.abspath(rundir.sockets_dir()):
         return
+    try:
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            return
+    except OSError:
+        return  # gone: its daemon exited cleanly (and removed its registry entry)
     s = socket.socket(socket.AF_UNIX)
     try:
         s.connect(path)
     except OSError:  # nobody serves it: the daemon is dead (killed, or containerd was down)
         with contextlib.suppress(OSError):
-            if stat.S_ISSOCK(os.lstat(path).st_mode):
-                os.unlink(path)
+            os.unlink(path)
         # and its diag registry entry, which only a reader would prune otherwise
         from podshim.diag.registry import entry_name  # only for a dead shim
 

@@ -410,7 +410,7 @@ def own_cgroup_dirs(pid: int) -> dict[str, str]:
     own = cgroup.own_cgroups(f"/proc/{pid}/cgroup")
     out = {}
     for h in cgroup.hierarchies():
-        key = "" if h.version == 2 else ",".join(sorted(h.controllers))
+        key = cgroup.hierarchy_key(h)
         if key in own:
             out[h.mountpoint] = own[key]
     return out

@@ -20,10 +20,10 @@ from podshim.diag.registry import (
     Registration,
     Registry,
     entry_name,
-    proc_starttime,
     registry_dir,
     select,
 )
+from podshim.linux.proc import start_time as proc_starttime
 
 ADDR = "/run/lab-a/containerd.sock"
 

@@ -223,7 +223,7 @@ def test_relative_cgroups_path_joins_own_cgroup_per_hierarchy(tmp_path: Path) ->
         pytest.skip("no cgroup hierarchy mounted")
     lines = []
     for i, h in enumerate(hs):
-        ctl = "" if h.version == 2 else ",".join(sorted(h.controllers))
+        ctl = cg.hierarchy_key(h)
         lines.append(f"{0 if h.version == 2 else i + 1}:{ctl}:/ctr-{i}/shim")
     proc = tmp_path / "cgroup"
     proc.write_text("\n".join(lines) + "\n")

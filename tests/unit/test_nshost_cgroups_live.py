@@ -29,12 +29,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.skipif(not ROOT, reason="need
 
 
 def own_cgroup_lines(pid: int | str = "self") -> dict[str, str]:
-    out = {}
-    with open(f"/proc/{pid}/cgroup") as f:
-        for line in f:
-            _id, ctl, path = line.rstrip("\n").split(":", 2)
-            out[ctl] = path
-    return out
+    """The cgroup of ``pid`` per hierarchy (keyed as :func:`cg.hierarchy_key`)."""
+    return cg.own_cgroups(f"/proc/{pid}/cgroup")
 
 
 def pid_spec(e: Env, cgroups_path: str) -> dict[str, object]:
@@ -50,8 +46,9 @@ def rel(env: Env) -> Iterator[str]:
     path = f"kubepods-besteffort-pod{secrets.token_hex(4)}.slice:cri-containerd:{env.pod_id}"
     yield path
     for h in cg.hierarchies():
-        key = "" if h.version == 2 else ",".join(sorted(h.controllers))
-        d = os.path.join(h.mountpoint, own_cgroup_lines().get(key, "/").lstrip("/"), path)
+        d = os.path.join(
+            h.mountpoint, own_cgroup_lines().get(cg.hierarchy_key(h), "/").lstrip("/"), path
+        )
         if os.path.isdir(d):
             os.rmdir(d)
 

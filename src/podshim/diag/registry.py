@@ -28,6 +28,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, replace
 
 from podshim import rundir
+from podshim.linux.proc import start_time
 
 log = logging.getLogger("podshim.diag.registry")
 
@@ -41,19 +42,6 @@ def registry_dir() -> str:
 
 def entry_name(socket: str) -> str:
     return hashlib.sha256(socket.encode()).hexdigest() + ".json"
-
-
-def proc_starttime(pid: int, proc: str = "/proc") -> int | None:
-    """Start time (clock ticks after boot) of a live, non-zombie ``pid``, else None."""
-    try:
-        with open(f"{proc}/{pid}/stat", "rb") as f:
-            stat = f.read().decode(errors="replace")
-    except OSError:
-        return None
-    fields = stat.rpartition(")")[2].split()
-    if len(fields) < 20 or fields[0] in ("Z", "X") or not fields[19].isdigit():
-        return None
-    return int(fields[19])
 
 
 def is_podshim(pid: int, proc: str = "/proc") -> bool:
@@ -179,7 +167,7 @@ class Registry:
 
     def is_live(self, entry: Entry) -> bool:
         """The entry's pid is alive, the same process that registered, and podshim."""
-        started = proc_starttime(entry.pid, self.proc)
+        started = start_time(entry.pid, self.proc)
         if started is None or (entry.starttime and started != entry.starttime):
             return False
         return is_podshim(entry.pid, self.proc)
@@ -232,7 +220,7 @@ class Registration:
     ) -> Registration:
         pid = os.getpid()
         entry = Entry(address, namespace, shim_id, "", pid, socket, time.time(),
-                      proc_starttime(pid) or 0)  # fmt: skip
+                      start_time(pid) or 0)  # fmt: skip
         return cls(entry, directory)
 
     def write(self) -> None:

@@ -251,6 +251,18 @@ def _read(path: str) -> str:
         return f.read().strip()
 
 
+def try_rmdir(directory: str) -> OSError | None:
+    """rmdir ``directory``: None once it is gone (removed now, or already), else why not
+    (EBUSY/ENOTEMPTY/EEXIST: a cgroup with tasks or children; callers decide)."""
+    try:
+        os.rmdir(directory)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return exc
+    return None
+
+
 def shares_to_weight(shares: int) -> int:
     """cgroup v1 ``cpu.shares`` [2, 262144] mapped linearly onto v2 ``cpu.weight``
     [1, 10000]."""
@@ -295,7 +307,8 @@ def own_cgroups(proc_cgroup: str = "/proc/self/cgroup") -> dict[str, str]:
     return own
 
 
-def _hierarchy_key(h: Hierarchy) -> str:
+def hierarchy_key(h: Hierarchy) -> str:
+    """``h``'s key in :func:`own_cgroups`."""
     return "" if h.version == 2 else ",".join(sorted(h.controllers))
 
 
@@ -347,7 +360,7 @@ class SandboxCgroup:
         for h in self._hier:
             start = h.mountpoint
             if own:
-                mine = own.get(_hierarchy_key(h))
+                mine = own.get(hierarchy_key(h))
                 if mine is None:
                     raise errdefs.FailedPrecondition(
                         f"cgroup hierarchy {h.mountpoint} is not in {self._proc_cgroup}: "
@@ -465,16 +478,11 @@ class SandboxCgroup:
         """rmdir what we made, deepest first; returns the directories still there."""
         left = []
         for d in reversed(self._made):
-            try:
-                os.rmdir(d)
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                if exc.errno in (errno.EBUSY, errno.ENOTEMPTY, errno.EEXIST):
-                    left.append(d)
-                else:
+            exc = try_rmdir(d)
+            if exc is not None:
+                if exc.errno not in (errno.EBUSY, errno.ENOTEMPTY, errno.EEXIST):
                     log.warning("rmdir cgroup %s: %s", d, exc)
-                    left.append(d)
+                left.append(d)
         leaves = {d for _h, d in self.dirs}
         # an ancestor still in use by other cgroups is not ours to worry about
         self._made = [d for d in self._made if d in left]

@@ -19,9 +19,10 @@ import time
 from typing import Any
 
 from podshim import rundir
-from podshim.host.namespaces.cgroup import CGROUP_RECORD, recorded_cgroup_dirs
+from podshim.host.namespaces.cgroup import CGROUP_RECORD, recorded_cgroup_dirs, try_rmdir
 from podshim.host.namespaces.plan import PIN_FILES
 from podshim.linux import mount
+from podshim.linux.proc import start_time
 
 #: in the pod's state directory: the PID-namespace init as ``{"pid": .., "start": ..}``
 INIT_RECORD = "init.json"
@@ -33,17 +34,6 @@ def _procs(d: str) -> list[int]:
             return [int(x) for x in f.read().split()]
     except (OSError, ValueError):
         return []
-
-
-def start_time(pid: int) -> int | None:
-    """The start time of ``pid`` (clock ticks after boot, ``/proc/<pid>/stat`` field 22):
-    with the pid, it names one process for good (a reused pid starts later)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-        return int(stat[stat.rindex(b")") + 2 :].split()[19])
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def record_init(state_dir: str, pid: int) -> None:
@@ -93,11 +83,8 @@ def remove_sandbox_cgroup(state_dir: str, budget: float = 2.0) -> list[str]:
     while pending:
         left = []
         for d in pending:
-            try:
-                os.rmdir(d)
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
+            exc = try_rmdir(d)
+            if exc is not None:
                 if exc.errno not in (errno.EBUSY, errno.ENOTEMPTY):
                     problems.append(f"rmdir {d}: {exc.strerror}")
                 elif d in leaves:

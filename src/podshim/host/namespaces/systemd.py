@@ -38,6 +38,7 @@ from podshim.host.namespaces.cgroup import (
     Resources,
     hierarchies,
     shares_to_weight,
+    try_rmdir,
 )
 
 if TYPE_CHECKING:
@@ -230,11 +231,8 @@ class SystemdScope:
                 )
                 self._started = False
             for d in reversed(self._made):
-                try:
-                    os.rmdir(d)
-                except FileNotFoundError:
-                    pass
-                except OSError as exc:
+                exc = try_rmdir(d)
+                if exc is not None:
                     if exc.errno not in (errno.EBUSY, errno.ENOTEMPTY):
                         log.warning("rmdir %s: %s", d, exc)
                     left.append(d)

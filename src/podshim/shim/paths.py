@@ -7,11 +7,6 @@ from __future__ import annotations
 
 import os
 
-try:  # the builtin module: hashlib would load OpenSSL (~5 ms) on the start path
-    from _sha256 import sha256  # type: ignore[import-not-found]
-except ImportError:  # Python 3.12+ names it _sha2
-    from hashlib import sha256
-
 from podshim import rundir
 from podshim.oci import bundle as files
 from podshim.oci.ids import GROUP_ANNOTATION, SANDBOX_ID_ANNOTATION, valid_id
@@ -65,7 +60,7 @@ def group_id(task_id: str, annotations: dict[str, str]) -> str:
 def socket_path(address: str, namespace: str, group: str) -> str:
     """``<run dir>/s/<sha256(address/namespace/group)>``: unique per containerd
     instance, namespace and group, and short enough for sun_path."""
-    digest = sha256(f"{address}/{namespace}/{group}".encode()).hexdigest()
+    digest = rundir.digest(f"{address}/{namespace}/{group}")
     return os.path.join(rundir.sockets_dir(), digest)
 
 

@@ -40,7 +40,6 @@ EPIPE, so ``start`` falls back) and then serves only if the go had arrived befor
 from __future__ import annotations
 
 import _socket
-import hashlib
 import json
 import os
 import socket
@@ -75,7 +74,7 @@ SPAWN_WAIT = 5.0
 
 
 def zygote_path(address: str) -> str:
-    return os.path.join(rundir.zygote_dir(), hashlib.sha256(address.encode()).hexdigest()[:40])
+    return os.path.join(rundir.zygote_dir(), rundir.digest(address)[:40])
 
 
 # -- which file a listening socket is bound to (the zygote and the daemon check it) -----

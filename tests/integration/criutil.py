@@ -147,6 +147,23 @@ class CriLab:
         rec.containers.append(cid)
         return cid
 
+    def container_config(
+        self, pod_id: str, name: str, command: Sequence[str] = (), **kwargs: Any
+    ) -> api.ContainerConfig:
+        """A busybox ContainerConfig (kwargs as CriClient.container_config) whose namespace
+        options are the pod's, as kubelet sends them; callers set any further field."""
+        config = CriClient.container_config(name, self.busybox, command, **kwargs)
+        ns = self.pods[pod_id].config.linux.security_context.namespace_options
+        config.linux.security_context.namespace_options.CopyFrom(ns)
+        return config
+
+    def create_config(self, pod_id: str, config: api.ContainerConfig) -> str:
+        """CreateContainer with a whole ContainerConfig; remembered for teardown."""
+        rec = self.pods[pod_id]
+        cid = self.cri.create_container_config(pod_id, rec.config, config)
+        rec.containers.append(cid)
+        return cid
+
     def start(self, pod_id: str, cid: str) -> ContainerInfo:
         """StartContainer and wait until CRI reports it RUNNING with a pid."""
         self.cri.start_container(cid)

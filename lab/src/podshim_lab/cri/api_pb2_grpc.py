@@ -105,15 +105,40 @@ class RuntimeServiceStub(object):
                 request_serializer=podshim__lab_dot_cri_dot_api__pb2.UpdateContainerResourcesRequest.SerializeToString,
                 response_deserializer=podshim__lab_dot_cri_dot_api__pb2.UpdateContainerResourcesResponse.FromString,
                 _registered_method=True)
+        self.ReopenContainerLog = channel.unary_unary(
+                '/runtime.v1.RuntimeService/ReopenContainerLog',
+                request_serializer=podshim__lab_dot_cri_dot_api__pb2.ReopenContainerLogRequest.SerializeToString,
+                response_deserializer=podshim__lab_dot_cri_dot_api__pb2.ReopenContainerLogResponse.FromString,
+                _registered_method=True)
         self.ExecSync = channel.unary_unary(
                 '/runtime.v1.RuntimeService/ExecSync',
                 request_serializer=podshim__lab_dot_cri_dot_api__pb2.ExecSyncRequest.SerializeToString,
                 response_deserializer=podshim__lab_dot_cri_dot_api__pb2.ExecSyncResponse.FromString,
                 _registered_method=True)
+        self.Exec = channel.unary_unary(
+                '/runtime.v1.RuntimeService/Exec',
+                request_serializer=podshim__lab_dot_cri_dot_api__pb2.ExecRequest.SerializeToString,
+                response_deserializer=podshim__lab_dot_cri_dot_api__pb2.ExecResponse.FromString,
+                _registered_method=True)
+        self.Attach = channel.unary_unary(
+                '/runtime.v1.RuntimeService/Attach',
+                request_serializer=podshim__lab_dot_cri_dot_api__pb2.AttachRequest.SerializeToString,
+                response_deserializer=podshim__lab_dot_cri_dot_api__pb2.AttachResponse.FromString,
+                _registered_method=True)
+        self.PortForward = channel.unary_unary(
+                '/runtime.v1.RuntimeService/PortForward',
+                request_serializer=podshim__lab_dot_cri_dot_api__pb2.PortForwardRequest.SerializeToString,
+                response_deserializer=podshim__lab_dot_cri_dot_api__pb2.PortForwardResponse.FromString,
+                _registered_method=True)
         self.ContainerStats = channel.unary_unary(
                 '/runtime.v1.RuntimeService/ContainerStats',
                 request_serializer=podshim__lab_dot_cri_dot_api__pb2.ContainerStatsRequest.SerializeToString,
                 response_deserializer=podshim__lab_dot_cri_dot_api__pb2.ContainerStatsResponse.FromString,
+                _registered_method=True)
+        self.ListContainerStats = channel.unary_unary(
+                '/runtime.v1.RuntimeService/ListContainerStats',
+                request_serializer=podshim__lab_dot_cri_dot_api__pb2.ListContainerStatsRequest.SerializeToString,
+                response_deserializer=podshim__lab_dot_cri_dot_api__pb2.ListContainerStatsResponse.FromString,
                 _registered_method=True)
         self.PodSandboxStats = channel.unary_unary(
                 '/runtime.v1.RuntimeService/PodSandboxStats',
@@ -211,13 +236,43 @@ class RuntimeServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReopenContainerLog(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ExecSync(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Exec(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Attach(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PortForward(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ContainerStats(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListContainerStats(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -303,15 +358,40 @@ def add_RuntimeServiceServicer_to_server(servicer, server):
                     request_deserializer=podshim__lab_dot_cri_dot_api__pb2.UpdateContainerResourcesRequest.FromString,
                     response_serializer=podshim__lab_dot_cri_dot_api__pb2.UpdateContainerResourcesResponse.SerializeToString,
             ),
+            'ReopenContainerLog': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReopenContainerLog,
+                    request_deserializer=podshim__lab_dot_cri_dot_api__pb2.ReopenContainerLogRequest.FromString,
+                    response_serializer=podshim__lab_dot_cri_dot_api__pb2.ReopenContainerLogResponse.SerializeToString,
+            ),
             'ExecSync': grpc.unary_unary_rpc_method_handler(
                     servicer.ExecSync,
                     request_deserializer=podshim__lab_dot_cri_dot_api__pb2.ExecSyncRequest.FromString,
                     response_serializer=podshim__lab_dot_cri_dot_api__pb2.ExecSyncResponse.SerializeToString,
             ),
+            'Exec': grpc.unary_unary_rpc_method_handler(
+                    servicer.Exec,
+                    request_deserializer=podshim__lab_dot_cri_dot_api__pb2.ExecRequest.FromString,
+                    response_serializer=podshim__lab_dot_cri_dot_api__pb2.ExecResponse.SerializeToString,
+            ),
+            'Attach': grpc.unary_unary_rpc_method_handler(
+                    servicer.Attach,
+                    request_deserializer=podshim__lab_dot_cri_dot_api__pb2.AttachRequest.FromString,
+                    response_serializer=podshim__lab_dot_cri_dot_api__pb2.AttachResponse.SerializeToString,
+            ),
+            'PortForward': grpc.unary_unary_rpc_method_handler(
+                    servicer.PortForward,
+                    request_deserializer=podshim__lab_dot_cri_dot_api__pb2.PortForwardRequest.FromString,
+                    response_serializer=podshim__lab_dot_cri_dot_api__pb2.PortForwardResponse.SerializeToString,
+            ),
             'ContainerStats': grpc.unary_unary_rpc_method_handler(
                     servicer.ContainerStats,
                     request_deserializer=podshim__lab_dot_cri_dot_api__pb2.ContainerStatsRequest.FromString,
                     response_serializer=podshim__lab_dot_cri_dot_api__pb2.ContainerStatsResponse.SerializeToString,
+            ),
+            'ListContainerStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListContainerStats,
+                    request_deserializer=podshim__lab_dot_cri_dot_api__pb2.ListContainerStatsRequest.FromString,
+                    response_serializer=podshim__lab_dot_cri_dot_api__pb2.ListContainerStatsResponse.SerializeToString,
             ),
             'PodSandboxStats': grpc.unary_unary_rpc_method_handler(
                     servicer.PodSandboxStats,
@@ -689,6 +769,33 @@ class RuntimeService(object):
             _registered_method=True)
 
     @staticmethod
+    def ReopenContainerLog(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/runtime.v1.RuntimeService/ReopenContainerLog',
+            podshim__lab_dot_cri_dot_api__pb2.ReopenContainerLogRequest.SerializeToString,
+            podshim__lab_dot_cri_dot_api__pb2.ReopenContainerLogResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def ExecSync(request,
             target,
             options=(),
@@ -716,6 +823,87 @@ class RuntimeService(object):
             _registered_method=True)
 
     @staticmethod
+    def Exec(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/runtime.v1.RuntimeService/Exec',
+            podshim__lab_dot_cri_dot_api__pb2.ExecRequest.SerializeToString,
+            podshim__lab_dot_cri_dot_api__pb2.ExecResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Attach(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/runtime.v1.RuntimeService/Attach',
+            podshim__lab_dot_cri_dot_api__pb2.AttachRequest.SerializeToString,
+            podshim__lab_dot_cri_dot_api__pb2.AttachResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PortForward(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/runtime.v1.RuntimeService/PortForward',
+            podshim__lab_dot_cri_dot_api__pb2.PortForwardRequest.SerializeToString,
+            podshim__lab_dot_cri_dot_api__pb2.PortForwardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def ContainerStats(request,
             target,
             options=(),
@@ -732,6 +920,33 @@ class RuntimeService(object):
             '/runtime.v1.RuntimeService/ContainerStats',
             podshim__lab_dot_cri_dot_api__pb2.ContainerStatsRequest.SerializeToString,
             podshim__lab_dot_cri_dot_api__pb2.ContainerStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListContainerStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/runtime.v1.RuntimeService/ListContainerStats',
+            podshim__lab_dot_cri_dot_api__pb2.ListContainerStatsRequest.SerializeToString,
+            podshim__lab_dot_cri_dot_api__pb2.ListContainerStatsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -472,6 +472,55 @@ class CriClient:
         req = api.ContainerStatsRequest(container_id=cid)
         return self._call("ContainerStats", self._runtime.ContainerStats, req).stats
 
+    def list_container_stats(
+        self, cid: str = "", pod_id: str = "", labels: Mapping[str, str] | None = None
+    ) -> list[api.ContainerStats]:
+        """ListContainerStats; the filter's fields are ANDed ("" / None: any)."""
+        flt = api.ContainerStatsFilter(id=cid, pod_sandbox_id=pod_id, label_selector=labels)
+        req = api.ListContainerStatsRequest(filter=flt)
+        return list(self._call("ListContainerStats", self._runtime.ListContainerStats, req).stats)
+
+    def reopen_log(self, cid: str) -> None:
+        req = api.ReopenContainerLogRequest(container_id=cid)
+        self._call("ReopenContainerLog", self._runtime.ReopenContainerLog, req)
+
+    # -- streaming: each answers with a one-time URL of containerd's streaming server --
+    def exec_url(
+        self,
+        cid: str,
+        cmd: Sequence[str],
+        *,
+        stdin: bool = False,
+        stdout: bool = True,
+        stderr: bool = True,
+        tty: bool = False,
+    ) -> str:
+        """Exec: the URL to open the exec's streams at."""
+        req = api.ExecRequest(
+            container_id=cid, cmd=list(cmd), tty=tty, stdin=stdin, stdout=stdout, stderr=stderr
+        )
+        return self._call("Exec", self._runtime.Exec, req).url
+
+    def attach_url(
+        self,
+        cid: str,
+        *,
+        stdin: bool = True,
+        stdout: bool = True,
+        stderr: bool = True,
+        tty: bool = False,
+    ) -> str:
+        """Attach: the URL to open the container's streams at."""
+        req = api.AttachRequest(
+            container_id=cid, stdin=stdin, tty=tty, stdout=stdout, stderr=stderr
+        )
+        return self._call("Attach", self._runtime.Attach, req).url
+
+    def port_forward_url(self, pod_id: str, ports: Sequence[int] = ()) -> str:
+        """PortForward: the URL to open forwarded connections to the pod at."""
+        req = api.PortForwardRequest(pod_sandbox_id=pod_id, port=list(ports))
+        return self._call("PortForward", self._runtime.PortForward, req).url
+
     # -- images --------------------------------------------------------------------------
     def list_images(self) -> list[api.Image]:
         return list(

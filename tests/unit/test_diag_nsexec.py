@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import re
 import secrets
@@ -20,6 +21,8 @@ import pytest
 from podshim import errors as errdefs
 from podshim.host.control import ExecControl
 from podshim.host.namespaces import nsexec
+from podshim.host.namespaces.cgroup import Hierarchy
+from podshim.host.namespaces.execcg import ExecCgroups
 from podshim.host.namespaces.host import NamespacesHost
 from podshim.linux.reaper import Reaper
 
@@ -120,7 +123,10 @@ def test_exec_runs_in_the_pods_namespaces_and_cgroup(tmp_path: Path) -> None:
                 assert link != os.readlink(f"/proc/self/ns/{kind}")
             cgroups = {ln.split(":")[1]: ln.split(":", 2)[2] for ln in lines[4:]}
             for controller in ("pids", "memory", "cpu", "name=systemd"):
-                assert cgroups[controller] == f"{CGROUP_PARENT}/{host.pod_id}", cgroups
+                # its own cgroup, below the sandbox's (under the pod's limits)
+                parent, _, own = cgroups[controller].rpartition("/")
+                assert parent == f"{CGROUP_PARENT}/{host.pod_id}", cgroups
+                assert own.startswith("podshim-exec-"), cgroups
             assert io.read(io.err) == "to-stderr\n"
 
     run(main)
@@ -250,18 +256,33 @@ def test_bad_requests(tmp_path: Path) -> None:
     run(main)
 
 
-def test_a_process_that_cannot_join_the_cgroup_never_runs(tmp_path: Path) -> None:
+def test_a_process_without_its_cgroup_never_runs(tmp_path: Path) -> None:
+    """The exec's cgroup cannot be made (no parent), or made but not joined (a cpuset
+    without cpus takes no task): the command never runs, nothing is left."""
+    cpuset = "/sys/fs/cgroup/cpuset"
+    empty = f"{cpuset}/podshim-diag-test-{secrets.token_hex(4)}"  # new: no cpus
+    hier = Hierarchy(cpuset, 1, frozenset({"cpuset"}))
+
     async def main() -> None:
         reaper = Reaper()
         reaper.start()
         try:
-            target = nsexec.Target("p1", reaper, cgroup_procs=(str(tmp_path / "x/cgroup.procs"),))
-            with pytest.raises(errdefs.Internal, match="cannot join the pod's cgroup"):
-                await nsexec.exec_in_host(
-                    target, ["touch", str(tmp_path / "ran")], "", "", "", False, ExecControl()
-                )
-            assert not (tmp_path / "ran").exists()
+            for parent, message in ((str(tmp_path / "x"), "make the cgroup"),
+                                    (empty, "cannot join its cgroup")):  # fmt: skip
+                cgs = ExecCgroups("p1", str(tmp_path), functools.partial(lambda p: [(hier, p)], parent))
+                target = nsexec.Target("p1", reaper, cgroups=cgs)
+                with pytest.raises(errdefs.Internal, match=message):
+                    await nsexec.exec_in_host(
+                        target, ["touch", str(tmp_path / "ran")], "", "", "", False, ExecControl()
+                    )
+                assert not (tmp_path / "ran").exists()
+                assert cgs.live == {}
+                assert not [d for d in os.listdir(empty) if d.startswith("podshim-exec-")]
         finally:
             reaper.stop()
 
-    run(main)
+    os.mkdir(empty)
+    try:
+        run(main)
+    finally:
+        os.rmdir(empty)

@@ -31,11 +31,15 @@ def run(fn: Callable[[], Awaitable[None]]) -> None:
 
 
 class BrokenCloseHost(FakeHost):
-    """A host whose teardown raises (a bug, a busy cgroup, an injected fault)."""
+    """A host whose teardown raises (a bug, a busy cgroup, an injected fault) until
+    ``broken`` is cleared."""
+
+    broken = True
 
     async def close(self) -> None:
         await super().close()
-        raise RuntimeError("injected: host teardown failed")
+        if self.broken:
+            raise RuntimeError("injected: host teardown failed")
 
 
 async def shim(host: FakeHost) -> tuple[TaskService, RecordingPublisher]:
@@ -88,18 +92,29 @@ def test_signals_pause_never_sees_do_not_end_the_sandbox(sig: int) -> None:
     run(main)
 
 
-def test_a_failing_host_teardown_still_releases_wait_and_delete() -> None:
+def test_a_failing_host_teardown_still_releases_wait_and_answers_delete() -> None:
+    """Wait and /tasks/exit are not held up; Delete answers the failure at once (it
+    used to answer success and leave the host's remains) and succeeds when retried
+    once the host can be torn down."""
+
     async def main() -> None:
-        svc, pub = await shim(BrokenCloseHost())
+        host = BrokenCloseHost()
+        svc, pub = await shim(host)
         waiter = asyncio.ensure_future(svc.Wait(pb.WaitRequest(id="pod1"), CTX))
         await svc.Kill(pb.KillRequest(id="pod1", signal=9), CTX)
         t0 = time.monotonic()
         w = await asyncio.wait_for(waiter, 1.0)
         assert w.exit_status == 137
+        with pytest.raises(errdefs.Unavailable, match="injected: host teardown failed"):
+            await asyncio.wait_for(svc.Delete(pb.DeleteRequest(id="pod1"), CTX), 1.0)
+        assert time.monotonic() - t0 < 1.0
+        assert "pod1" in svc.tasks and await status(svc) == Status.STOPPED.value
+        host.broken = False
         d = await asyncio.wait_for(svc.Delete(pb.DeleteRequest(id="pod1"), CTX), 1.0)
-        assert d.exit_status == 137 and time.monotonic() - t0 < 1.0
+        assert d.exit_status == 137 and "pod1" not in svc.tasks
         exits = [e for _t, e in pub.events if isinstance(e, evpb.TaskExit)]
         assert [e.exit_status for e in exits] == [137]
+        assert pub.topics.count("/tasks/delete") == 1
 
     run(main)
 
@@ -112,6 +127,9 @@ def test_a_host_death_with_a_failing_teardown_is_an_exit_too() -> None:
         w = await asyncio.wait_for(svc.Wait(pb.WaitRequest(id="pod1"), CTX), 1.0)
         assert w.exit_status == 1  # the seed's status for a dead host
         assert [e.exit_status for _t, e in pub.events if isinstance(e, evpb.TaskExit)] == [1]
+        with pytest.raises(errdefs.Unavailable):
+            await asyncio.wait_for(svc.Delete(pb.DeleteRequest(id="pod1"), CTX), 1.0)
+        host.broken = False
         await asyncio.wait_for(svc.Delete(pb.DeleteRequest(id="pod1"), CTX), 1.0)
 
     run(main)

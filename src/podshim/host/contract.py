@@ -108,7 +108,15 @@ class Host(Protocol):
         ...
 
     async def close(self) -> None:
-        """Tear everything down. MUST be idempotent and MUST NOT raise."""
+        """Tear everything down: every process the host runs is killed at once (the
+        host is dead, :meth:`wait` returns), then what it made is removed.
+
+        MUST be idempotent: once a call has succeeded, later calls succeed at once.
+        When something cannot be removed now (a busy cgroup, a mount), it MUST raise
+        a :mod:`podshim.errors` kind naming what is left (``Unavailable``: the call
+        may be retried as is), keep what is left recorded where :meth:`HostKind.cleanup`
+        finds it, and try again on the next call. The sandbox answers its Delete
+        with that error, and containerd retries the Delete."""
         ...
 
     async def create_workload(self, ctx: ShimContext, req: WorkloadRequest) -> Workload:
@@ -166,6 +174,8 @@ class HostKind(Protocol):
         """Remove what a host of this kind left behind when its shim died (run by the
         ``delete`` action of the sandbox, without the shim). Synchronous, done within
         a few seconds (containerd kills ``delete`` after 5 s); MUST NOT raise and MUST
-        touch only what a host of this kind made for this pod. Returns problems, for
-        containerd's warning log."""
+        touch only what a host of this kind made for this pod. Returns what could not
+        be removed (empty once everything is gone): a non-empty answer is printed and
+        makes ``delete`` fail, so containerd keeps the bundle and runs it again later;
+        what is left MUST stay recorded for that run."""
         ...

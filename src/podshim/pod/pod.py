@@ -89,7 +89,10 @@ class Pod:
         try:
             pid = pod.anchor.create()
         except OSError as exc:
-            await pod.host.close()
+            try:
+                await pod.host.close()
+            except Exception as left:  # recorded: the `delete` action's cleanup retries
+                log.error("sandbox %s: undoing the host after a failed create: %s", tid, left)
             await pod.jobs.aclose()
             raise errdefs.Unknown(f"sandbox {tid}: {exc}") from None
         pod.sandbox = SandboxTask(

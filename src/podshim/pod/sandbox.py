@@ -23,7 +23,9 @@ Deliberate deviations from the seed, each tested:
    nothing, as pause never receives it. The seed exited with 0 (Running) or 1
    (Created) on any signal at all. Signals outside 1-64 are InvalidArgument (service).
 5. ``close`` (host teardown, ``/tasks/exit``) releases Wait and Delete even when the
-   host's close raises.
+   host's close raises; Delete then answers the teardown's error (Unavailable naming
+   what is left, never a silent success) and keeps the task, and the next Delete
+   tries the teardown again (containerd's CRI retries it with a backoff).
 4. Kill with ``all`` signals the workloads first and the sandbox last, and still reaches
    the workloads when the sandbox has already exited (then answers NotFound for it).
 """
@@ -108,6 +110,8 @@ class SandboxTask:
         self._init_exited = asyncio.Event()
         self._closed = asyncio.Event()
         self._closing = False
+        #: why the host's teardown has not finished (None: finished, or not begun)
+        self.teardown_error: BaseException | None = None
         #: the watchers of init and host: jobs of the pod's group
         self.jobs = ctx.jobs.child(f"sandbox {tid}")
 
@@ -169,8 +173,9 @@ class SandboxTask:
         self._closing = True
         try:
             await self.host.close()
-        except Exception:
-            log.exception("sandbox %s: closing the pod host", self.id)
+        except Exception as exc:  # kept for Delete, which answers it and retries
+            self.teardown_error = exc
+            log.error("sandbox %s: closing the pod host: %s", self.id, exc)
         finally:
             # whatever happened above, the sandbox has exited: Wait and Delete go on
             self.force_exit(1)  # no-op when it has an exit already
@@ -233,6 +238,7 @@ class SandboxTask:
         if self.machine.state is Status.CREATED:
             self.force_exit(0)
         await self.close()  # /tasks/exit before /tasks/delete
+        await self._finish_teardown()
         self.machine.fire(Verb.DELETE)
         await self.jobs.aclose()
         ex = self.exit or ExitInfo(0, time.time())
@@ -245,6 +251,24 @@ class SandboxTask:
             )
         )
         return self._pid, ex
+
+    async def _finish_teardown(self) -> None:
+        """Try the host's teardown again if it did not finish; raise if it still does
+        not (the task stays, so Delete can be retried)."""
+        if self.teardown_error is None:
+            return
+        try:
+            await self.host.close()
+        except Exception as exc:
+            self.teardown_error = exc
+            # never NotFound and the like: containerd would take the task for gone
+            if isinstance(exc, (errdefs.Unavailable, errdefs.FailedPrecondition)):
+                raise
+            raise errdefs.Unavailable(
+                f"sandbox {self.id}: tearing down the pod host: {exc}"
+            ) from exc
+        self.teardown_error = None
+        self.log.info("pod host teardown finished")
 
     async def wait(self, exec_id: str) -> ExitInfo:
         self._no_exec(exec_id)

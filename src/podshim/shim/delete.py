@@ -7,6 +7,12 @@ write a serialized ``containerd.task.v2.DeleteResponse`` to stdout (exit status 
 runc's shim reports). Anything on stderr becomes a containerd warning. It never touches
 other tasks of a still-running shim.
 
+For a pod sandbox it also runs the crash cleanup of the pod's host kind. When that
+cleanup cannot finish (a cgroup still busy, say) it prints what is left and exits 1:
+containerd then logs the failure and keeps the bundle, and runs ``delete`` again when
+it next loads its tasks (its restart); the host's records of what is left stay in the
+pod's state directory until an attempt removes it.
+
 If the shim daemon crashed it left ``panic.log`` (its traceback) in the pod sandbox's
 bundle, or the first task's for a shim without a pod. The ``delete`` of that task relays
 the first :data:`PANIC_RELAY_LIMIT` bytes to stderr, so containerd logs them as a
@@ -142,9 +148,9 @@ def delete(flags: Flags) -> int:
     is_sandbox = kind == "sandbox"
     if kind != "container":  # the sandbox, or a task of a shim without a pod
         relay_panic(bundle, flags.id)
-    if is_sandbox and flags.id:
-        for problem in _cleanup_host(bundle, flags.namespace, flags.id, spec):
-            print(f"podshim delete: {problem}", file=sys.stderr)
+    left = _cleanup_host(bundle, flags.namespace, flags.id, spec) if is_sandbox and flags.id else []
+    for problem in left:
+        print(f"podshim delete: {problem}", file=sys.stderr)
     binary, root = _runtime(bundle)
     if binary and flags.id and os.path.exists(os.path.join(root, flags.namespace, flags.id)):
         import subprocess  # only when the runtime still has state for this container
@@ -176,4 +182,4 @@ def delete(flags: Flags) -> int:
     _remove_dead_socket(bundle)
     sys.stdout.buffer.write(encode_delete_response(_read_pid(bundle), 128 + 9, time.time_ns()))
     sys.stdout.flush()
-    return 0
+    return 1 if left else 0  # 1: containerd keeps the bundle, and runs delete again

@@ -25,12 +25,14 @@ root, relative below the shim's own cgroup: :func:`validate_cgroups_path`). With
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import logging
 import os
 import posixpath
 import re
+import signal
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -263,6 +265,20 @@ def try_rmdir(directory: str) -> OSError | None:
     return None
 
 
+def kill_procs(directory: str) -> int:
+    """SIGKILL every process listed in ``directory``'s ``cgroup.procs`` (that cgroup
+    only, not its children); returns how many were listed."""
+    try:
+        with open(os.path.join(directory, "cgroup.procs"), encoding="ascii") as f:
+            pids = [int(x) for x in f.read().split()]
+    except (OSError, ValueError):
+        return 0
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return len(pids)
+
+
 def shares_to_weight(shares: int) -> int:
     """cgroup v1 ``cpu.shares`` [2, 262144] mapped linearly onto v2 ``cpu.weight``
     [1, 10000]."""
@@ -475,7 +491,11 @@ class SandboxCgroup:
             _write(os.path.join(d, "cgroup.procs"), str(pid))
 
     def _remove_made_once(self) -> list[str]:
-        """rmdir what we made, deepest first; returns the directories still there."""
+        """Kill what is left in the leaves we made (an adopted one is left alone), then
+        rmdir what we made, deepest first; returns the leaf directories still there."""
+        for _h, d in self.dirs:
+            if d in self._made:
+                kill_procs(d)
         left = []
         for d in reversed(self._made):
             exc = try_rmdir(d)
@@ -489,9 +509,10 @@ class SandboxCgroup:
         return [d for d in left if d in leaves]
 
     async def remove(self, timeout: float = 10.0) -> list[str]:
-        """Remove the cgroup (and the ancestors we made, when empty), retrying while it
-        still has tasks. Never raises; returns the leaf directories that are left.
-        An adopted leaf (there before create) is left alone."""
+        """Remove the cgroup (and the ancestors we made, when empty), killing what is
+        left in a leaf we made and retrying while it still has tasks. Never raises;
+        returns the leaf directories that are left. An adopted leaf (there before
+        create) is left alone: neither emptied nor removed."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         delay = 0.01

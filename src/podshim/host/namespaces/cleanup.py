@@ -2,10 +2,17 @@
 
 When a pod's shim dies (``kill -9``), containerd runs ``delete`` for each of its tasks.
 For the *sandbox* it must remove what the namespaces host made: the PID-namespace init
-(named with its start time in the pod's state directory), the processes of the
-cgroup directories the host recorded as made by it (never a cgroup it adopted: that could
-be anybody's, containerd's own included), those directories, the namespace pins and the pod's state directory. A *workload*'s ``delete``
-leaves all of this alone. Synchronous and bounded: containerd kills ``delete`` after 5 s.
+(named with its start time in the pod's state directory), everything in the cgroups of
+execs in the host (recorded by :mod:`~podshim.host.namespaces.execcg`: a process that
+left its exec's session is still there) and those cgroups, the processes of the cgroup
+directories the host recorded as made by it (never a cgroup it adopted: that could be
+anybody's, containerd's own included), those directories, the namespace pins and the
+pod's state directory. A *workload*'s ``delete`` leaves all of this alone. Synchronous
+and bounded: containerd kills ``delete`` after 5 s.
+
+The same records serve a shim whose teardown did not finish (a busy cgroup): what is
+left stays named in the state directory until a later attempt removes it, and the
+state directory goes last, only when nothing is left.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import time
 from typing import Any
 
 from podshim import rundir
+from podshim.host.namespaces import execcg
 from podshim.host.namespaces.cgroup import CGROUP_RECORD, recorded_cgroup_dirs, try_rmdir
 from podshim.host.namespaces.plan import PIN_FILES
 from podshim.linux import mount
@@ -55,7 +63,9 @@ def kill_recorded_init(state_dir: str) -> list[str]:
     except FileNotFoundError:
         return []
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        return [f"init record {path}: {exc}"]
+        with contextlib.suppress(OSError):  # unusable: names nothing to kill
+            os.unlink(path)
+        return [f"init record {path} unusable, removed: {exc}"]
     if pid > 1 and start is not None and start_time(pid) == start:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
@@ -102,8 +112,31 @@ def remove_sandbox_cgroup(state_dir: str, budget: float = 2.0) -> list[str]:
     return problems
 
 
-def remove_pins(namespace: str, pod_id: str, state_root: str | None = None) -> list[str]:
-    """Unmount and remove the pod's namespace pins and its state directory."""
+def remove_exec_cgroups(state_dir: str, budget: float = 1.0) -> list[str]:
+    """Kill everything in the recorded exec cgroups and remove them; returns problems.
+    What is still there stays recorded."""
+    pending = [d for d in execcg.recorded(state_dir) if os.path.isdir(d)]
+    deadline = time.monotonic() + budget
+    problems: list[str] = []
+    while pending:
+        pending, problems = execcg.kill_and_rmdir_once(pending)
+        if not pending or problems or time.monotonic() >= deadline:
+            break
+        time.sleep(0.02)
+    try:
+        execcg.write_record(state_dir, pending)
+    except OSError as exc:
+        problems.append(f"record {execcg.EXEC_RECORD}: {exc.strerror or exc}")
+    if pending and not problems:
+        problems.append(f"exec cgroups still busy: {pending}")
+    return problems
+
+
+def remove_pins(
+    namespace: str, pod_id: str, state_root: str | None = None, keep_state: bool = False
+) -> list[str]:
+    """Unmount and remove the pod's namespace pins and (unless ``keep_state``: records
+    of what is left are in it) its state directory."""
     problems: list[str] = []
     state = os.path.join(state_root or rundir.pods_dir(), namespace, pod_id)
     if not os.path.isdir(state):
@@ -117,22 +150,45 @@ def remove_pins(namespace: str, pod_id: str, state_root: str | None = None) -> l
             os.unlink(pin)
         except OSError as exc:
             problems.append(f"pin {pin}: {exc}")
+    return problems + remove_state_dir(state, [], keep=keep_state or bool(problems))
+
+
+def remove_state_dir(state_dir: str, done: list[str], keep: bool = False) -> list[str]:
+    """Remove the records named in ``done`` (what they named is gone) and half-written
+    ones; then, unless ``keep`` (the other records name what is left), the state
+    directory itself. Returns problems: a directory holding what podshim did not put
+    there is one."""
+    for name in [*done, *(r + ".tmp" for r in (INIT_RECORD, CGROUP_RECORD, execcg.EXEC_RECORD))]:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(state_dir, name))
+    if keep:
+        return []
     try:
-        os.rmdir(state)
+        os.rmdir(state_dir)
+    except FileNotFoundError:
+        return []
     except OSError as exc:
-        problems.append(f"rmdir {state}: {exc.strerror}")
-    return problems
+        if exc.errno != errno.ENOTEMPTY:
+            return [f"remove {state_dir}: {exc.strerror or exc}"]
+        try:
+            names = sorted(os.listdir(state_dir))
+        except OSError:
+            names = []
+        return [f"state directory {state_dir} holds what podshim did not put there: {names}"]
+    return []
 
 
 def cleanup_sandbox(
     namespace: str, pod_id: str, spec: dict[str, Any], state_root: str | None = None
 ) -> list[str]:
-    """Everything above, in order: init and cgroup first (the init holds the pins'
-    namespaces), then the pins. Returns problems for containerd's warning log. The
-    caller (``NamespacesKind.cleanup``) runs it only when the pod's state directory
-    exists (made by a namespaces host that was not closed)."""
+    """Everything above, in order: init, exec cgroups and sandbox cgroup first (the
+    init holds the pins' namespaces; exec cgroups are below the sandbox cgroup), then
+    the pins, then the state directory if nothing is left. Returns problems (empty:
+    all gone). The caller (``NamespacesKind.cleanup``) runs it only when the pod's
+    state directory exists (made by a namespaces host that was not closed)."""
     state = os.path.join(state_root or rundir.pods_dir(), namespace, pod_id)
     problems = kill_recorded_init(state)
+    problems += remove_exec_cgroups(state)
     problems += remove_sandbox_cgroup(state)
-    problems += remove_pins(namespace, pod_id, state_root)
+    problems += remove_pins(namespace, pod_id, state_root, keep_state=bool(problems))
     return problems

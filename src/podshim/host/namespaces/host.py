@@ -41,13 +41,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import errno
 import logging
 import os
-import shutil
 import signal
-import sys
 from typing import Any
 
 from google.protobuf import any_pb2
@@ -63,10 +59,13 @@ from podshim.host.local import LocalWorkloads
 from podshim.host.namespaces import nsexec
 from podshim.host.namespaces.cgroup import (
     CGROUP_RECORD,
+    Hierarchy,
     SandboxCgroup,
     record_cgroup_dirs,
 )
-from podshim.host.namespaces.cleanup import INIT_RECORD, record_init
+from podshim.host.namespaces.cleanup import INIT_RECORD, record_init, remove_state_dir
+from podshim.host.namespaces.execcg import ExecCgroups, own_parents
+from podshim.host.namespaces.initbin import find_init_binary, is_child_subreaper, tool
 from podshim.host.namespaces.plan import PIN_FILES, Plan, plan_from_spec
 from podshim.host.namespaces.systemd import SystemdScope
 from podshim.linux import mount
@@ -76,65 +75,22 @@ from podshim.task.states import HOST_TABLE, HostState, Lifecycle, Verb
 
 log = logging.getLogger("podshim.host.namespaces.host")
 
-INIT_NAME = "podshim-init"
-
-
 #: how long close() waits for the killed init to be reaped, and for cgroups to empty
 KILL_TIMEOUT = 10.0
 CGROUP_TIMEOUT = 10.0
-
-_PR_GET_CHILD_SUBREAPER = 37
-
-
-#: where the build (setup.py) puts podshim-init: next to this module, in the package
-PACKAGED_INIT = os.path.join(os.path.dirname(os.path.abspath(__file__)), INIT_NAME)
-
-
-def _executable(path: str) -> bool:
-    return os.path.isfile(path) and os.access(path, os.X_OK)
-
-
-def find_init_binary(explicit: str | None = None) -> str:
-    """``explicit``, else the one built into the installed package, else ``podshim-init``
-    on PATH, else next to ``sys.executable``."""
-    if explicit:
-        if _executable(explicit):
-            return explicit
-        raise errdefs.FailedPrecondition(f"podshim-init not found at {explicit}")
-    if _executable(PACKAGED_INIT):
-        return PACKAGED_INIT
-    found = shutil.which(INIT_NAME)
-    if found:
-        return found
-    beside = os.path.join(os.path.dirname(sys.executable), INIT_NAME)
-    if _executable(beside):
-        return beside
-    raise errdefs.FailedPrecondition(
-        f"podshim-init not found (not at {PACKAGED_INIT}, nor on PATH, nor beside "
-        f"{sys.executable}): install podshim from its wheel or sdist, which compile it "
-        "(a C compiler is needed), or run scripts/install.sh in a checkout"
-    )
-
-
-def _tool(name: str, package: str = "util-linux") -> str:
-    found = shutil.which(name)
-    if not found:
-        raise errdefs.FailedPrecondition(f"{name} not found on PATH ({package} is needed)")
-    return found
-
-
-def _is_child_subreaper() -> bool:
-    """Whether this process is a child subreaper (a read-only prctl, thread-safe)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    value = ctypes.c_int(0)
-    if libc.prctl(_PR_GET_CHILD_SUBREAPER, ctypes.byref(value), 0, 0, 0) != 0:
-        return False
-    return value.value != 0
+#: how long a later close() (a retried Delete) waits for busy cgroups
+RETRY_TIMEOUT = 2.0
 
 
 def _check_component(value: str, what: str) -> None:
     if not value or value in (".", "..") or "/" in value or "\0" in value:
         raise errdefs.InvalidArgument(f"{what} {value!r} cannot name a directory")
+
+
+def _retrieved(task: asyncio.Future[None]) -> None:
+    """Mark a close attempt's outcome as seen (its callers may all have been cancelled)."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _stderr(data: bytes) -> str:
@@ -174,10 +130,13 @@ class NamespacesHost:
         self._init_pid = 0
         self._init_exit: asyncio.Future[Exit] | None = None
         self._dead: asyncio.Future[int] | None = None
-        self._close_task: asyncio.Task[None] | None = None
+        self._close_task: asyncio.Future[None] | None = None
+        self._attempts = 0  # close attempts so far
         #: set when close() begins: running execs in the host are killed then
         self.closing = asyncio.Event()
         self._workloads = LocalWorkloads(self, spec)
+        #: each exec in the host gets a cgroup of its own (killed and removed by it)
+        self._execs = ExecCgroups(pod_id, self.state_dir, self._exec_parents)
 
     # -- create --------------------------------------------------------------------
 
@@ -187,10 +146,10 @@ class NamespacesHost:
         _check_component(self.namespace, "namespace")
         _check_component(self.pod_id, "pod id")
         plan = plan_from_spec(self._spec, self.pod_id)
-        unshare = _tool("unshare") if plan.pins else ""
-        nsenter = _tool("nsenter") if plan.sysctls or "network" in plan.pins else ""
-        ip = _tool("ip", "iproute2") if "network" in plan.pins else ""
-        sh = _tool("sh") if plan.pins or plan.sysctls else ""
+        unshare = tool("unshare") if plan.pins else ""
+        nsenter = tool("nsenter") if plan.sysctls or "network" in plan.pins else ""
+        ip = tool("ip", "iproute2") if "network" in plan.pins else ""
+        sh = tool("sh") if plan.pins or plan.sysctls else ""
         if os.path.lexists(self.state_dir):
             raise errdefs.AlreadyExists(
                 f"state directory {self.state_dir} of pod {self.pod_id} already exists"
@@ -216,7 +175,9 @@ class NamespacesHost:
                 cgroup.apply(plan.resources)
         except BaseException as exc:
             log.warning("pod %s: create failed, undoing: %s", self.pod_id, exc)
-            await self._teardown()
+            left = await self._teardown()
+            if left:  # recorded: close() or the crash cleanup tries again
+                log.error("pod %s: undoing a failed create left: %s", self.pod_id, left)
             self.life.fire(Verb.FAIL)
             raise
         self.life.fire(Verb.READY)
@@ -323,7 +284,7 @@ class NamespacesHost:
 
     async def _start_init(self, plan: Plan) -> None:
         binary = find_init_binary(self._init_binary)
-        if not _is_child_subreaper():
+        if not is_child_subreaper():
             raise errdefs.FailedPrecondition(
                 "the shim is not a child subreaper: it could not reap the pod's init"
             )
@@ -392,33 +353,52 @@ class NamespacesHost:
         return await asyncio.shield(self._dead_future())
 
     async def close(self) -> None:
-        if self._close_task is None:
-            self._close_task = asyncio.ensure_future(self._close())
-        try:
-            await asyncio.shield(self._close_task)
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:  # _close logs and swallows; this is belt and braces
-            log.error("pod %s: close failed: %s", self.pod_id, exc)
+        """Tear the host down: kill the init and every exec in the host, then remove the
+        exec cgroups, the sandbox cgroup (only directories this host made), the pins and
+        the state directory. Concurrent calls share one attempt.
+
+        Raises:
+            Unavailable: the attempt could not finish (a cgroup still busy, a pin that
+                cannot be unmounted, a state directory holding what podshim did not
+                put there, an init not reaped); the message names what is left. It
+                stays recorded in the state directory: the next call tries again, and
+                so does the kind's crash cleanup if the shim dies first. Once an
+                attempt has succeeded, later calls return at once.
+        """
+        task = self._close_task
+        if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
+            task = self._close_task = asyncio.ensure_future(self._close())
+            task.add_done_callback(_retrieved)
+        await asyncio.shield(task)
 
     async def _close(self) -> None:
         self.life.fire(Verb.CLOSE)
         self.closing.set()
+        first = self._attempts == 0
+        self._attempts += 1
+        problems: list[str] = []
         try:
             async with self._pid_lock:  # an init being started is started (or not) first
-                await self._kill_init()
+                problems += await self._kill_init()
         except Exception as exc:
-            log.error("pod %s: stopping the init: %s", self.pod_id, exc)
-        await self._teardown()
-        self.life.fire(Verb.CLOSED)
+            problems.append(f"stopping the init: {exc}")
+        problems += await self._teardown(CGROUP_TIMEOUT if first else RETRY_TIMEOUT)
         dead = self._dead_future()
-        if not dead.done():
+        if not dead.done():  # the host is dead whatever is left to remove
             dead.set_result(0)
+        if problems:
+            msg = (
+                f"pod {self.pod_id}: teardown not finished, retry: {'; '.join(problems)} "
+                f"(recorded in {self.state_dir})"
+            )
+            log.error("%s", msg)
+            raise errdefs.Unavailable(msg)
+        self.life.fire(Verb.CLOSED)
 
-    async def _kill_init(self) -> None:
+    async def _kill_init(self) -> list[str]:
         exited = self._init_exit
         if exited is None or exited.done():
-            return
+            return []
         pid = self._init_pid
         # not reaped yet (the future would be done), so the pid is still the init's
         with contextlib.suppress(ProcessLookupError):
@@ -426,46 +406,41 @@ class NamespacesHost:
         try:
             await asyncio.wait_for(asyncio.shield(exited), KILL_TIMEOUT)
         except TimeoutError:
-            log.error(
-                "pod %s: init %d not reaped %.0fs after SIGKILL", self.pod_id, pid, KILL_TIMEOUT
-            )
+            return [f"init {pid} not reaped {KILL_TIMEOUT:.0f}s after SIGKILL"]
+        return []
 
-    async def _teardown(self) -> None:
-        """Undo what create() made; never raises (logs instead)."""
+    async def _teardown(self, timeout: float = CGROUP_TIMEOUT) -> list[str]:
+        """Undo what create() made, as far as it goes; returns what is left (problems).
+        The records of what is left stay in the state directory."""
+        # the exec cgroups first: they are below the sandbox cgroup
+        problems = await self._execs.close(timeout)
         if self._cgroup is not None:
             try:
-                left = await self._cgroup.remove(CGROUP_TIMEOUT)
-                if not left:
-                    self._cgroup = None
+                left = await self._cgroup.remove(timeout)
             except Exception as exc:
-                log.error("pod %s: remove sandbox cgroup: %s", self.pod_id, exc)
+                problems.append(f"remove the sandbox cgroup: {exc}")
+            else:
+                if left:
+                    problems.append(f"sandbox cgroup still busy: {', '.join(left)}")
+                else:
+                    self._cgroup = None
         for t, pin in list(self._pins.items()):
             try:
                 mount.unmount_all(pin)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(pin)
             except OSError as exc:
-                log.error("pod %s: unmount %s pin %s: %s", self.pod_id, t, pin, exc)
-                continue
-            try:
-                os.unlink(pin)
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                log.error("pod %s: remove pin %s: %s", self.pod_id, pin, exc)
+                problems.append(f"{t} pin {pin}: {exc.strerror or exc}")
                 continue
             del self._pins[t]
         if self._state_made:
-            records = [INIT_RECORD] + ([CGROUP_RECORD] if self._cgroup is None else [])
-            for name in records:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.join(self.state_dir, name))
-            try:
-                os.rmdir(self.state_dir)
-                self._state_made = False
-            except FileNotFoundError:
-                self._state_made = False
-            except OSError as exc:
-                level = logging.ERROR if exc.errno != errno.ENOTEMPTY else logging.WARNING
-                log.log(level, "pod %s: remove %s: %s", self.pod_id, self.state_dir, exc)
+            init_gone = self._init_exit is None or self._init_exit.done()
+            done = [INIT_RECORD] if init_gone else []
+            done += [CGROUP_RECORD] if self._cgroup is None else []
+            left = remove_state_dir(self.state_dir, done, keep=bool(problems))
+            problems += left
+            self._state_made = bool(problems)
+        return problems
 
     # -- the rest of the Host protocol ------------------------------------------------
 
@@ -484,9 +459,13 @@ class NamespacesHost:
         if self._closing:
             raise errdefs.FailedPrecondition(f"namespaces host of pod {self.pod_id} is closed")
         nss = tuple((flag, p) for t, flag in nsexec.NS_FLAGS if (p := self._ns_file(t)))
+        return nsexec.Target(self.pod_id, self._reaper, nss, self._execs, self.closing)
+
+    def _exec_parents(self) -> list[tuple[Hierarchy, str]]:
+        """Where exec cgroups go: below the sandbox cgroup in each of its hierarchies,
+        else below this process's own cgroup in every hierarchy."""
         cg = self._cgroup
-        procs = tuple(os.path.join(d, "cgroup.procs") for _h, d in cg.dirs) if cg else ()
-        return nsexec.Target(self.pod_id, self._reaper, nss, procs, self.closing)
+        return list(cg.dirs) if cg is not None and cg.dirs else own_parents()
 
     async def create_workload(self, ctx: ShimContext, req: WorkloadRequest) -> Workload:
         return await self._workloads.create(ctx, req)

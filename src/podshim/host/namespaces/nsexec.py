@@ -8,8 +8,9 @@ setns(2), it may have threads)::
         nsenter --net=<ns> --ipc=<ns> --uts=<ns> -- <args>
 
 The helper becomes a session (and process group) leader, takes the pty slave on its
-stdin as controlling terminal (with a terminal), writes its pid into the sandbox
-cgroup's ``cgroup.procs`` in every hierarchy, reports ``pid <n>`` on the report pipe (or
+stdin as controlling terminal (with a terminal), writes its pid into the ``cgroup.procs``
+of the exec's own cgroup in every hierarchy (:mod:`podshim.host.namespaces.execcg`:
+made by the host for this exec, below the sandbox cgroup), reports ``pid <n>`` on the report pipe (or
 ``error <why>``, then exits 126) and execs nsenter, which execs the command: one pid
 from start to exit (nsenter forks only to enter a PID namespace, which it is not asked
 to: the command sees the host's PID namespace and mounts, like the pod's init).
@@ -22,9 +23,12 @@ shim allocates a pty, gives the process the slave and pumps master <-> FIFOs (st
 only: a terminal has no separate stderr).
 
 The process leads a process group of its own. ``ExecControl.signal`` (SignalExecInHost)
-signals that group, as Ctrl-C on a terminal would; a cancelled call (the client went
-away), and the pod host closing, SIGKILL it. When the process exits, whatever it left
-in its group is killed too: nothing of a diagnostic session outlives it in the pod.
+signals that group, as Ctrl-C on a terminal would. Everything else goes by the exec's
+cgroup, which holds whatever the process started, also what left its process group and
+session (``setsid``): a cancelled call (the client went away) and the pod host closing
+SIGKILL every process in it; when the process exits, whatever it left there is killed
+and the cgroup removed. Nothing of a diagnostic session outlives it in the pod; a
+crash cleanup kills and removes the exec cgroups the host recorded.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from typing import Any, Protocol
 
 from podshim import errors as errdefs
 from podshim.host.control import ExecControl
+from podshim.host.namespaces.execcg import ExecCgroup, ExecCgroups
 from podshim.linux.reaper import Reaper, Result
 from podshim.task.stdio import ProcessIO, Pump, fifo_path
 
@@ -85,14 +90,14 @@ except OSError as exc:
 
 @dataclass(frozen=True, slots=True)
 class Target:
-    """Where an exec runs: the pod's namespace files and sandbox cgroup."""
+    """Where an exec runs: the pod's namespace files, and the host's exec cgroups."""
 
     pod_id: str
     reaper: Reaper
     #: (nsenter flag, namespace file) for each namespace the pod has of its own
     namespaces: tuple[tuple[str, str], ...] = ()
-    #: the sandbox cgroup's ``cgroup.procs`` in every hierarchy
-    cgroup_procs: tuple[str, ...] = ()
+    #: makes each exec's own cgroup (None: no cgroup, the process group only)
+    cgroups: ExecCgroups | None = None
     #: set when the pod host closes (the exec is then killed)
     closing: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -113,8 +118,8 @@ async def exec_in_host(
     Raises:
         InvalidArgument: no command, a bad environment entry, working directory or
             stdio path.
-        FailedPrecondition: nsenter is missing.
-        Internal: the process could not join the sandbox cgroup or start.
+        FailedPrecondition: nsenter is missing, or no cgroup hierarchy is mounted.
+        Internal: the exec's cgroup could not be made or joined, or it did not start.
     """
     if not args:
         raise errdefs.InvalidArgument(f"{control.what}: no command")
@@ -159,6 +164,8 @@ class _Session:
         self.env, self.io, self.control = env, io, control
         self.pid = 0
         self._killed = ""
+        #: the exec's own cgroup (made by :meth:`run`)
+        self.cgroup: ExecCgroup | None = None
 
     def signal(self, sig: int) -> None:
         if self.pid:
@@ -166,17 +173,35 @@ class _Session:
                 os.killpg(self.pid, sig)
 
     def kill(self, why: str) -> None:
-        """SIGKILL the process group now, or as soon as it started."""
+        """SIGKILL everything in the exec's cgroup (and its process group) now, or as
+        soon as it started."""
         if not self._killed:
             self._killed = why
             log.info("pod %s: killing %s: %s", self.target.pod_id, self.control.what, why)
         self.signal(signal.SIGKILL)
+        if self.cgroup is not None and self.pid:
+            self.cgroup.kill()
 
     async def run(self) -> int:
+        """Make the exec's cgroup, run the process, then kill what it left there and
+        remove the cgroup (a cgroup still busy stays recorded for the host's close)."""
+        cgroups = self.target.cgroups
+        self.cgroup = cgroups.make() if cgroups is not None else None
+        try:
+            return await self._run()
+        finally:
+            if self.cgroup is not None and cgroups is not None:
+                problems = await cgroups.remove(self.cgroup, KILL_TIMEOUT)
+                if problems:
+                    log.error("pod %s: %s: %s", self.target.pod_id, self.control.what,
+                              "; ".join(problems))  # fmt: skip
+
+    async def _run(self) -> int:
         reaper, fds = self.target.reaper, self.io.child_fds
+        procs = self.cgroup.procs_files() if self.cgroup is not None else ()
         r, w = os.pipe()
         argv = [sys.executable, "-I", "-S", "-c", _HELPER, str(w), "1" if self.terminal else "0"]
-        argv += [str(len(self.target.cgroup_procs)), *self.target.cgroup_procs, "--"]
+        argv += [str(len(procs)), *procs, "--"]
         run = asyncio.ensure_future(
             reaper.run(argv + self.command, env=self.env, cwd=self.control.workdir,
                        pass_fds=(w,), stdin=fds[0], stdout=fds[1], stderr=fds[2])
@@ -201,8 +226,10 @@ class _Session:
         finally:
             watchdog.cancel()
             self.control.detach()
-        # the group outlives its leader only by what the command left behind
+        # the group and the cgroup outlive the leader only by what the command left
         self.signal(signal.SIGKILL)
+        if self.cgroup is not None:
+            self.cgroup.kill()
         if not await self.io.wait_output(OUTPUT_DRAIN_TIMEOUT):
             log.warning("pod %s: %s: output still open after exit", self.target.pod_id,
                         self.control.what)  # fmt: skip
@@ -247,7 +274,7 @@ class _Session:
         kind, _, rest = line.result().decode(errors="replace").strip().partition(" ")
         if kind == "pid" and rest.isdigit():
             return int(rest)
-        raise errdefs.Internal(f"{what}: cannot join the pod's cgroup: {rest or kind}")
+        raise errdefs.Internal(f"{what}: cannot join its cgroup: {rest or kind}")
 
     async def _watch_host(self) -> None:
         await self.target.closing.wait()

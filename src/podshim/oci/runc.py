@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from podshim import errors as errdefs
-from podshim.linux.reaper import Reaper, Result
+from podshim.linux.reaper import OnCancel, Reaper, Result
 from podshim.oci import bundle as files
 from podshim.oci.runtime import OciFactory, OciRuntime, RuntimeConfig
 
@@ -119,14 +119,20 @@ class Runc:
         *,
         input: bytes | None = None,
         stdio: tuple[int, int, int] | None = None,
+        on_cancel: OnCancel = "wait",
     ) -> Result:
+        """Run one subcommand through the shim's reaper. A cancelled caller gets its
+        CancelledError only once the runtime has finished (``"wait"``, the default: a
+        half-done create, start, exec, kill or delete cannot be undone reliably, a
+        finished one can) or was killed (``"kill"``: read-only subcommands)."""
         argv = global_args(self.cfg, self.namespace, self.log_path) + list(args)
         offset = self._log_size()
         try:
             if stdio is None:
-                res = await self.reaper.run(argv, input=input)
+                res = await self.reaper.run(argv, input=input, on_cancel=on_cancel)
             else:
-                res = await self.reaper.run(argv, stdin=stdio[0], stdout=stdio[1], stderr=stdio[2])
+                res = await self.reaper.run(argv, stdin=stdio[0], stdout=stdio[1],
+                                            stderr=stdio[2], on_cancel=on_cancel)  # fmt: skip
         except FileNotFoundError:
             raise errdefs.FailedPrecondition(
                 f"OCI runtime binary {self.cfg.binary!r} not found"
@@ -179,7 +185,7 @@ class Runc:
         await self._run(["resume", cid])
 
     async def ps(self, cid: str) -> list[int]:
-        res = await self._run(["ps", "--format", "json", cid])
+        res = await self._run(["ps", "--format", "json", cid], on_cancel="kill")
         pids = json.loads(res.stdout or b"[]")
         return [int(p) for p in pids or []]
 
@@ -187,7 +193,7 @@ class Runc:
         await self._run(["update", "--resources", "-", cid], input=json.dumps(resources).encode())
 
     async def state(self, cid: str) -> dict[str, Any]:
-        res = await self._run(["state", cid])
+        res = await self._run(["state", cid], on_cancel="kill")
         out: dict[str, Any] = json.loads(res.stdout)
         return out
 

@@ -34,6 +34,11 @@ class OciRuntime(Protocol):
     Unknown with the runtime's own message otherwise. Processes the runtime starts are
     children (or re-parented orphans) of the shim: their exits MUST reach the shim's one
     reaper, never be waited for by the driver.
+
+    A call cancelled while the runtime works MUST NOT end before the runtime command
+    has finished (or, for a read-only one, was killed) and been reaped: the caller
+    undoes what the command did, so it must be done doing it. A driver that spawns no
+    command may finish synchronously.
     """
 
     #: binary and root, recorded in the bundle so ``delete`` can clean up without us

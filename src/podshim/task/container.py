@@ -2,6 +2,13 @@
 
 Implements :class:`~podshim.task.contract.Task`. Every process exit arrives through the
 shim's one reaper; every state change goes through the tables in ``states.py``.
+
+A call cancelled while the runtime works (a ttrpc deadline, a lost connection) gets its
+CancelledError only after the runtime command has finished (see ``Reaper.run``), and
+then undoes its effect before it ends: a cancelled Create leaves no runtime container,
+bundle record, pid file or mount; a cancelled Start or Exec kills the process it
+started and waits for it. The undo runs as a job of the container, so a second
+cancellation cannot cut it short.
 """
 
 from __future__ import annotations
@@ -13,8 +20,8 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Coroutine, Sequence
+from typing import TYPE_CHECKING, Any
 
 from google.protobuf import any_pb2
 
@@ -33,7 +40,7 @@ from podshim.oci.ids import SANDBOX_ID_ANNOTATION, valid_id
 from podshim.oci.runtime import OciRuntime, RuntimeConfig
 from podshim.oci.spec import Spec, private_pid_ns
 from podshim.task.contract import ExecRequest, ExitInfo, ProcessState, ShimContext, timestamp
-from podshim.task.process import Process
+from podshim.task.process import Process, unlink
 from podshim.task.states import Status, Verb
 
 if TYPE_CHECKING:
@@ -107,11 +114,13 @@ class Container:
                 f"task {self.id}: the OCI runtime ({self.runc.cfg.root}) already has a "
                 f"container {self.id} in namespace {self.ctx.namespace}; it is left alone"
             )
+        pid_file = os.path.join(self.bundle, files.INIT_PID)
+        mark = self.ctx.reaper.mark()
         try:
             self._record_runtime()
+            unlink(pid_file)  # a pid read from it is this Create's
             self._mount_rootfs()
             await self.init.io.open()
-            pid_file = os.path.join(self.bundle, files.INIT_PID)
             await self.runc.create(
                 self.id,
                 self.bundle,
@@ -120,12 +129,18 @@ class Container:
                 self.init.io.console_socket,
             )
             await self.init.io.started()
-            self.init.pid = _read_pid(pid_file)
+            self.init.claim(self.ctx.reaper, pid_file, mark)
         except BaseException:
-            await self._undo_create()
+            await self._undo(self._undo_create(pid_file, mark), "undoCreate")
             raise
         self.init.monitor = self.jobs.spawn(self._monitor(self.init), f"waitExit:{self.id}")
-        await self._watch_oom()
+        try:
+            await self._watch_oom()
+        except BaseException:  # cancelled at the last step: nothing may be left either
+            self.init.monitor.cancel()  # no exit event for a container never created
+            self._stop_oom_watch()
+            await self._undo(self._undo_create(pid_file, mark), "undoCreate")
+            raise
         self.ctx.publisher.publish(
             ev.TaskCreate(
                 container_id=self.id,
@@ -147,14 +162,31 @@ class Container:
         with open(os.path.join(self.bundle, files.RUNTIME_RECORD), "w") as f:
             json.dump({"binary": cfg.binary, "root": cfg.root}, f)
 
-    async def _undo_create(self) -> None:
-        """Undo a failed create: the runtime's container only if it exists now (it did
-        not before: create() checked), then stdio and the rootfs mounts."""
+    async def _undo(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        """Run an undo to its end even if the caller is cancelled (again): as a job of
+        this container, awaited shielded."""
+        if self.jobs.closed:
+            await coro
+            return
+        job = self.jobs.spawn(coro, f"{name}:{self.id}")
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.shield(job)
+
+    async def _undo_create(self, pid_file: str, mark: int) -> None:
+        """Undo a failed or cancelled create: the runtime's container only if it exists
+        now (it did not before: create() checked), waiting for its init to be gone,
+        then stdio, the rootfs mounts and the files this Create wrote in the bundle."""
         self.init.io.close()
+        if self.init.pidfd is None and not self.init.pid:
+            with contextlib.suppress(errdefs.ShimError):
+                self.init.claim(self.ctx.reaper, pid_file, mark)
         if self.runc.exists(self.id):
             with contextlib.suppress(errdefs.ShimError):
                 await self.runc.delete(self.id, force=True)
+        await self.init.wait_gone(self.ctx.reaper)
         self._unmount_rootfs()
+        for name in (files.INIT_PID, files.RUNTIME_RECORD):
+            unlink(os.path.join(self.bundle, name))
 
     def _mount_rootfs(self) -> None:
         target = os.path.join(self.bundle, files.ROOTFS)
@@ -211,7 +243,8 @@ class Container:
             await self._watch_exit(p)
 
     async def _watch_exit(self, p: Process) -> None:
-        ex = await self.ctx.reaper.watch(p.pid)
+        ex = await self.ctx.reaper.watch(p.pid, since=p.mark)
+        p.close_pidfd()  # reaped: the pid may be reused from now on
         tracing.set_attribute("exit-status", ex.status)
         try:
             if p is self.init and not self._own_pid_ns:
@@ -236,7 +269,9 @@ class Container:
 
     @property
     def running(self) -> bool:
-        return self.init.status is Status.RUNNING
+        """The init is started and still alive (read from its pidfd: an exit that is
+        not reported yet counts, so its pid is never taken for this container's)."""
+        return self.init.status is Status.RUNNING and self.init.alive
 
     def fail(self, why: BaseException) -> None:
         """A job of this container (or of its pod) failed unexpectedly: report every
@@ -268,30 +303,58 @@ class Container:
         async with p.lock:
             p.machine.check(Verb.START)
             if p is self.init:
-                await self.runc.start(self.id)
+                try:
+                    await self.runc.start(self.id)
+                except asyncio.CancelledError:  # runc is done: no stray process
+                    await self._undo(self._undo_start(), "undoStart")
+                    raise
                 p.machine.fire(Verb.START)
                 self.ctx.publisher.publish(ev.TaskStart(container_id=self.id, pid=p.pid))
             else:
                 await self._start_exec(p)
         return p.pid
 
+    async def _undo_start(self) -> None:
+        """A cancelled Start: whether runc started the init or not, kill it and wait
+        until it is reaped; its exit monitor reports the exit once Start has ended (it
+        holds the process's lock)."""
+        with contextlib.suppress(ProcessLookupError):
+            self.init.signal(9)
+        if not self._own_pid_ns:
+            with contextlib.suppress(errdefs.ShimError):
+                await self.runc.kill(self.id, 9, all_=True)
+        await self.init.wait_gone(self.ctx.reaper)
+
+    async def _undo_exec(self, p: Process, pid_file: str, mark: int) -> None:
+        """An exec that failed or was cancelled after runc may have started it: kill
+        the process its pid file names (removed before runc ran) and wait for it."""
+        p.io.close()
+        if p.pidfd is None and not p.pid:
+            with contextlib.suppress(errdefs.ShimError):
+                p.claim(self.ctx.reaper, pid_file, mark)
+        with contextlib.suppress(ProcessLookupError):
+            p.signal(9)
+        await p.wait_gone(self.ctx.reaper)
+        p.failed_to_start(137 if p.pid else 255)
+
     async def _start_exec(self, p: Process) -> None:
         if self.init.status is not Status.RUNNING:
             raise errdefs.FailedPrecondition(
                 f"task {self.id}: cannot exec in a {self.init.status.name.lower()} task"
             )
-        await p.io.open()
         pid_file = os.path.join(self.bundle, files.exec_pid(p.exec_id))
+        unlink(pid_file)  # an earlier exec of the same id left it: never read it
+        mark = self.ctx.reaper.mark()
+        await p.io.open()
         fd, spec_path = tempfile.mkstemp(prefix=f".{p.exec_id}-", suffix=".json", dir=self.bundle)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(self.execs_spec[p.exec_id])
             await self.runc.exec(self.id, spec_path, pid_file, p.io.child_fds, p.io.console_socket)
             await p.io.started()
-            p.pid = _read_pid(pid_file)
+            p.claim(self.ctx.reaper, pid_file, mark)
         except BaseException:
-            p.io.close()
-            p.failed_to_start()
+            await self._undo(self._undo_exec(p, pid_file, mark), "undoExec")
             raise
         finally:
             with contextlib.suppress(OSError):
@@ -320,7 +383,7 @@ class Container:
         if p.has_exited:
             raise errdefs.NotFound(f"{p.what}: process already finished")
         try:
-            os.kill(p.pid, signal)  # not yet reaped, so the pid is still this process's
+            p.signal(signal)  # through its pidfd: never a pid reused after the reap
         except ProcessLookupError:
             raise errdefs.NotFound(f"{p.what}: process already finished") from None
 
@@ -420,7 +483,7 @@ class Container:
     def metrics(self) -> Metrics:
         """The cgroup metrics of the running init's cgroup(s) (v1 or v2, as the host).
         NotFound when there is no running process (never started, exited, gone)."""
-        if not self.init.pid or self.init.has_exited:
+        if not self.init.pid or self.init.has_exited or not self.init.alive:
             raise errdefs.NotFound(f"task {self.id}: no running process to measure")
         return metrics_for_pid(self.init.pid)
 
@@ -461,11 +524,3 @@ def _memory_cgroup(pid: int) -> str:
         return v1.paths_for_pid(pid).get("memory", "")
     except (errdefs.ShimError, OSError):
         return ""
-
-
-def _read_pid(path: str) -> int:
-    try:
-        with open(path) as f:
-            return int(f.read().strip())
-    except (OSError, ValueError) as exc:
-        raise errdefs.Unknown(f"cannot read pid file {path}: {exc}") from None

@@ -303,3 +303,56 @@ def test_dns_hostname_and_container_port(cri: cu.CriLab, handler: str) -> None:
 
     body = wait_for(fetched, timeout=cu.DEADLINE, interval=0.2, message=f"http://{ip}:80/")
     assert body == f"served-{handler}"
+
+
+# -- Multiple containers (multi_container_linux.go) ---------------------------------------------
+
+
+@HANDLERS
+def test_multiple_containers(cri: cu.CriLab, handler: str, tmp_path: Path) -> None:
+    config = cri.pod_config("multi", pid_mode="POD", log_directory=str(tmp_path))
+    config.port_mappings.add(container_port=80)
+    pod = cri.run_pod(config, handler)
+    body = f"served-multi-{handler}"
+    web = cri.create(
+        pod,
+        "httpd",
+        ["sh", "-c", "echo httpd; " + SERVE.format(f"multi-{handler}")],
+        log_path="httpd.log",
+    )
+    box = cri.create(
+        pod, "busybox", ["sh", "-c", "echo busybox-log; sleep 1000"], log_path="busybox.log"
+    )
+    for cid in (web, box):
+        cri.start(pod, cid)
+
+    for cid, text in ((web, "httpd"), (box, "busybox-log")):
+        path = Path(cri.cri.container_status(cid).raw.status.log_path)
+        assert path.parent == tmp_path, path
+        wait_for(
+            lambda p=path, t=text: ("stdout", t) in _log_lines(p),  # type: ignore[misc]
+            timeout=cu.DEADLINE,
+            interval=0.1,
+            message=f"{text!r} in {path}",
+        )
+    assert cri.exec(web, "echo", "httpd") == (0, "httpd\n", "")
+    assert cri.exec(box, "echo", "busybox") == (0, "busybox\n", "")
+
+    ip = cri.cri.pod_status(pod).ip
+
+    def fetched() -> str | None:
+        res = cri.exec(box, "wget", "-O", "-", f"http://{ip}:80/")
+        return res.stdout.strip() if res.exit_code == 0 else None
+
+    assert wait_for(fetched, timeout=cu.DEADLINE, interval=0.2, message=f"{ip}:80") == body
+
+
+# -- Runtime info (runtime_info.go) -------------------------------------------------------------
+
+
+def test_runtime_version_and_conditions(cri: cu.CriLab) -> None:
+    version = cri.cri.version()
+    assert version.runtime_name == "containerd" and version.runtime_api_version == "v1", version
+    assert version.runtime_version, version
+    conditions = {c.type: c.status for c in cri.cri.status().status.conditions}
+    assert conditions.get("RuntimeReady") and conditions.get("NetworkReady"), conditions

@@ -57,6 +57,11 @@ def sockets_dir() -> str:
     return os.path.join(run_dir(), "s")
 
 
+def nodes_dir() -> str:
+    """Node-scope daemons' own directories (log, panic.log): ``<run>/node/<key>``."""
+    return os.path.join(run_dir(), "node")
+
+
 def zygote_dir() -> str:
     """The zygotes' sockets, one per containerd address."""
     return os.path.join(run_dir(), "z")

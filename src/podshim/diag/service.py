@@ -31,7 +31,10 @@ from podshim.ttrpc.services import CallContext
 
 if TYPE_CHECKING:
     from podshim.pod.pod import Pod
+    from podshim.service.router import NodeService
     from podshim.service.tasks import TaskService
+
+    Shim = TaskService | NodeService  # one pod's service, or a node daemon's
 
 log = logging.getLogger("podshim.diag")
 
@@ -102,7 +105,7 @@ def pod_total(items: list[any_pb2.Any]) -> any_pb2.Any | None:
     return None
 
 
-async def collect_stats(service: TaskService) -> pb.StatsResponse:
+async def collect_stats(service: Shim) -> pb.StatsResponse:
     """Each task's Stats (tasks without a live process are skipped) and the pod-level
     figure: the sandbox's Stats (the whole pod's), else, in a shim without a pod, the
     sum of its tasks'."""
@@ -123,7 +126,7 @@ async def collect_stats(service: TaskService) -> pb.StatsResponse:
 class DiagService:
     """The Diag API of one shim; ``shim`` is its Task service (tasks and pod)."""
 
-    def __init__(self, shim: TaskService) -> None:
+    def __init__(self, shim: Shim) -> None:
         self.shim = shim
         #: running ExecInHost calls by exec id ("#n" for calls without one)
         self.execs: dict[str, ExecControl] = {}

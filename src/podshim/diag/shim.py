@@ -16,7 +16,10 @@ from podshim.diag.service import DiagService
 from podshim.ttrpc.services import CallContext, ServiceBinding, bind
 
 if TYPE_CHECKING:
+    from podshim.service.router import NodeService
     from podshim.service.tasks import TaskService
+
+    Shim = TaskService | NodeService  # one pod's service, or a node daemon's
 
 
 class ShimDiag:
@@ -24,7 +27,7 @@ class ShimDiag:
 
     def __init__(
         self,
-        service: TaskService,
+        service: Shim,
         tasks: ServiceBinding,
         *,
         address: str,
@@ -46,7 +49,7 @@ class ShimDiag:
         self.registration.remove()
 
 
-def _follow_pod(tasks: ServiceBinding, service: TaskService, reg: Registration) -> None:
+def _follow_pod(tasks: ServiceBinding, service: Shim, reg: Registration) -> None:
     """After every Create, record the pod id in the entry (a no-op unless it changed)."""
     create = tasks.methods["Create"]
 

@@ -13,6 +13,9 @@ override the runtime settings. Example (every key optional; these are the defaul
     log_format = "text"           # text (logrus-like) | json
     default_host = "namespaces"   # pod host kind: namespaces | none | a registered plug-in
     zygote = false                # fork shims from a pre-warmed parent (read by `start`)
+    shim_scope = "pod"            # "pod": one shim process per pod | "node": one resident
+                                  # daemon per containerd serves every pod (read by `start`)
+    shards = 1                    # node scope: spread pods over N daemons (1-64)
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ class Config:
     log_format: str = "text"
     default_host: str = "namespaces"
     zygote: bool = False
+    shim_scope: str = "pod"
+    shards: int = 1
     source: str = ""  # the file it came from, "" for defaults
 
 
@@ -54,7 +59,12 @@ _KEYS = {
     "log_format",
     "default_host",
     "zygote",
+    "shim_scope",
+    "shards",
 }
+SCOPES = ("pod", "node")
+#: the most daemons one node-scope config may spread its pods over (start's MAX_SHARDS)
+MAX_SHARDS = 64
 
 
 def _expect(table: dict[str, Any], key: str, typ: type, path: str) -> Any:
@@ -93,6 +103,13 @@ def load_file(path: str) -> Config:
         rt = replace(rt, systemd_cgroup=_expect(table, "systemd_cgroup", bool, path))
     if "zygote" in table:
         cfg = replace(cfg, zygote=_expect(table, "zygote", bool, path))
+    if "shards" in table:
+        shards = _expect(table, "shards", int, path)
+        if isinstance(shards, bool) or not 1 <= shards <= MAX_SHARDS:
+            raise errdefs.InvalidArgument(
+                f"podshim config {path}: shards must be 1 to {MAX_SHARDS}, not {shards!r}"
+            )
+        cfg = replace(cfg, shards=shards)
     if "default_host" in table:  # any kind the host registry knows (plug-ins too)
         kind = _expect(table, "default_host", str, path)
         if not registry.known(kind):
@@ -104,6 +121,7 @@ def load_file(path: str) -> Config:
     for key, allowed in (
         ("log_level", LOG_LEVELS),
         ("log_format", LOG_FORMATS),
+        ("shim_scope", SCOPES),
     ):
         if key in table:
             value = _expect(table, key, str, path)

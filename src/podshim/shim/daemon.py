@@ -38,13 +38,15 @@ from podshim.jobs import JobGroup
 from podshim.linux.reaper import Reaper, set_child_subreaper
 from podshim.oci import bundle as files
 from podshim.oci import runc
-from podshim.service.publisher import publisher_from_env
+from podshim.service.publisher import ForwardPublisher, publisher_from_env
+from podshim.service.router import NodeService
 from podshim.service.tasks import CreateObserver, TaskService
 from podshim.shim.flags import Flags
 from podshim.shim.panic import write_panic
-from podshim.shim.spawn import LISTEN_FD
+from podshim.shim.spawn import CONTAINERD_PID_ENV, LISTEN_FD
 from podshim.shim.zygote import is_socket_file_of
 from podshim.task.contract import ShimContext
+from podshim.task.events import NullPublisher
 from podshim.ttrpc.server import Interceptor, Server
 from podshim.ttrpc.services import bind
 
@@ -54,6 +56,8 @@ log = logging.getLogger("podshim.daemon")
 IDLE_EXIT_SECONDS = 60.0
 #: how long tasks and connections must be unchanged before the heap is trimmed
 TRIM_AFTER_QUIET = 0.5
+#: a node daemon's log, in its directory ``<run dir>/node/<key>/``
+NODE_LOG = "daemon.log"
 #: Create observers to load (tests' fault hooks): ``module:function,...``
 HOOKS_ENV = "PODSHIM_HOOKS"
 
@@ -81,12 +85,49 @@ def _open_log_fifo(bundle: str) -> None:
     os.close(fd)
 
 
+def _open_log_file(path: str) -> None:
+    """A node daemon outlives the task that started it, so it cannot log to that task's
+    FIFO (containerd stops reading it when the task goes): it appends to its own file."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
+class _ProcessWatch:
+    """Whether a process (containerd) has exited, told by its pidfd (no polling)."""
+
+    def __init__(self, pid: int) -> None:
+        self.gone = False
+        self.changed = asyncio.Event()
+        self._fd = -1
+        try:
+            self._fd = os.pidfd_open(pid)
+        except OSError:
+            self.gone = True  # already gone (or never there)
+            return
+        asyncio.get_running_loop().add_reader(self._fd, self._exited)
+
+    def _exited(self) -> None:
+        self.gone = True
+        self.changed.set()
+        self.close()
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            asyncio.get_running_loop().remove_reader(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+
+
 class _Crash:
     """Where a crash of this daemon is recorded (decided when it happens)."""
 
     def __init__(self, bundle: str) -> None:
         self.bundle = bundle
-        self.service: TaskService | None = None
+        self.service: TaskService | NodeService | None = None
         self.server: Server | None = None
         self.recorded = False
         #: seconds a crashing daemon may take to unwind before SIGALRM ends it (None: no
@@ -157,7 +198,12 @@ async def _wait_either(*events: asyncio.Event, timeout: float | None = None) -> 
     return bool(done)
 
 
-async def _exit_when_idle(service: TaskService, server: Server, stop: asyncio.Event) -> None:
+async def _exit_when_idle(
+    service: TaskService | NodeService,
+    server: Server,
+    stop: asyncio.Event,
+    containerd: _ProcessWatch | None = None,
+) -> None:
     """Stop the daemon once it has held no task and no connection for
     :data:`IDLE_EXIT_SECONDS` (woken by task and connection changes, never polling);
     give freed heap back to the kernel once work has settled for :data:`TRIM_AFTER_QUIET`
@@ -170,7 +216,14 @@ async def _exit_when_idle(service: TaskService, server: Server, stop: asyncio.Ev
             while await _wait_either(service.activity, server.activity, timeout=TRIM_AFTER_QUIET):
                 pass
             trim_heap()
-        if not await _wait_either(service.activity, server.activity, timeout=IDLE_EXIT_SECONDS):
+        if containerd is not None and containerd.gone:
+            log.info("no task, and the containerd that started us is gone: exiting")
+            stop.set()
+            return
+        wake = [service.activity, server.activity]
+        if containerd is not None:
+            wake.append(containerd.changed)
+        if not await _wait_either(*wake, timeout=IDLE_EXIT_SECONDS):
             log.info("no task and no connection for %.0fs: exiting", IDLE_EXIT_SECONDS)
             stop.set()
             return
@@ -191,11 +244,28 @@ async def _serve_until_stopped(flags: Flags, crash: _Crash) -> None:
     jobs = JobGroup("daemon", on_failure=on_fatal)
     reaper = Reaper()
     reaper.start()
-    publisher = publisher_from_env(flags.namespace)
-    ctx = ShimContext(
-        flags.namespace, reaper, publisher, oci=runc.factory(flags.namespace, reaper), jobs=jobs
-    )
-    service = TaskService(ctx, stop.set, observers=load_hooks(os.environ.get(HOOKS_ENV, "")))
+    publishers: dict[str, ForwardPublisher | NullPublisher] = {}
+    observers = load_hooks(os.environ.get(HOOKS_ENV, ""))
+
+    def context(namespace: str) -> ShimContext:
+        """One publisher (one ordered event queue) per containerd namespace."""
+        publisher = publishers.get(namespace)
+        if publisher is None:
+            publisher = publishers[namespace] = publisher_from_env(namespace)
+        oci = runc.factory(namespace, reaper)
+        return ShimContext(namespace, reaper, publisher, oci=oci, jobs=jobs)
+
+    service: TaskService | NodeService
+    containerd: _ProcessWatch | None = None
+    if flags.node:  # every pod of this containerd: one pod-scope service per group
+        service = NodeService(
+            flags.namespace,
+            lambda ns, _group: TaskService(context(ns), lambda: None, observers=observers),
+        )
+        with contextlib.suppress(ValueError):
+            containerd = _ProcessWatch(int(os.environ.get(CONTAINERD_PID_ENV, "")))
+    else:
+        service = TaskService(context(flags.namespace), stop.set, observers=observers)
     crash.service = service
     sock = socket.socket(fileno=LISTEN_FD)
     path = flags.socket or sock.getsockname()
@@ -208,7 +278,7 @@ async def _serve_until_stopped(flags: Flags, crash: _Crash) -> None:
     await server.serve(sock)
     diag.register()
     log.info("serving on %s; tracing: %s", path, tracing.describe())
-    jobs.spawn(_exit_when_idle(service, server, stop), "daemon::exitWhenIdle")
+    jobs.spawn(_exit_when_idle(service, server, stop, containerd), "daemon::exitWhenIdle")
     await stop.wait()
     diag.unregister()  # first: `podshim diag list` stops showing a shim that is leaving
     if fatal.done():
@@ -218,20 +288,29 @@ async def _serve_until_stopped(flags: Flags, crash: _Crash) -> None:
         with contextlib.suppress(OSError):
             os.unlink(path)
     await server.shutdown(grace=1.0)
-    await publisher.close(timeout=5.0)
+    await asyncio.gather(*(p.close(timeout=5.0) for p in publishers.values()))
     await jobs.aclose()
+    if containerd is not None:
+        containerd.close()
     reaper.stop()
 
 
 def serve(flags: Flags) -> int:
-    bundle = flags.bundle or os.getcwd()
-    os.chdir(bundle)
+    if flags.node:  # a node daemon belongs to no bundle: it keeps its own directory
+        home = os.path.join(rundir.nodes_dir(), flags.node)
+        os.makedirs(home, mode=0o700, exist_ok=True)
+    else:
+        home = flags.bundle or os.getcwd()
+    os.chdir(home)
     rundir.bind_instance(flags.address)
     set_child_subreaper()
-    _open_log_fifo(bundle)
+    if flags.node:
+        _open_log_file(os.path.join(home, NODE_LOG))
+    else:
+        _open_log_fifo(home)
     logs.setup(2, "info", {"runtime": "io.containerd.podshim.v1"}, debug=flags.debug)
     tracing.init_from_env("containerd-shim-podshim-v1")  # after a zygote's fork: it threads
-    crash = _Crash(bundle)
+    crash = _Crash(home)
     try:
         asyncio.run(_serve(flags, crash))
     except BaseException as exc:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 BOOL_FLAGS = frozenset({"debug", "v"})
 VALUE_FLAGS = frozenset(
-    {"namespace", "id", "socket", "bundle", "address", "publish-binary", "log-format"}
+    {"namespace", "id", "socket", "bundle", "address", "publish-binary", "log-format", "node"}
 )
 
 
@@ -29,6 +29,8 @@ class Flags:
         self.bundle = ""
         self.address = ""
         self.publish_binary = ""
+        #: a node-scope daemon's key (``start`` passes it; empty for a pod-scope shim)
+        self.node = ""
         self.debug = False
         self.version = False
         self.action = ""  # "start", "delete" or "" (serve)

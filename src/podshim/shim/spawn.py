@@ -10,6 +10,9 @@ import sys
 
 #: the fd on which a spawned daemon finds its listening socket
 LISTEN_FD = 3
+#: a node daemon learns containerd's pid from ``start`` here (it leaves with containerd
+#: when it holds no task)
+CONTAINERD_PID_ENV = "PODSHIM_CONTAINERD_PID"
 
 
 def self_command() -> list[str]:
@@ -21,7 +24,9 @@ def self_command() -> list[str]:
     return [sys.executable, "-m", "podshim.shim.main"]
 
 
-def spawn_detached(argv: list[str], extra_fd: int | None = None) -> None:
+def spawn_detached(
+    argv: list[str], extra_fd: int | None = None, env: dict[str, str] | None = None
+) -> None:
     """Start ``argv`` in its own session with stdio on /dev/null (containerd waits for
     EOF on our output pipe, so nothing long-lived may keep it) and, optionally, ``extra_fd``
     as its fd 3."""
@@ -32,6 +37,6 @@ def spawn_detached(argv: list[str], extra_fd: int | None = None) -> None:
         if extra_fd is not None:
             os.set_inheritable(extra_fd, True)  # dup2(3, 3) would keep CLOEXEC otherwise
             actions.append((os.POSIX_SPAWN_DUP2, extra_fd, LISTEN_FD))
-        os.posix_spawn(argv[0], argv, os.environ, file_actions=actions, setsid=True)
+        os.posix_spawn(argv[0], argv, os.environ if env is None else env, file_actions=actions, setsid=True)
     finally:
         os.close(devnull)

@@ -16,10 +16,14 @@ import sys
 from _socket import AF_UNIX, SOCK_STREAM
 from _socket import socket as _sock
 
+from podshim import __version__, rundir
 from podshim.oci import bundle as files
 from podshim.shim.flags import Flags
 from podshim.shim.paths import bundle_group, socket_address, socket_path
-from podshim.shim.spawn import self_command, spawn_detached
+from podshim.shim.spawn import CONTAINERD_PID_ENV, self_command, spawn_detached
+
+#: the most node daemons one config may spread pods over
+MAX_SHARDS = 64
 
 
 def _alive(path: str) -> bool:
@@ -78,9 +82,18 @@ def _spawn_daemon(flags: Flags, bundle: str, sock: _sock, path: str) -> None:
     spawn_detached(self_command() + tail, sock.fileno())
 
 
-def _launch(flags: Flags, bundle: str, sock: _sock, path: str) -> None:
+def _spawn_node_daemon(flags: Flags, key: str, sock: _sock, path: str) -> None:
+    """A node daemon belongs to no bundle: it gets its key instead (and containerd's
+    pid, so that it can leave with containerd when it holds nothing)."""
+    tail = ["-namespace", flags.namespace, "-id", flags.id, "-address", flags.address]
+    tail += ["-socket", path, "-node", key] + (["-debug"] if flags.debug else [])
+    env = dict(os.environ, **{CONTAINERD_PID_ENV: str(os.getppid())})
+    spawn_detached(self_command() + tail, sock.fileno(), env=env)
+
+
+def _launch(flags: Flags, bundle: str, sock: _sock, path: str, settings: Settings) -> None:
     """Fork the daemon from the zygote when enabled, else spawn it."""
-    if zygote_enabled(_read_options()):
+    if settings.zygote:
         from podshim.shim.zygote import request_fork  # only when enabled: keeps start fast
 
         try:
@@ -132,27 +145,59 @@ def _varint(data: bytes, i: int) -> tuple[int, int]:
             return value, i
 
 
+class Settings:
+    """What ``start`` reads from the podshim config (a plain class: start must be cheap)."""
+
+    def __init__(self, zygote: bool = False, scope: str = "pod", shards: int = 1) -> None:
+        self.zygote = zygote
+        self.scope = scope
+        self.shards = shards
+        self.config_path = ""
+
+
+def settings(options: bytes) -> Settings:
+    """The ``start`` settings: ``zygote``, ``shim_scope`` and ``shards`` of the podshim
+    config named by ``runtimeoptions.v1.Options.config_path`` in the options Any.
+    ``PODSHIM_ZYGOTE`` in the environment overrides ``zygote``. Bad values are ignored
+    here: Create reports a bad config properly."""
+    out = Settings()
+    any_ = _pb_fields(options)
+    if any_.get(1, b"").rsplit(b"/", 1)[-1] == b"runtimeoptions.v1.Options":
+        out.config_path = _pb_fields(any_.get(2, b"")).get(2, b"").decode(errors="replace")
+    if out.config_path:
+        import tomllib
+
+        try:
+            with open(out.config_path, "rb") as f:
+                table = tomllib.load(f)
+        except (OSError, tomllib.TOMLDecodeError):
+            table = {}
+        out.zygote = table.get("zygote") is True
+        if table.get("shim_scope") == "node":
+            out.scope = "node"
+        shards = table.get("shards")
+        if type(shards) is int and 1 <= shards <= MAX_SHARDS:
+            out.shards = shards
+    env = os.environ.get("PODSHIM_ZYGOTE", "").lower()
+    if env in ("1", "true", "yes"):
+        out.zygote = True
+    elif env in ("0", "false", "no"):
+        out.zygote = False
+    return out
+
+
 def zygote_enabled(options: bytes) -> bool:
     """``PODSHIM_ZYGOTE=1`` in the environment, or ``zygote = true`` in the podshim
     config named by ``runtimeoptions.v1.Options.config_path`` in the options Any."""
-    env = os.environ.get("PODSHIM_ZYGOTE", "").lower()
-    if env in ("1", "true", "yes"):
-        return True
-    if env in ("0", "false", "no"):
-        return False
-    any_ = _pb_fields(options)
-    if any_.get(1, b"").rsplit(b"/", 1)[-1] != b"runtimeoptions.v1.Options":
-        return False
-    config_path = _pb_fields(any_.get(2, b"")).get(2, b"").decode(errors="replace")
-    if not config_path:
-        return False
-    import tomllib
+    return settings(options).zygote
 
-    try:
-        with open(config_path, "rb") as f:
-            return tomllib.load(f).get("zygote") is True
-    except (OSError, tomllib.TOMLDecodeError):
-        return False  # Create reports the bad config properly
+
+def node_key(config_path: str, group: str, shards: int) -> str:
+    """The node daemon serving ``group``: one per podshim version, config file and shard
+    (a stable hash of the group, i.e. of the pod's sandbox id, picks the shard). Keyed by
+    version, so an upgraded podshim starts new daemons and the old ones drain."""
+    shard = int(rundir.digest(group)[:8], 16) % shards if shards > 1 else 0
+    return f"node-{__version__}-{rundir.digest(config_path)[:12]}-{shard}"
 
 
 def start(flags: Flags) -> int:
@@ -161,11 +206,19 @@ def start(flags: Flags) -> int:
         print("start: -id, -namespace and -address are required", file=sys.stderr)
         return 2
     group = bundle_group(flags.id, bundle)
-    path = socket_path(flags.address, flags.namespace, group)
+    conf = settings(_read_options())
+    if conf.scope == "node":
+        key = node_key(conf.config_path, group, conf.shards)
+        path = socket_path(flags.address, "", key)  # one for all namespaces
+    else:
+        path = socket_path(flags.address, flags.namespace, group)
     sock = _listen(path)
     if sock is not None:
         try:
-            _launch(flags, bundle, sock, path)
+            if conf.scope == "node":
+                _spawn_node_daemon(flags, key, sock, path)
+            else:
+                _launch(flags, bundle, sock, path, conf)
         except OSError:
             os.unlink(path)
             raise

@@ -1,0 +1,172 @@
+"""Many pods in one process: the Task service of a node-scope daemon.
+
+A node daemon (``shim_scope = "node"``) serves every pod and plain container of one
+containerd instance, in all of its namespaces. It is built from the pod-scope service,
+unchanged: one :class:`~podshim.service.tasks.TaskService` per *(containerd namespace,
+group)*, where the group is what would have been a pod-scope shim (the CRI sandbox id
+or podshim's group annotation, else the task id). This router only picks the service of
+each call:
+
+* the namespace is the call's ``containerd-namespace-ttrpc`` metadata (containerd sends
+  it on every call; a call without it belongs to the daemon's own ``-namespace``);
+* Create reads the group from the bundle's annotations, then remembers the task's
+  service until the task is deleted; every other call is routed by ``(namespace, id)``.
+
+So each pod keeps its own tasks, config, host and job group (a pod's failure stays in
+its service), and one pod's slow call never waits for another's: services share only the
+event loop, the reaper and the namespace's event publisher (one ordered queue per
+namespace, so events of a task stay in order). A service that holds no task any more is
+dropped. Shutdown never ends a node daemon: it exits once it has held no task for a
+while (see ``podshim.shim.daemon``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+from google.protobuf import empty_pb2
+
+from podshim import errors as errdefs
+from podshim.api.task.v2 import shim_pb2 as pb
+from podshim.oci.ids import GROUP_ANNOTATION, SANDBOX_ID_ANNOTATION, valid_id
+from podshim.oci.spec import load_spec, spec_annotations
+from podshim.pod.pod import Pod
+from podshim.service.tasks import TaskService
+from podshim.task.contract import Task
+from podshim.ttrpc.services import CallContext
+
+log = logging.getLogger("podshim.router")
+
+#: the ttrpc metadata key that carries the containerd namespace of a call
+NAMESPACE_KEY = "containerd-namespace-ttrpc"
+
+#: makes the service of one group: (namespace, group) -> TaskService
+ServiceFactory = Callable[[str, str], TaskService]
+
+#: Task RPCs routed by the request's ``id`` (Create, Connect and Shutdown are special)
+ROUTED = (
+    "Start", "State", "Delete", "Pids", "Pause", "Resume", "Checkpoint", "Kill", "Exec",
+    "ResizePty", "CloseIO", "Update", "Wait", "Stats",
+)  # fmt: skip
+
+
+def group_of(task_id: str, annotations: dict[str, str]) -> str:
+    """The group a task joins: podshim's group annotation, else the CRI sandbox id,
+    else the task itself (the same rule that keys pod-scope shim sockets)."""
+    for key in (GROUP_ANNOTATION, SANDBOX_ID_ANNOTATION):
+        value = annotations.get(key, "")
+        if value and valid_id(value):
+            return value
+    return task_id
+
+
+class NodeService:
+    """``containerd.task.v2.Task`` for every namespace and group of one daemon."""
+
+    def __init__(self, default_namespace: str, make_service: ServiceFactory) -> None:
+        self.default_namespace = default_namespace
+        self._make_service = make_service
+        #: (namespace, group) -> that group's service
+        self.services: dict[tuple[str, str], TaskService] = {}
+        #: (namespace, task id) -> the group its Create chose
+        self._groups: dict[tuple[str, str], str] = {}
+        self._creating = 0
+        #: set whenever a task is added or removed (shared with every service)
+        self.activity = asyncio.Event()
+        for name in ROUTED:
+            setattr(self, name, self._router(name))
+
+    # -- what the daemon and diag read ----------------------------------------------
+    @property
+    def empty(self) -> bool:
+        return self._creating == 0 and all(s.empty for s in self.services.values())
+
+    @property
+    def tasks(self) -> dict[str, Task]:
+        """Every task by id (namespaces merged: for diagnostics only)."""
+        return {tid: t for s in self.services.values() for tid, t in s.tasks.items()}
+
+    @property
+    def pods(self) -> Iterator[Pod]:
+        return (s.pod for s in self.services.values() if s.pod is not None)
+
+    @property
+    def pod(self) -> Pod | None:
+        """The pod when exactly one is held (what a pod-scope reader expects)."""
+        pods = list(self.pods)
+        return pods[0] if len(pods) == 1 else None
+
+    # -- routing ----------------------------------------------------------------------
+    def namespace(self, cctx: CallContext) -> str:
+        return cctx.get(NAMESPACE_KEY) or self.default_namespace
+
+    def _service(self, namespace: str, group: str) -> TaskService:
+        key = (namespace, group)
+        svc = self.services.get(key)
+        if svc is None:
+            svc = self.services[key] = self._make_service(namespace, group)
+            svc.activity = self.activity
+        return svc
+
+    def _routed(self, tid: str, cctx: CallContext) -> TaskService:
+        ns = self.namespace(cctx)
+        group = self._groups.get((ns, tid))
+        svc = self.services.get((ns, group)) if group is not None else None
+        if svc is None:
+            raise errdefs.NotFound(f"task {tid}: not found in namespace {ns}")
+        return svc
+
+    def _drop_if_empty(self, ns: str, group: str) -> None:
+        svc = self.services.get((ns, group))
+        if svc is not None and svc.empty:
+            del self.services[(ns, group)]
+
+    def _router(self, name: str) -> Callable[[Any, CallContext], Awaitable[Any]]:
+        async def route(req: Any, cctx: CallContext) -> Any:
+            svc = self._routed(req.id, cctx)
+            try:
+                return await getattr(svc, name)(req, cctx)
+            finally:
+                if name == "Delete" and not req.exec_id:
+                    ns = self.namespace(cctx)
+                    if req.id not in svc.tasks:
+                        group = self._groups.pop((ns, req.id), None)
+                        if group is not None:
+                            self._drop_if_empty(ns, group)
+
+        route.__name__ = name
+        return route
+
+    # -- RPCs with their own rules ----------------------------------------------------
+    async def Create(self, req: pb.CreateTaskRequest, cctx: CallContext) -> pb.CreateTaskResponse:
+        ns = self.namespace(cctx)
+        if not valid_id(req.id):
+            raise errdefs.InvalidArgument(f"task id {req.id!r}: invalid identifier")
+        if (ns, req.id) in self._groups:
+            raise errdefs.AlreadyExists(f"task {req.id}: already exists")
+        try:
+            annotations = spec_annotations(load_spec(req.bundle))
+        except errdefs.ShimError:
+            annotations = {}  # the group's service reports the bad spec properly
+        group = group_of(req.id, annotations)
+        self._groups[(ns, req.id)] = group
+        self._creating += 1
+        svc = self._service(ns, group)
+        try:
+            return await svc.Create(req, cctx)
+        except BaseException:
+            self._groups.pop((ns, req.id), None)
+            self._drop_if_empty(ns, group)
+            raise
+        finally:
+            self._creating -= 1
+
+    async def Connect(self, req: pb.ConnectRequest, cctx: CallContext) -> pb.ConnectResponse:
+        return await self._routed(req.id, cctx).Connect(req, cctx)
+
+    async def Shutdown(self, req: pb.ShutdownRequest, cctx: CallContext) -> empty_pb2.Empty:
+        """A successful no-op: a node daemon outlives its tasks (it exits when idle)."""
+        return empty_pb2.Empty()

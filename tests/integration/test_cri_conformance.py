@@ -35,6 +35,7 @@ cri = cu.cri
 
 HANDLERS = pytest.mark.parametrize("handler", [cu.PODSHIM, cu.RUNC])
 SLEEP = ["sleep", "3600"]
+IGNORE_TERM = 'trap "" TERM; touch /tmp/trapped; while :; do sleep 1; done'
 
 
 def _unique(prefix: str) -> str:
@@ -105,6 +106,13 @@ def test_container_lifecycle(cri: cu.CriLab, handler: str) -> None:
     assert info.exit_code == 143, info
     cri.cri.remove_container(stopped)
     assert not _listed_containers(cri, stopped)
+
+    # a container that ignores SIGTERM is killed once the grace period is over
+    stubborn = cri.container(pod, "stubborn", ["sh", "-c", IGNORE_TERM]).id
+    cri.exec_ok(stubborn, "sh", "-c", "until [ -e /tmp/trapped ]; do sleep 0.1; done")
+    cri.cri.stop_container(stubborn, grace=2)
+    info = cri.wait_container(stubborn, "EXITED")
+    assert info.exit_code == 137, info
 
     # removing a running container
     running = cri.container(pod, "running", SLEEP).id

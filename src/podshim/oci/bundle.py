@@ -23,6 +23,11 @@ RUNTIME_RECORD = "podshim-runtime.json"
 HOST_RECORD = "podshim-host.json"
 #: the crash report a dying shim daemon writes (relayed by ``delete``)
 PANIC = "panic.log"
+#: written by the shim once a task's Delete left nothing behind (its runtime state,
+#: rootfs mount and, for a sandbox, its pod host are gone): the ``delete`` action that
+#: containerd runs next has nothing to do but answer (the launcher's fast path). Its
+#: content is the task's pid and exit status, ``"<pid> <status>\n"``.
+DELETED = "podshim-deleted"
 
 
 def exec_pid(exec_id: str) -> str:

@@ -24,8 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
 
 from google.protobuf import empty_pb2
 
@@ -45,12 +44,6 @@ NAMESPACE_KEY = "containerd-namespace-ttrpc"
 
 #: makes the service of one group: (namespace, group) -> TaskService
 ServiceFactory = Callable[[str, str], TaskService]
-
-#: Task RPCs routed by the request's ``id`` (Create, Connect and Shutdown are special)
-ROUTED = (
-    "Start", "State", "Delete", "Pids", "Pause", "Resume", "Checkpoint", "Kill", "Exec",
-    "ResizePty", "CloseIO", "Update", "Wait", "Stats",
-)  # fmt: skip
 
 
 def group_of(task_id: str, annotations: dict[str, str]) -> str:
@@ -76,8 +69,6 @@ class NodeService:
         self._creating = 0
         #: set whenever a task is added or removed (shared with every service)
         self.activity = asyncio.Event()
-        for name in ROUTED:
-            setattr(self, name, self._router(name))
 
     # -- what the daemon and diag read ----------------------------------------------
     @property
@@ -124,22 +115,6 @@ class NodeService:
         if svc is not None and svc.empty:
             del self.services[(ns, group)]
 
-    def _router(self, name: str) -> Callable[[Any, CallContext], Awaitable[Any]]:
-        async def route(req: Any, cctx: CallContext) -> Any:
-            svc = self._routed(req.id, cctx)
-            try:
-                return await getattr(svc, name)(req, cctx)
-            finally:
-                if name == "Delete" and not req.exec_id:
-                    ns = self.namespace(cctx)
-                    if req.id not in svc.tasks:
-                        group = self._groups.pop((ns, req.id), None)
-                        if group is not None:
-                            self._drop_if_empty(ns, group)
-
-        route.__name__ = name
-        return route
-
     # -- RPCs with their own rules ----------------------------------------------------
     async def Create(self, req: pb.CreateTaskRequest, cctx: CallContext) -> pb.CreateTaskResponse:
         ns = self.namespace(cctx)
@@ -164,9 +139,60 @@ class NodeService:
         finally:
             self._creating -= 1
 
-    async def Connect(self, req: pb.ConnectRequest, cctx: CallContext) -> pb.ConnectResponse:
-        return await self._routed(req.id, cctx).Connect(req, cctx)
-
     async def Shutdown(self, req: pb.ShutdownRequest, cctx: CallContext) -> empty_pb2.Empty:
         """A successful no-op: a node daemon outlives its tasks (it exits when idle)."""
         return empty_pb2.Empty()
+
+    # -- RPCs routed by (namespace, id) -------------------------------------------------
+    async def Start(self, req: pb.StartRequest, cctx: CallContext) -> pb.StartResponse:
+        return await self._routed(req.id, cctx).Start(req, cctx)
+
+    async def State(self, req: pb.StateRequest, cctx: CallContext) -> pb.StateResponse:
+        return await self._routed(req.id, cctx).State(req, cctx)
+
+    async def Delete(self, req: pb.DeleteRequest, cctx: CallContext) -> pb.DeleteResponse:
+        svc = self._routed(req.id, cctx)
+        try:
+            return await svc.Delete(req, cctx)
+        finally:
+            if not req.exec_id and req.id not in svc.tasks:  # the task is gone
+                ns = self.namespace(cctx)
+                group = self._groups.pop((ns, req.id), None)
+                if group is not None:
+                    self._drop_if_empty(ns, group)
+
+    async def Pids(self, req: pb.PidsRequest, cctx: CallContext) -> pb.PidsResponse:
+        return await self._routed(req.id, cctx).Pids(req, cctx)
+
+    async def Pause(self, req: pb.PauseRequest, cctx: CallContext) -> empty_pb2.Empty:
+        return await self._routed(req.id, cctx).Pause(req, cctx)
+
+    async def Resume(self, req: pb.ResumeRequest, cctx: CallContext) -> empty_pb2.Empty:
+        return await self._routed(req.id, cctx).Resume(req, cctx)
+
+    async def Checkpoint(self, req: pb.CheckpointTaskRequest, cctx: CallContext) -> empty_pb2.Empty:
+        return await self._routed(req.id, cctx).Checkpoint(req, cctx)
+
+    async def Kill(self, req: pb.KillRequest, cctx: CallContext) -> empty_pb2.Empty:
+        return await self._routed(req.id, cctx).Kill(req, cctx)
+
+    async def Exec(self, req: pb.ExecProcessRequest, cctx: CallContext) -> empty_pb2.Empty:
+        return await self._routed(req.id, cctx).Exec(req, cctx)
+
+    async def ResizePty(self, req: pb.ResizePtyRequest, cctx: CallContext) -> empty_pb2.Empty:
+        return await self._routed(req.id, cctx).ResizePty(req, cctx)
+
+    async def CloseIO(self, req: pb.CloseIORequest, cctx: CallContext) -> empty_pb2.Empty:
+        return await self._routed(req.id, cctx).CloseIO(req, cctx)
+
+    async def Update(self, req: pb.UpdateTaskRequest, cctx: CallContext) -> empty_pb2.Empty:
+        return await self._routed(req.id, cctx).Update(req, cctx)
+
+    async def Wait(self, req: pb.WaitRequest, cctx: CallContext) -> pb.WaitResponse:
+        return await self._routed(req.id, cctx).Wait(req, cctx)
+
+    async def Stats(self, req: pb.StatsRequest, cctx: CallContext) -> pb.StatsResponse:
+        return await self._routed(req.id, cctx).Stats(req, cctx)
+
+    async def Connect(self, req: pb.ConnectRequest, cctx: CallContext) -> pb.ConnectResponse:
+        return await self._routed(req.id, cctx).Connect(req, cctx)

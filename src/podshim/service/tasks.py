@@ -19,6 +19,7 @@ from podshim import __version__, logs
 from podshim import errors as errdefs
 from podshim.api.runc.options import oci_pb2
 from podshim.api.task.v2 import shim_pb2 as pb
+from podshim.oci import bundle as files
 from podshim.oci.ids import CONTAINER_TYPE_ANNOTATION, SANDBOX_ID_ANNOTATION, valid_id
 from podshim.oci.spec import Spec, load_spec, spec_annotations
 from podshim.pod.pod import Pod
@@ -59,6 +60,16 @@ async def create_container(
 def _check_id(tid: str) -> None:
     if not valid_id(tid):
         raise errdefs.InvalidArgument(f"task id {tid!r}: invalid identifier")
+
+
+def _mark_deleted(bundle: str, pid: int, status: int) -> None:
+    """Tell the ``delete`` action that containerd runs next that nothing is left of this
+    task (see :data:`podshim.oci.bundle.DELETED`); without the mark it looks for itself."""
+    try:
+        with open(os.path.join(bundle, files.DELETED), "w") as f:
+            f.write(f"{pid} {status}\n")
+    except OSError as exc:
+        log.debug("cannot mark %s deleted: %s", bundle, exc)
 
 
 class TaskService:
@@ -194,7 +205,10 @@ class TaskService:
 
     async def Delete(self, req: pb.DeleteRequest, _: CallContext) -> pb.DeleteResponse:
         task = self._task(req.id)
+        bundle = task.state("").bundle if not req.exec_id else ""
         pid, ex = await task.delete(req.exec_id)
+        if bundle:
+            _mark_deleted(bundle, pid, ex.status)
         if not req.exec_id:
             self.tasks.pop(req.id, None)
             self.activity.set()

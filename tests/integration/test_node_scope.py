@@ -13,7 +13,7 @@ import contextlib
 import functools
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -87,7 +87,7 @@ class NodeLab(CriLab):
     def runtime_state(self, rec: PodRecord, task_id: str) -> Path:
         return self.podshim_runc_root / CRI_NAMESPACE / task_id
 
-    def cleanup(self, pod_ids: list[str] | None = None) -> list[str]:
+    def cleanup(self, pod_ids: Iterable[str] | None = None) -> list[str]:
         ids = list(self.pods) if pod_ids is None else pod_ids
         errors: list[str] = []
         for pod_id in ids:

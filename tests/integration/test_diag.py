@@ -224,8 +224,10 @@ def test_exec_ip_addr_sees_the_pods_network_without_an_image(pods: Pods) -> None
     assert lines[0] == cp.ns_of(a.container_pid, "net") != cp.host_ns("net")
     assert lines[1] == cp.ns_of(a.container_pid, "uts")
     cgroups = {ln.split(":")[1]: ln.split(":", 2)[2] for ln in lines[2:]}
-    for controller in ("pids", "memory", "cpu", ""):  # the sandbox cgroup, everywhere
-        assert cgroups[controller] == f"/{cu.CRI_NAMESPACE}/{a.id}", out
+    for controller in ("pids", "memory", "cpu", ""):  # its own, below the sandbox's
+        parent, _, own = cgroups[controller].rpartition("/")
+        assert parent == f"/{cu.CRI_NAMESPACE}/{a.id}", out
+        assert own.startswith("podshim-exec-"), out
 
 
 def test_exec_exit_codes_stderr_and_stdin(pods: Pods) -> None:

@@ -1,206 +1,226 @@
-"""Pod lifecycle through CRI: podshim vs ``io.containerd.runc.v2`` on one private containerd.
+"""Pod lifecycle through CRI: runc.v2, podshim (pod and node scope) and a do-nothing shim
+on one private containerd.
 
-Both runtimes are CRI handlers of the same private containerd (:mod:`podshim_lab`); their
-iterations are interleaved so machine load hits both alike. Per iteration and runtime:
+Every runtime is a CRI handler of the same private containerd (:mod:`podshim_lab`; the
+columns are listed in :mod:`podbench.lab`); their pods are interleaved so the machine's
+load hits all alike. The do-nothing shim (``bench/nullshim``) answers every Task call at
+once without running anything: containerd's own floor (plus a Python shim's start-up),
+so the ratios can be read against what is physically possible.
 
-* ``run_pod``:    RunPodSandbox (host network, so CNI time is not in the runtime figure;
-  ``--network bridge`` puts it back in),
-* ``create_start``: CreateContainer + StartContainer of a busybox ``sleep``,
-* ``exec_sync``:  ExecSync ``true``,
-* ``stop_remove``: StopPodSandbox + RemovePodSandbox.
+Per network (``--networks``: ``pod`` = the CNI bridge, ``host`` = host network), each run
+measures, for every column:
 
-Memory: ``--pods`` pods (default 20) of one runtime up at once, each with one ``sleep``
-container; the PSS (``/proc/<pid>/smaps_rollup``) of every *runtime* process is summed:
-every process under the lab's subreaper except containerd itself and the containers'
-own processes. So runc.v2 counts its shims and pause processes; podshim its shims, its
-zygote (when enabled) and any ``podshim-init``. Divided by the pod count.
+* ``--pods`` (20) sequential pods after one warm-up pod, each with one busybox ``sleep``:
+  ``run_pod`` (RunPodSandbox), ``create_start`` (CreateContainer + StartContainer),
+  ``pod_up`` (the two together), ``exec_sync`` (ExecSync ``true``), ``stop_remove``
+  (StopPodSandbox + RemovePodSandbox); p50 and p90;
+* ``--bursts`` (10 and 30) pods brought up at once, by as many threads: wall time from
+  the first request to every container running;
+* on the ``--pss-networks`` (default: the pod network only; memory does not depend on the
+  network), the PSS of every runtime process of the column (shims, node daemons, zygote,
+  pause, podshim-init; not the containers) divided by the pods up, with 1, 10, 20, 50
+  and 100 pods (``--quick``: 1, 10, 20).
 
-Prints p50/p90 per step and the ratios podshim/runc.v2 (lower is better for all).
+With ``--runs N`` every figure is the median of the N runs' figures. Prints a table with
+the ratios column / runc.v2 (below 1 is better), or ``--json``; ``--plot out.png`` draws
+PSS per pod against pods up and the CDFs of pod start latency. Exit status 1 when a
+column failed a step (the table says which; the others are still measured).
 
-Usage: ``.venv/bin/python bench/pod_lifecycle.py [--iterations N] [--pods N]
-[--no-zygote] [--network host|bridge] [--json]`` (root).
+podshim's node scope is selected by ``shim_scope = "node"`` in its ConfigPath TOML; where
+podshim does not implement it yet, the ``node`` column simply runs with the key set.
+
+Usage (root): ``.venv/bin/python bench/pod_lifecycle.py [--runs 3] [--runtimes
+runc,pod,node,null] [--networks pod,host] [--pods 20] [--bursts 10,30] [--quick]
+[--pss-counts 1,10,20,50,100] [--podshim-set zygote=true] [--json] [--plot out.png]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
-import tempfile
 import time
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Callable, Sequence
+from typing import Any
 
-from podshim_lab.containerd import Containerd
-from podshim_lab.cri.client import CriClient
-from podshim_lab.procfs import ProcStat, process_table
+from podbench.lab import COLUMNS, DEFAULT_COLUMNS, Bench, open_bench, parse_setting
+from podbench.phases import Driver, Errors, burst, pss_ramp, rotated, sequential
+from podbench.report import Json, ratios, render, summarize
 
-STEPS = ("run_pod", "create_start", "exec_sync", "stop_remove")
-HANDLERS = {"runc.v2": "runc", "podshim": "podshim"}
+from podshim_lab.cri.client import CriClient, CriError
+
+COLUMN_HELP = {
+    "runc": "io.containerd.runc.v2",
+    "pod": "podshim, shim_scope=pod",
+    "node": "podshim, shim_scope=node",
+    "null": "do-nothing shim, node scope",
+    "null-pod": "do-nothing shim, one daemon per pod",
+}
+FULL_COUNTS = (1, 10, 20, 50, 100)
+QUICK_COUNTS = (1, 10, 20)
 
 
 def log(msg: str) -> None:
     print(f"bench: {msg}", file=sys.stderr, flush=True)
 
 
-def timed(samples: dict[str, list[float]], step: str, fn: Callable[[], object]) -> object:
-    t = time.perf_counter()
-    out = fn()
-    samples[step].append((time.perf_counter() - t) * 1000)
+def _ints(text: str) -> list[int]:
+    values = [int(x) for x in text.split(",") if x.strip()]
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"positive integers expected: {text!r}")
+    return values
+
+
+def _names(choices: Sequence[str]) -> Callable[[str], list[str]]:
+    def parse(text: str) -> list[str]:
+        names = list(dict.fromkeys(x.strip() for x in text.split(",") if x.strip()))
+        bad = [n for n in names if n not in choices]
+        if bad or not names:
+            raise argparse.ArgumentTypeError(f"choose from {', '.join(choices)}: {text!r}")
+        return names
+
+    return parse
+
+
+def one_run(bench: Bench, cri: CriClient, ns: argparse.Namespace, run: int, errors: Errors) -> Json:
+    """Everything once, for every column and network."""
+    out: Json = {}
+    for net in ns.networks:
+        driver = Driver(bench, cri, host_net=net == "host", tag=f"r{run}{net[0]}")
+        columns = rotated(bench.columns, run)  # who goes first changes from run to run
+
+        def progress(msg: str, net: str = net) -> None:
+            log(f"run {run + 1}/{ns.runs}, {net} network: {msg}")
+
+        steps = sequential(driver, columns, ns.pods, errors, progress)
+        bursts: Json = {}
+        for n in ns.bursts:
+            bursts[str(n)] = {}
+            for column in rotated(columns, n):
+                try:
+                    res = burst(driver, column, n)
+                except (CriError, RuntimeError) as exc:
+                    errors.add(column, f"{n} pods at once ({net})", exc)
+                    continue
+                bursts[str(n)][column] = {"wall_s": res.wall_s, "pod_up_ms": res.pod_up_ms}
+                progress(f"{n} pods at once on {column}: {res.wall_s:.2f} s")
+        pss: Json = {}
+        if net in ns.pss_networks:
+            for column in columns:
+                try:
+                    ramp = pss_ramp(driver, column, ns.pss_counts)
+                except (CriError, RuntimeError) as exc:
+                    errors.add(column, f"memory ({net})", exc)
+                    continue
+                pss[column] = {
+                    str(k): {
+                        "mb_per_pod": fp.pss_kib / 1024 / k,
+                        "processes": fp.processes,
+                        "kinds": dict(fp.kinds),
+                    }
+                    for k, fp in ramp.items()
+                }
+                top = max(ramp)
+                progress(
+                    f"memory {column}: {pss[column][str(top)]['mb_per_pod']:.2f} MB/pod at {top}"
+                )
+        out[net] = {"steps": steps, "bursts": bursts, "pss": pss}
     return out
 
 
-def one_cycle(
-    cri: CriClient,
-    handler: str,
-    image: str,
-    i: int,
-    host_net: bool,
-    samples: dict[str, list[float]],
-) -> None:
-    cfg = cri.pod_config(
-        f"bench-{handler}-{i}", "bench", f"uid-{handler}-{i}", host_network=host_net
-    )
-    pod = str(timed(samples, "run_pod", lambda: cri.run_pod_config(cfg, handler)))
-
-    def create_start() -> str:
-        cid = cri.create_container(pod, cfg, "c", image, ["sleep", "3600"])
-        cri.start_container(cid)
-        return cid
-
-    cid = str(timed(samples, "create_start", create_start))
-    res = timed(samples, "exec_sync", lambda: cri.exec_sync(cid, ["true"]))
-    assert getattr(res, "exit_code", 1) == 0, res
-
-    def stop_remove() -> None:
-        cri.stop_pod(pod)
-        cri.remove_pod(pod)
-
-    timed(samples, "stop_remove", stop_remove)
+def _no_nan(value: Any) -> Any:
+    """NaN is not JSON: null instead."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _no_nan(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_no_nan(v) for v in value]
+    return value
 
 
-def pss_kb(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def runtime_processes(lab: Containerd, workload_pids: set[int]) -> list[ProcStat]:
-    """Live processes under the lab's subreaper, minus containerd and the workloads."""
-    table = process_table()
-    root = lab.subreaper_pid
-
-    def under_root(pid: int) -> bool:
-        seen: set[int] = set()
-        while pid in table and pid not in seen:
-            seen.add(pid)
-            if table[pid].ppid == root:
-                return True
-            pid = table[pid].ppid
-        return False
-
-    skip = workload_pids | {lab.pid or 0}
-    return [p for p in table.values() if p.pid not in skip and p.state != "Z" and under_root(p.pid)]
-
-
-def memory(
-    cri: CriClient, lab: Containerd, handler: str, image: str, pods: int, host_net: bool
-) -> tuple[float, int]:
-    made: list[str] = []
-    workload: set[int] = set()
-    try:
-        for i in range(pods):
-            cfg = cri.pod_config(
-                f"mem-{handler}-{i}", "bench", f"mem-{handler}-{i}", host_network=host_net
-            )
-            pod = cri.run_pod_config(cfg, handler)
-            made.append(pod)
-            cid = cri.create_container(pod, cfg, "c", image, ["sleep", "3600"])
-            cri.start_container(cid)
-            workload.add(cri.container_status(cid).pid)
-        time.sleep(1.0)  # let the shims settle after their last call
-        procs = runtime_processes(lab, workload)
-        total = sum(pss_kb(p.pid) for p in procs)
-        return total / pods / 1024, len(procs)
-    finally:
-        for pod in made:
-            cri.stop_pod(pod)
-            cri.remove_pod(pod)
-
-
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--iterations", type=int, default=10)
-    ap.add_argument("--pods", type=int, default=20)
-    ap.add_argument("--no-zygote", action="store_true")
-    ap.add_argument("--network", choices=("host", "bridge"), default="host")
-    ap.add_argument("--json", action="store_true")
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    ap.add_argument("--runs", type=int, default=1, help="interleaved runs; medians (default 1)")
+    ap.add_argument("--runtimes", type=_names(COLUMNS), default=list(DEFAULT_COLUMNS),
+                    help=f"columns, from {','.join(COLUMNS)} (default {','.join(DEFAULT_COLUMNS)})")  # fmt: skip
+    ap.add_argument("--networks", type=_names(("pod", "host")), default=["pod", "host"])
+    ap.add_argument("--pss-networks", type=_names(("pod", "host")), default=["pod"])
+    ap.add_argument("--pods", type=int, default=20, help="sequential pods per column")
+    ap.add_argument("--bursts", type=_ints, default=[10, 30], help="pods at once (10,30)")
+    ap.add_argument("--pss-counts", type=_ints, default=None, help="pods up for PSS")
+    ap.add_argument("--quick", action="store_true", help="PSS at 1,10,20 pods only")
+    ap.add_argument("--podshim-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a key of both podshim columns' config TOML (repeatable)")  # fmt: skip
+    ap.add_argument("--log-level", default="warn", help="containerd's log level")
+    ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    ap.add_argument("--plot", metavar="PNG", help="write the plot there (matplotlib)")
     ns = ap.parse_args(argv)
-    host_net = ns.network == "host"
-    tmp = Path(tempfile.mkdtemp(prefix="podshim-bench-"))
-    cfg = tmp / "podshim.toml"
-    cfg.write_text(f"zygote = {'false' if ns.no_zygote else 'true'}\n")
-    runtimes = {"podshim": ("io.containerd.podshim.v1", {"ConfigPath": str(cfg)})}
-    shim_dir = str(Path(sys.executable).parent)
-    results: dict[str, dict[str, list[float]]] = {r: {s: [] for s in STEPS} for r in HANDLERS}
-    mem: dict[str, tuple[float, int]] = {}
-    with Containerd(cri=True, runtimes=runtimes, extra_path=[shim_dir], log_level="info") as lab:
-        lab.ensure_pause()
-        image = lab.ensure_busybox(namespace="k8s.io")
-        with CriClient(lab.address) as cri:
-            for h in HANDLERS.values():  # warm-up: first pod of each pays one-off costs
-                one_cycle(cri, h, image, -1, host_net, {s: [] for s in STEPS})
-            for i in range(ns.iterations):
-                order = list(HANDLERS.items()) if i % 2 == 0 else list(HANDLERS.items())[::-1]
-                for r, h in order:
-                    one_cycle(cri, h, image, i, host_net, results[r])
-                log(f"iteration {i + 1}/{ns.iterations}")
-            for r, h in HANDLERS.items():
-                mem[r] = memory(cri, lab, h, image, ns.pods, host_net)
-                log(f"memory {r}: {mem[r][0]:.2f} MB/pod over {mem[r][1]} processes")
-    steps = {
-        s: {r: {"p50": pct(results[r][s], 0.5), "p90": pct(results[r][s], 0.9)} for r in HANDLERS}
-        for s in STEPS
+    if ns.pss_counts is None:
+        ns.pss_counts = list(QUICK_COUNTS if ns.quick else FULL_COUNTS)
+    if ns.runs < 1 or ns.pods < 1:
+        ap.error("--runs and --pods must be >= 1")
+    ns.pss_networks = [n for n in ns.pss_networks if n in ns.networks]
+    try:
+        ns.settings = dict(parse_setting(s) for s in ns.podshim_set)
+    except ValueError as exc:
+        ap.error(str(exc))
+    if "runc" not in ns.runtimes:
+        ns.runtimes.insert(0, "runc")  # the reference of every ratio
+    return ns
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ns = parse_args(argv)
+    if os.geteuid() != 0:
+        log("needs root (containerd, runc, CNI)")
+        return 2
+    loadavg = [round(x, 2) for x in os.getloadavg()]
+    errors = Errors()
+    runs: list[Json] = []
+    started = time.monotonic()
+    with (
+        open_bench(ns.runtimes, ns.settings, ns.log_level) as bench,
+        CriClient(bench.lab.address, timeout=60) as cri,
+    ):
+        for run in range(ns.runs):
+            runs.append(one_run(bench, cri, ns, run, errors))
+    summary = summarize(runs, ns.runtimes)
+    rat = ratios(summary, ns.runtimes)
+    meta: Json = {
+        "runs": ns.runs,
+        "columns": ns.runtimes,
+        "column_help": COLUMN_HELP,
+        "networks": ns.networks,
+        "pss_networks": ns.pss_networks,
+        "sequential_pods": ns.pods,
+        "bursts": ns.bursts,
+        "pss_counts": ns.pss_counts,
+        "podshim_settings": ns.settings,
+        "cpus": os.cpu_count(),
+        "loadavg": loadavg,
+        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+        "seconds": round(time.monotonic() - started, 1),
+        "errors": errors.by_column,
     }
-    out = {
-        "iterations": ns.iterations,
-        "pods": ns.pods,
-        "zygote": not ns.no_zygote,
-        "network": ns.network,
-        "steps": steps,
-        "memory_mb_per_pod": {r: mem[r][0] for r in HANDLERS},
-        "runtime_processes": {r: mem[r][1] for r in HANDLERS},
-    }
-    if ns.json:
-        print(json.dumps(out, indent=2))
-        return 0
-    print(
-        f"pod lifecycle through CRI, {ns.iterations} interleaved iterations, network={ns.network}, zygote={not ns.no_zygote}"
-    )
-    print(
-        f"{'step':<14}{'runc.v2 p50':>12}{'p90':>9}{'podshim p50':>13}{'p90':>9}{'ratio p50':>11}{'ratio p90':>11}"
-    )
-    for s in STEPS:
-        a, b = steps[s]["runc.v2"], steps[s]["podshim"]
-        print(
-            f"{s:<14}{a['p50']:>10.1f}ms{a['p90']:>7.1f}ms{b['p50']:>11.1f}ms{b['p90']:>7.1f}ms{b['p50'] / a['p50']:>11.2f}{b['p90'] / a['p90']:>11.2f}"
+    if ns.plot:
+        from podbench.plot import plot
+
+        plot(
+            summary,
+            ns.runtimes,
+            ns.plot,
+            f"{ns.runs} run(s), {os.cpu_count()} CPUs, load {loadavg}",
         )
-    ma, mb = mem["runc.v2"][0], mem["podshim"][0]
-    print(
-        f"{'memory/pod':<14}{ma:>10.2f}MB{'':>9}{mb:>11.2f}MB{'':>9}{mb / ma:>11.2f}   (PSS, {ns.pods} pods up; lower is better)"
-    )
-    print("ratios are podshim/runc.v2: below 1 means podshim is better")
-    return 0
+        log(f"plot written to {ns.plot}")
+    if ns.json:
+        doc = {"meta": meta, "summary": summary, "ratios_to_runc": rat, "runs": runs}
+        print(json.dumps(_no_nan(doc), indent=1))
+    else:
+        print(render(summary, rat, ns.runtimes, meta))
+    return 1 if errors.by_column else 0
 
 
 if __name__ == "__main__":

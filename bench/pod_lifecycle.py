@@ -31,7 +31,8 @@ podshim does not implement it yet, the ``node`` column simply runs with the key 
 
 Usage (root): ``.venv/bin/python bench/pod_lifecycle.py [--runs 3] [--runtimes
 runc,pod,node,null] [--networks pod,host] [--pods 20] [--bursts 10,30] [--quick]
-[--pss-counts 1,10,20,50,100] [--podshim-set zygote=true] [--json] [--plot out.png]``.
+[--pss-counts 1,10,20,50,100] [--podshim-set zygote=true] [--json] [--json-out FILE]
+[--plot out.png]``.
 """
 
 from __future__ import annotations
@@ -156,6 +157,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                     help="a key of both podshim columns' config TOML (repeatable)")  # fmt: skip
     ap.add_argument("--log-level", default="warn", help="containerd's log level")
     ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    ap.add_argument("--json-out", metavar="FILE", help="also write the JSON there")
     ap.add_argument("--plot", metavar="PNG", help="write the plot there (matplotlib)")
     ns = ap.parse_args(argv)
     if ns.pss_counts is None:
@@ -215,8 +217,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{ns.runs} run(s), {os.cpu_count()} CPUs, load {loadavg}",
         )
         log(f"plot written to {ns.plot}")
+    doc = {"meta": meta, "summary": summary, "ratios_to_runc": rat, "runs": runs}
+    if ns.json_out:
+        with open(ns.json_out, "w") as f:
+            json.dump(_no_nan(doc), f, indent=1)
     if ns.json:
-        doc = {"meta": meta, "summary": summary, "ratios_to_runc": rat, "runs": runs}
         print(json.dumps(_no_nan(doc), indent=1))
     else:
         print(render(summary, rat, ns.runtimes, meta))

@@ -327,7 +327,12 @@ def pidfd_exited(fd: int) -> bool:
 
 
 async def wait_pidfd(fd: int, timeout: float) -> bool:
-    """Wait up to ``timeout`` s for the process of pidfd ``fd`` to exit; whether it did."""
+    """Wait up to ``timeout`` s for the process of pidfd ``fd`` to exit; whether it did.
+
+    The wait watches a duplicate of ``fd``: its owner may close ``fd`` meanwhile (the
+    exit was reaped), and the number may then name another file, whose reader the event
+    loop must not lose or be handed; two waits on one pidfd never replace each other's
+    reader either."""
     if pidfd_exited(fd):
         return True
     loop = asyncio.get_running_loop()
@@ -337,14 +342,16 @@ async def wait_pidfd(fd: int, timeout: float) -> bool:
         if not done.done():
             done.set_result(None)
 
-    loop.add_reader(fd, readable)
+    own = os.dup(fd)
+    loop.add_reader(own, readable)
     try:
         async with asyncio.timeout(timeout):
             await done
     except TimeoutError:
         return False
     finally:
-        loop.remove_reader(fd)
+        loop.remove_reader(own)
+        os.close(own)
     return True
 
 

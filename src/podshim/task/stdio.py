@@ -65,6 +65,7 @@ class Pump:
         self._close_src, self._close_dst = close_src, close_dst
         self._drain_dst = drain_dst
         self._drain_deadline = 0.0
+        self._finished = False
         self._buf = b""
         self._loop = asyncio.get_running_loop()
         self.done: asyncio.Future[None] = self._loop.create_future()
@@ -129,6 +130,11 @@ class Pump:
             self._finish()
 
     def _finish(self) -> None:
+        """Once only: a second close of the same numbers would close whatever file the
+        process opened under them since (a pidfd, an OOM eventfd, another FIFO)."""
+        if self._finished:
+            return
+        self._finished = True
         self._loop.remove_reader(self.src)
         self._loop.remove_writer(self.dst)
         if self._close_src:

@@ -13,12 +13,17 @@ import contextlib
 import functools
 import os
 import signal
+import statistics
+import sys
+import threading
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 
+from podshim import rundir
 from podshim.shim import paths as shim_paths
 from podshim_lab import Containerd, RuntimeHandler, wait_for
 from podshim_lab.cri.client import CriError
@@ -34,6 +39,7 @@ if TYPE_CHECKING:
         CriLab,
         PodRecord,
         _need_busybox,
+        own_cgroup_dirs,
     )
 else:
     from criprocs import alive, describe
@@ -45,10 +51,44 @@ else:
         CriLab,
         PodRecord,
         _need_busybox,
+        own_cgroup_dirs,
     )
 
 NODE = "podshim-node"
 SLEEP = ["sleep", "3600"]
+#: a node daemon holding nothing leaves after this long (the config's idle_exit_seconds)
+IDLE = 2
+#: the version an "upgraded" podshim reports (see :func:`shim_wrapper`)
+NEW_VERSION = "99.0.0+upgrade"
+WRAPPER = """#!/bin/sh
+# podshim as installed, or an "upgraded" one while {flag} exists
+if [ -e {flag} ]; then exec {upgraded} "$@"; fi
+exec {real} "$@"
+"""
+UPGRADED = """#!{python}
+import sys
+import podshim
+podshim.__version__ = "{version}"
+sys.argv[0] = "{wrapper}"  # the daemon is spawned through the wrapper, as the shim is
+from podshim.shim.main import main
+sys.exit(main())
+"""
+
+
+def shim_wrapper(directory: Path) -> Path:
+    """A shim binary for containerd's PATH that is today's podshim, or, while the
+    returned flag file exists, the same code claiming a newer version (an upgrade).
+    Both keep the shim's process name (the kernel takes it from the script's name)."""
+    (directory / "new").mkdir(parents=True)
+    flag = directory / "upgraded"
+    wrapper = directory / "containerd-shim-podshim-v1"
+    upgraded = directory / "new" / "containerd-shim-podshim-v1"
+    real = Path(BIN_DIR) / "containerd-shim-podshim-v1"
+    upgraded.write_text(UPGRADED.format(python=sys.executable, version=NEW_VERSION, wrapper=wrapper))
+    wrapper.write_text(WRAPPER.format(flag=flag, upgraded=upgraded, real=real))
+    for f in (wrapper, upgraded):
+        f.chmod(0o755)
+    return flag
 
 
 class NodeLab(CriLab):
@@ -58,6 +98,7 @@ class NodeLab(CriLab):
     def __init__(self, lab: Containerd, runtime_root: Path, busybox: str, config: Path) -> None:
         super().__init__(lab, runtime_root, busybox)
         self.config = config
+        self.upgrade_flag = Path()
 
     def daemons(self) -> list[ProcStat]:
         """Shim processes not forked by another (a pod's anchor is the daemon's fork)."""
@@ -110,24 +151,37 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeLab]:
     _need_busybox()
     home = tmp_path_factory.mktemp("podshim-node")
     config = home / "node.toml"
+    upgrade_flag = shim_wrapper(home / "bin")
     lab = Containerd(
         cri=True,
         runtimes={NODE: RuntimeHandler(PODSHIM_RUNTIME, {"ConfigPath": str(config)})},
-        extra_path=[BIN_DIR],
+        extra_path=[str(home / "bin"), BIN_DIR],
     )
     root = lab.state / "podshim-runc"
-    config.write_text(f'shim_scope = "node"\nruntime_root = "{root}"\nlog_level = "debug"\n')
+    config.write_text(
+        f'shim_scope = "node"\nruntime_root = "{root}"\nlog_level = "debug"\n'
+        f"idle_exit_seconds = {IDLE}\n"
+    )
     crilab: NodeLab | None = None
     errors: list[str] = []
+    homes = set(os.listdir(rundir.nodes_dir())) if os.path.isdir(rundir.nodes_dir()) else set()
     try:
         lab.start()
         lab.ensure_pause()
         crilab = NodeLab(lab, root, lab.ensure_busybox(namespace=CRI_NAMESPACE), config)
+        crilab.upgrade_flag = upgrade_flag
         yield crilab
     finally:
         if crilab is not None:
             errors += crilab.cleanup()
             crilab.cri.close()
+            try:  # holding nothing, every daemon leaves within IDLE s and takes its home
+                wait_for(lambda: not crilab.daemons(), timeout=DEADLINE, interval=0.2,
+                         message="the idle node daemons to exit")  # fmt: skip
+            except AssertionError as exc:
+                errors.append(str(exc))
+            left = set(os.listdir(rundir.nodes_dir())) - homes
+            errors += [f"node daemon home {h} left" for h in sorted(left)]
         try:
             lab.close()  # the daemon leaves with containerd (it holds no task by now)
         except Exception as exc:
@@ -228,3 +282,79 @@ def test_node_socket_is_one_per_containerd_not_per_pod(cri: NodeLab) -> None:
     address = (cri.bundle(pod_id) / "address").read_text().removeprefix("unix://")
     assert os.path.dirname(address) == os.path.dirname(cri.shim_socket(pod_id))
     assert address != shim_paths.socket_path(cri.lab.address, CRI_NAMESPACE, pod_id)
+
+
+def test_the_daemon_is_charged_to_containerds_cgroup_not_a_pods(cri: NodeLab) -> None:
+    pod_id, _ = pod_with_sleep(cri, "cg")
+    daemon = cri.shim_pid(pod_id)
+    assert cri.lab.pid is not None
+    assert own_cgroup_dirs(daemon) == own_cgroup_dirs(cri.lab.pid)
+
+
+def test_an_upgrade_sends_new_pods_to_a_new_daemon_and_the_old_one_drains(cri: NodeLab) -> None:
+    old_pod, old_cid = pod_with_sleep(cri, "old")
+    old = cri.shim_pid(old_pod)
+    argv = Path(f"/proc/{old}/cmdline").read_bytes().decode().split("\0")
+    old_home = Path(rundir.nodes_dir()) / argv[argv.index("-node") + 1]
+    assert (old_home / "daemon.log").is_file()
+    cri.upgrade_flag.touch()
+    try:
+        new_pod, new_cid = pod_with_sleep(cri, "new")
+    finally:
+        cri.upgrade_flag.unlink()
+    new = cri.shim_pid(new_pod)
+    assert new != old, "the upgraded podshim reused the old daemon"
+    assert cri.exec_ok(old_cid, "echo", "old").strip() == "old"  # running pods untouched
+    assert cri.exec_ok(new_cid, "echo", "new").strip() == "new"
+    assert not cri.stop_and_remove(old_pod)
+    cri.wait_gone(old_pod)
+    # the old daemon holds nothing now: it leaves; the new one serves on
+    wait_for(
+        lambda: read_stat(old) is None or read_stat(old).state == "Z",  # type: ignore[union-attr]
+        timeout=DEADLINE, interval=0.2, message="the old daemon to exit",
+    )  # fmt: skip
+    assert not old_home.exists(), "a cleanly exited daemon left its directory"
+    assert cri.exec_ok(new_cid, "true") == ""
+
+
+def test_one_pods_creates_do_not_hold_up_anothers_exec(cri: NodeLab) -> None:
+    """Pod A creates and starts 10 containers while pod B's ExecSync is timed: the
+    worst added latency is printed, and must stay far below any blocking wait."""
+    _, b_cid = pod_with_sleep(cri, "quiet")
+    busy, _ = cri.pod("busy", NODE)
+
+    def exec_times(n: int) -> list[float]:
+        out = []
+        for _ in range(n):
+            t = time.perf_counter()
+            cri.exec_ok(b_cid, "true")
+            out.append(time.perf_counter() - t)
+        return out
+
+    idle = exec_times(10)
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def create_ten() -> None:
+        try:
+            for i in range(10):
+                cri.start(busy, cri.create(busy, f"c{i}", SLEEP))
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+        finally:
+            done.set()
+
+    worker = threading.Thread(target=create_ten)
+    worker.start()
+    loaded: list[float] = []
+    while not done.is_set():
+        loaded += exec_times(1)
+    worker.join()
+    assert not errors, errors
+    added = max(loaded) - statistics.median(idle)
+    print(
+        f"\nExecSync of pod B: idle p50 {statistics.median(idle) * 1e3:.1f} ms; while pod A "
+        f"creates 10 containers p50 {statistics.median(loaded) * 1e3:.1f} ms, "
+        f"max {max(loaded) * 1e3:.1f} ms (worst added {added * 1e3:.1f} ms, {len(loaded)} calls)"
+    )
+    assert added < 2.0, f"pod B's exec waited {added:.2f}s behind pod A's creates"

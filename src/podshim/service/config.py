@@ -16,6 +16,8 @@ override the runtime settings. Example (every key optional; these are the defaul
     shim_scope = "pod"            # "pod": one shim process per pod | "node": one resident
                                   # daemon per containerd serves every pod (read by `start`)
     shards = 1                    # node scope: spread pods over N daemons (1-64)
+    idle_exit_seconds = 60        # a daemon holding no task and no connection exits
+                                  # after this long (0-3600)
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class Config:
     zygote: bool = False
     shim_scope: str = "pod"
     shards: int = 1
+    idle_exit_seconds: float = 60.0
     source: str = ""  # the file it came from, "" for defaults
 
 
@@ -61,6 +64,7 @@ _KEYS = {
     "zygote",
     "shim_scope",
     "shards",
+    "idle_exit_seconds",
 }
 SCOPES = ("pod", "node")
 #: the most daemons one node-scope config may spread its pods over (start's MAX_SHARDS)
@@ -110,6 +114,13 @@ def load_file(path: str) -> Config:
                 f"podshim config {path}: shards must be 1 to {MAX_SHARDS}, not {shards!r}"
             )
         cfg = replace(cfg, shards=shards)
+    if "idle_exit_seconds" in table:
+        idle = table["idle_exit_seconds"]
+        if isinstance(idle, bool) or not isinstance(idle, (int, float)) or not 0 <= idle <= 3600:
+            raise errdefs.InvalidArgument(
+                f"podshim config {path}: idle_exit_seconds must be 0 to 3600, not {idle!r}"
+            )
+        cfg = replace(cfg, idle_exit_seconds=float(idle))
     if "default_host" in table:  # any kind the host registry knows (plug-ins too)
         kind = _expect(table, "default_host", str, path)
         if not registry.known(kind):

@@ -33,6 +33,7 @@ from podshim.api.task.v2 import shim_pb2 as pb
 from podshim.oci.ids import GROUP_ANNOTATION, SANDBOX_ID_ANNOTATION, valid_id
 from podshim.oci.spec import load_spec, spec_annotations
 from podshim.pod.pod import Pod
+from podshim.service.config import Config
 from podshim.service.tasks import TaskService
 from podshim.task.contract import Task
 from podshim.ttrpc.services import CallContext
@@ -67,6 +68,7 @@ class NodeService:
         #: (namespace, task id) -> the group its Create chose
         self._groups: dict[tuple[str, str], str] = {}
         self._creating = 0
+        self._config: Config | None = None  # kept when the services that had it are gone
         #: set whenever a task is added or removed (shared with every service)
         self.activity = asyncio.Event()
 
@@ -74,6 +76,12 @@ class NodeService:
     @property
     def empty(self) -> bool:
         return self._creating == 0 and all(s.empty for s in self.services.values())
+
+    @property
+    def config(self) -> Config | None:
+        """The config of the services (one handler's config file: the socket is keyed by
+        it), once a Create brought one."""
+        return self._config
 
     @property
     def tasks(self) -> dict[str, Task]:
@@ -131,7 +139,10 @@ class NodeService:
         self._creating += 1
         svc = self._service(ns, group)
         try:
-            return await svc.Create(req, cctx)
+            resp = await svc.Create(req, cctx)
+            if self._config is None:
+                self._config = svc.config
+            return resp
         except BaseException:
             self._groups.pop((ns, req.id), None)
             self._drop_if_empty(ns, group)

@@ -52,7 +52,8 @@ from podshim.ttrpc.services import bind
 
 log = logging.getLogger("podshim.daemon")
 
-#: exit when no task and no connection has been seen for this long
+#: exit when no task and no connection has been seen for this long (until a Create
+#: brought the config's ``idle_exit_seconds``)
 IDLE_EXIT_SECONDS = 60.0
 #: how long tasks and connections must be unchanged before the heap is trimmed
 TRIM_AFTER_QUIET = 0.5
@@ -223,8 +224,10 @@ async def _exit_when_idle(
         wake = [service.activity, server.activity]
         if containerd is not None:
             wake.append(containerd.changed)
-        if not await _wait_either(*wake, timeout=IDLE_EXIT_SECONDS):
-            log.info("no task and no connection for %.0fs: exiting", IDLE_EXIT_SECONDS)
+        cfg = service.config
+        idle = cfg.idle_exit_seconds if cfg is not None else IDLE_EXIT_SECONDS
+        if not await _wait_either(*wake, timeout=idle):
+            log.info("no task and no connection for %.0fs: exiting", idle)
             stop.set()
             return
 
@@ -297,6 +300,9 @@ async def _serve_until_stopped(flags: Flags, crash: _Crash) -> None:
 
 def serve(flags: Flags) -> int:
     if flags.node:  # a node daemon belongs to no bundle: it keeps its own directory
+        if "/" in flags.node or flags.node.startswith("."):
+            log.error("bad node key %r", flags.node)
+            return 2
         home = os.path.join(rundir.nodes_dir(), flags.node)
         os.makedirs(home, mode=0o700, exist_ok=True)
     else:
@@ -314,10 +320,26 @@ def serve(flags: Flags) -> int:
     try:
         asyncio.run(_serve(flags, crash))
     except BaseException as exc:
-        if not _is_crash(exc):
-            return 0
-        crash.record(exc)
-        return 2
+        if _is_crash(exc):
+            crash.record(exc)  # a node daemon's directory stays, with panic.log
+            return 2
     finally:
         tracing.shutdown(timeout=5.0)  # flush the last spans (Delete, Shutdown, ...)
+    if flags.node:
+        _remove_node_home(home)
     return 0
+
+
+def _remove_node_home(home: str) -> None:
+    """After a clean exit: the log and the directory go, unless a newer daemon of the
+    same key already writes there (then the log is not ours: its inode differs)."""
+    path = os.path.join(home, NODE_LOG)
+    try:
+        mine = os.fstat(2)
+        st = os.stat(path)
+    except OSError:
+        return
+    if (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino):
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+            os.rmdir(home)

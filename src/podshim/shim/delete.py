@@ -139,8 +139,18 @@ def encode_delete_response(pid: int, exit_status: int, exited_at_ns: int) -> byt
     return out + b"\x1a" + _varint(len(ts)) + ts
 
 
+def _answer(bundle: str) -> int:
+    sys.stdout.buffer.write(encode_delete_response(_read_pid(bundle), 128 + 9, time.time_ns()))
+    sys.stdout.flush()
+    return 0
+
+
 def delete(flags: Flags) -> int:
     bundle = flags.bundle or os.getcwd()
+    if os.path.exists(os.path.join(bundle, files.DELETED)) and not os.path.exists(
+        os.path.join(bundle, files.PANIC)
+    ):  # the shim deleted this task and left nothing: only the answer is left to give
+        return _answer(bundle)
     rundir.bind_instance(flags.address)  # the pod host's state of this containerd
     spec = _spec(bundle)
     ann = spec.get("annotations") or {}
@@ -180,6 +190,5 @@ def delete(flags: Flags) -> int:
         except OSError as exc:
             print(f"podshim delete: {exc}", file=sys.stderr)
     _remove_dead_socket(bundle)
-    sys.stdout.buffer.write(encode_delete_response(_read_pid(bundle), 128 + 9, time.time_ns()))
-    sys.stdout.flush()
+    _answer(bundle)
     return 1 if left else 0  # 1: containerd keeps the bundle, and runs delete again

@@ -407,19 +407,23 @@ class CriLab:
         if self.lab.running:
             try:
                 wait_for(
-                    lambda: not self.processes(),
+                    lambda: not self.strays(),
                     timeout=DEADLINE,
                     interval=0.2,
                     message=lambda: (
-                        "no process but containerd below the lab:\n" + describe(self.processes())
+                        "no process but containerd below the lab:\n" + describe(self.strays())
                     ),
                 )
             except AssertionError as exc:
                 errors.append(str(exc))
-                for stat in self.processes():
+                for stat in self.strays():
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(stat.pid, signal.SIGKILL)
         return errors
+
+    def strays(self) -> list[ProcStat]:
+        """Processes that must be gone once every pod is: all but containerd."""
+        return self.processes()
 
 
 def own_cgroup_dirs(pid: int) -> dict[str, str]:

@@ -17,7 +17,7 @@ import statistics
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,7 +30,7 @@ from podshim_lab.cri.client import CriError
 from podshim_lab.procfs import ProcStat, descendants, process_table, read_stat
 
 if TYPE_CHECKING:
-    from tests.integration.criprocs import alive, describe
+    from tests.integration.criprocs import alive
     from tests.integration.criutil import (
         BIN_DIR,
         CRI_NAMESPACE,
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
         own_cgroup_dirs,
     )
 else:
-    from criprocs import alive, describe
+    from criprocs import alive
     from criutil import (
         BIN_DIR,
         CRI_NAMESPACE,
@@ -128,22 +128,10 @@ class NodeLab(CriLab):
     def runtime_state(self, rec: PodRecord, task_id: str) -> Path:
         return self.podshim_runc_root / CRI_NAMESPACE / task_id
 
-    def cleanup(self, pod_ids: Iterable[str] | None = None) -> list[str]:
-        ids = list(self.pods) if pod_ids is None else pod_ids
-        errors: list[str] = []
-        for pod_id in ids:
-            errors += self.stop_and_remove(pod_id)
-        for pod_id in ids:
-            try:
-                self.wait_gone(pod_id)
-            except AssertionError as exc:
-                errors.append(str(exc))
-                self.force_cleanup(pod_id)
-        if self.lab.running:  # nothing but the (idle) daemon may remain
-            daemons = {d.pid for d in self.daemons()}
-            extra = [s for s in self.processes() if s.pid not in daemons]
-            errors += [f"left process:\n{describe(extra)}"] if extra else []
-        return errors
+    def strays(self) -> list[ProcStat]:
+        """All but containerd and the (idle) daemons, which may linger."""
+        daemons = {d.pid for d in self.daemons()}
+        return [s for s in self.processes() if s.pid not in daemons]
 
 
 @pytest.fixture(scope="module")

@@ -135,8 +135,14 @@ class LabPaths:
 
     @property
     def subnet(self) -> str:
-        """A per-instance /24 for pod IPs (never routed: no gateway, no masquerade)."""
+        """A per-instance /24 for pod IPs (not routed unless ``portmap``: no gateway, no
+        masquerade)."""
         return f"10.88.{int(self.token, 16) % 256}.0/24"
+
+    @property
+    def gateway(self) -> str:
+        """The bridge's address in :attr:`subnet` (only with ``portmap``)."""
+        return f"10.88.{int(self.token, 16) % 256}.1"
 
     def owned_dirs(self) -> tuple[Path, Path]:
         """The two directory trees the instance creates and removes."""
@@ -234,25 +240,31 @@ def render_config(
     return "\n".join(lines) + "\n"
 
 
-def render_cni_conflist(paths: LabPaths) -> str:
-    """A bridge + loopback conflist: pods get an IP, no traffic leaves the host."""
-    conf = {
-        "cniVersion": "0.4.0",
-        "name": f"podshim-lab-{paths.token}",
-        "plugins": [
-            {
-                "type": "bridge",
-                "bridge": paths.bridge,
-                "isGateway": False,
-                "ipMasq": False,
-                "hairpinMode": False,
-                "ipam": {
-                    "type": "host-local",
-                    "dataDir": str(paths.ipam_dir),
-                    "ranges": [[{"subnet": paths.subnet}]],
-                },
-            },
-            {"type": "loopback"},
-        ],
+def render_cni_conflist(paths: LabPaths, *, portmap: bool = False) -> str:
+    """A bridge + loopback conflist: pods get an IP, no traffic leaves the host.
+
+    With ``portmap`` the bridge gets :attr:`LabPaths.gateway` (``isGateway``; pods get a
+    default route through it), so the host reaches pods, and the ``portmap`` plugin
+    (capability ``portMappings``) makes a pod's host ports answer on the host
+    (``podshim_lab.hostnet`` guards what that changes on the host).
+    """
+    subnet: dict[str, str] = {"subnet": paths.subnet}
+    ipam: dict[str, object] = {"type": "host-local", "dataDir": str(paths.ipam_dir)}
+    if portmap:
+        subnet["gateway"] = paths.gateway
+        ipam["routes"] = [{"dst": "0.0.0.0/0"}]
+    ipam["ranges"] = [[subnet]]
+    bridge = {
+        "type": "bridge",
+        "bridge": paths.bridge,
+        "isGateway": portmap,
+        "ipMasq": False,
+        "hairpinMode": False,
+        "ipam": ipam,
     }
+    chained: list[dict[str, object]] = [bridge]
+    if portmap:
+        chained.append({"type": "portmap", "capabilities": {"portMappings": True}})
+    chained.append({"type": "loopback"})
+    conf = {"cniVersion": "0.4.0", "name": f"podshim-lab-{paths.token}", "plugins": chained}
     return json.dumps(conf, indent=2) + "\n"

@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
-from podshim_lab import cleanup, subreaper
+from podshim_lab import cleanup, hostnet, subreaper
 from podshim_lab.config import (
     LabPaths,
     RuntimeHandler,
@@ -105,6 +105,7 @@ class Containerd:
         run_dir: Path | str = "/run",
         containerd_bin: str = "containerd",
         ctr_bin: str = "ctr",
+        cni_portmap: bool = False,
     ) -> None:
         """Describe the instance; ``runtimes`` are extra CRI handlers.
 
@@ -113,7 +114,8 @@ class Containerd:
         environment.  With ``watch_parent`` the subreaper stops everything when the
         creating process dies. Without ``shim_pythonpath`` containerd (and the shims it
         starts) gets no PYTHONPATH: the shims import only what their own venv holds
-        (the test of the runtime wheel).
+        (the test of the runtime wheel). ``cni_portmap`` (with ``cri``): host ports
+        answer on the host, under :class:`podshim_lab.hostnet.HostNetGuard`.
         """
         base = Path(base_dir) if base_dir is not None else Path(tempfile.gettempdir())
         self.paths = LabPaths.create(base, Path(run_dir), secrets.token_hex(4))
@@ -133,6 +135,9 @@ class Containerd:
         self.watch_parent = watch_parent
         self.containerd_bin = containerd_bin
         self.ctr_bin = ctr_bin
+        if cni_portmap and not cri:
+            raise ValueError("cni_portmap needs cri=True")
+        self._hostnet = hostnet.HostNetGuard(self.paths.subnet) if cni_portmap else None
         self._proc: subprocess.Popen[bytes] | None = None
         self._created: list[Path] = []
         self._namespaces = {namespace} | ({CRI_NAMESPACE} if cri else set())
@@ -238,7 +243,9 @@ class Containerd:
         if self.cri:
             self.paths.cni_conf_dir.mkdir(parents=True)
             conflist = self.paths.cni_conf_dir / "10-podshim-lab.conflist"
-            conflist.write_text(render_cni_conflist(self.paths))
+            conflist.write_text(render_cni_conflist(self.paths, portmap=self._hostnet is not None))
+        if self._hostnet is not None:
+            self._hostnet.acquire()  # before containerd can run any CNI plugin
         self._cgroup_parents = {
             ns for ns in self._namespaces | {CRI_NAMESPACE} if not cleanup.cgroup_dirs(ns)
         }
@@ -448,6 +455,8 @@ class Containerd:
                     os.rmdir(path)  # only if empty: another instance may use it now
         if self.cri:
             cleanup.remove_link(self.paths.bridge)
+        if self._hostnet is not None:
+            errors += self._hostnet.restore()
         return errors
 
     def close(self, *, delete_tasks: bool = True) -> None:
@@ -498,6 +507,7 @@ class Containerd:
         found += [f"dir {d}" for d in owned if os.path.lexists(d)]
         if self.cri and cleanup.link_exists(self.paths.bridge):
             found.append(f"link {self.paths.bridge}")
+        found += self._hostnet.leftovers() if self._hostnet is not None else []
         for bundle in self._bundles.values():
             for path in (bundle.socket, os.path.join(bundle.runc_root, bundle.task_id)):
                 if path and os.path.lexists(path):

@@ -444,10 +444,11 @@ def podshim_config(path: Path, runtime_root: Path) -> Path:
 
 
 def open_cri_lab(
-    config_dir: Path, bin_dir: str = BIN_DIR, shim_pythonpath: bool = True
+    config_dir: Path, bin_dir: str = BIN_DIR, shim_pythonpath: bool = True, **lab_kwargs: Any
 ) -> tuple[Containerd, CriLab]:
     """Start the two-handler CRI containerd with pause + busybox in ``k8s.io``; podshim's
-    shim binary is found in ``bin_dir`` (this venv's by default)."""
+    shim binary is found in ``bin_dir`` (this venv's by default); ``lab_kwargs`` go to
+    :class:`Containerd` (e.g. ``cni_portmap=True``)."""
     config_dir.mkdir(parents=True, exist_ok=True)
     config = config_dir / "podshim.toml"
     lab = Containerd(
@@ -455,6 +456,7 @@ def open_cri_lab(
         runtimes={PODSHIM: RuntimeHandler(PODSHIM_RUNTIME, {"ConfigPath": str(config)})},
         extra_path=[bin_dir],
         shim_pythonpath=shim_pythonpath,
+        **lab_kwargs,
     )
     runtime_root = lab.state / "podshim-runc"
     podshim_config(config, runtime_root)

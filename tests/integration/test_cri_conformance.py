@@ -7,9 +7,9 @@ checks (``pod.go``, ``pod_linux.go``, ``container.go``, ``idempotence.go``,
 critest's defaults, pods share one PID namespace (``NamespaceMode_POD``, the zero
 value), so podshim runs its PID init in them.
 
-Not covered here: port mapping with a *host* port (the lab's CNI network has no portmap
-plugin and the host has no address on the pod bridge; the runtime plays no part in it);
-the image specs (no registry, and images are containerd's, not the runtime's).
+Elsewhere: port mapping with a *host* port is ``test_cri_portmap.py`` (a lab whose CNI
+network has the portmap plugin). Not covered: the image specs (no registry, and images
+are containerd's, not the runtime's).
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from podshim_lab import Containerd, RuntimeHandler, netfilter, wait_for
+from podshim_lab import netfilter, wait_for
 from podshim_lab.cri.client import api
 
 if TYPE_CHECKING:
@@ -48,24 +48,8 @@ def cri_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[cu.CriLab]:
     """``criutil.cri_lab`` with ``cni_portmap=True`` (host ports answer on the host)."""
     if not any(Path(p).is_file() for p in ("/bin/busybox", "/usr/bin/busybox")):
         pytest.skip("busybox not installed (apt-get install busybox-static)")
-    config_dir = tmp_path_factory.mktemp("podshim-portmap")
-    lab = Containerd(
-        cri=True,
-        runtimes={
-            cu.PODSHIM: RuntimeHandler(
-                cu.PODSHIM_RUNTIME, {"ConfigPath": str(config_dir / "podshim.toml")}
-            )
-        },
-        extra_path=[cu.BIN_DIR],
-        cni_portmap=True,
-    )
-    runtime_root = lab.state / "podshim-runc"
-    cu.podshim_config(config_dir / "podshim.toml", runtime_root)
-    crilab: cu.CriLab | None = None
+    lab, crilab = cu.open_cri_lab(tmp_path_factory.mktemp("podshim-portmap"), cni_portmap=True)
     try:
-        lab.start()
-        lab.ensure_pause()
-        crilab = cu.CriLab(lab, runtime_root, lab.ensure_busybox(namespace=cu.CRI_NAMESPACE))
         yield crilab
     finally:
         errors = cu.close_cri_lab(lab, crilab)

@@ -59,7 +59,13 @@ def bench_dir() -> str:
 
 def install(bin_dir: str, python: str = sys.executable) -> list[str]:
     """Write both shim binaries (small scripts run by ``python``) into ``bin_dir``;
-    put it on containerd's PATH. Returns their paths."""
+    put it on containerd's PATH. Returns their paths.
+
+    The package is byte-compiled first (whatever ``PYTHONDONTWRITEBYTECODE`` says), as
+    an installed podshim is: otherwise every ``start`` would compile it again."""
+    import compileall
+
+    compileall.compile_dir(os.path.dirname(os.path.abspath(__file__)), quiet=1)
     os.makedirs(bin_dir, exist_ok=True)
     written = []
     for scope, name in BINARIES.items():

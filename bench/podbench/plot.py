@@ -20,10 +20,11 @@ def plot(summary: Json, columns: Sequence[str], path: str, title: str) -> None:
     import matplotlib.pyplot as plt
 
     nets = list(summary)
+    pss_nets = [net for net in nets if summary[net]["pss_mb_per_pod"]]
     fig, axes = plt.subplots(1, 1 + len(nets), figsize=(5.5 * (1 + len(nets)), 4.5))
     ax = axes[0]
-    for net in nets:
-        style = "-" if net == nets[0] else "--"
+    for net in pss_nets:
+        style = "-" if net == pss_nets[0] else "--"
         for c in columns:
             points = sorted(
                 (int(k), mb)
@@ -31,7 +32,7 @@ def plot(summary: Json, columns: Sequence[str], path: str, title: str) -> None:
                 if not math.isnan(mb)
             )
             if points:
-                label = c if len(nets) == 1 else f"{c} ({net})"
+                label = c if len(pss_nets) == 1 else f"{c} ({net})"
                 ax.plot(
                     [p[0] for p in points],
                     [p[1] for p in points],
@@ -41,6 +42,7 @@ def plot(summary: Json, columns: Sequence[str], path: str, title: str) -> None:
                     label=label,
                 )
     ax.set_xscale("log")
+    ax.set_yscale("log")
     counts = sorted(
         {int(k) for net in nets for c in summary[net]["pss_mb_per_pod"].values() for k in c}
     )
@@ -48,7 +50,9 @@ def plot(summary: Json, columns: Sequence[str], path: str, title: str) -> None:
     ax.minorticks_off()
     ax.set_xlabel("pods up")
     ax.set_ylabel("PSS per pod, MB (runtime processes)")
-    ax.set_title("memory per pod")
+    ax.set_title(
+        "memory per pod" + (f", {NETWORK_NAMES[pss_nets[0]]}" if len(pss_nets) == 1 else "")
+    )
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small")
     for ax, net in zip(axes[1:], nets, strict=True):

@@ -8,7 +8,10 @@
 # The build reads a copy of the files git knows (tracked, and untracked but not ignored),
 # so stale build/, *.egg-info or __pycache__ of a working tree cannot leak into it.
 # Needs the network as pip is configured (setuptools for the isolated build, protobuf).
-# The wheel must carry podshim-init, compiled by the build (setup.py), executable.
+# The wheel must carry podshim-init, compiled by the build (setup.py), executable, and the
+# launcher as a script (.data/scripts), which pip installs as bin/containerd-shim-podshim-v1
+# next to the Python shim's console script containerd-shim-podshim-v1-py; `-v` through the
+# launcher must reach the Python shim (the launcher finds it next to itself and execs it).
 # Called by scripts/test.sh before pytest; runs as any user; uses .venv (scripts/install.sh).
 # With PODSHIM_WHEEL_VENV set, the fresh venv is made there and kept (replacing what was
 # there): tests/integration/test_wheel_pod.py runs a CRI pod from it.
@@ -86,6 +89,23 @@ with zipfile.ZipFile(wheel) as zf:
         problems.append(f"{init} is not an executable ELF program")
 if "podshim/host/namespaces/podshim-init.c" not in names:
     problems.append("podshim-init.c is not package data")
+script = re.compile(r"podshim-[^/]+\.data/scripts/containerd-shim-podshim-v1")
+launcher = [n for n in names if script.fullmatch(n)]
+with zipfile.ZipFile(wheel) as zf:
+    if len(launcher) != 1:
+        problems.append("the launcher containerd-shim-podshim-v1 is not a script of the wheel")
+    else:
+        mode, head = zf.getinfo(launcher[0]).external_attr >> 16, zf.read(launcher[0])[:4]
+        if not mode & 0o111 or head != b"\x7fELF":
+            problems.append(f"{launcher[0]} is not an executable ELF program")
+    entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
+    scripts = zf.read(entry_points).decode()
+if "containerd-shim-podshim-v1-py = podshim.shim.main:main" not in scripts:
+    problems.append("no console script containerd-shim-podshim-v1-py (the Python shim)")
+if re.search(r"^containerd-shim-podshim-v1 =", scripts, re.M):
+    problems.append("a console script would replace the launcher containerd-shim-podshim-v1")
+if "podshim/shim/launcher.c" not in names:
+    problems.append("launcher.c is not package data")
 if "-py3-none-linux_" not in wheel:
     problems.append("the wheel is not tagged py3-none-linux_<arch> (it holds a native program)")
 if "podshim/cli.py" not in names or "podshim/py.typed" not in names:
@@ -119,6 +139,15 @@ rc=0
 [ "$(wc -l <"$tmp/demo.err")" -eq 1 ] || fail "the hint is not exactly one line"
 
 "$venv/bin/python" -c 'import grpc' 2>/dev/null && fail "grpc is installed with the runtime wheel"
+shim=$venv/bin/containerd-shim-podshim-v1
+[ -x "$shim" ] && [ "$(head -c 4 "$shim")" = $'\x7fELF' ] ||
+  fail "$shim is not the launcher (an executable ELF program)"
+[ -x "$shim-py" ] || fail "$shim-py (the Python shim) is not installed"
+shim_version=$(cd "$tmp" && "$shim" -v) || fail "$shim -v failed"
+case $shim_version in
+  "containerd-shim-podshim-v1:"*"Version: "[0-9]*) ;;
+  *) fail "$shim -v (the launcher, then the Python shim) printed: $shim_version" ;;
+esac
 init_found=$(cd "$tmp" && "$venv/bin/python" -c \
   'from podshim.host.namespaces.host import find_init_binary as f; print(f())') ||
   fail "podshim-init is not found from the installed wheel"
@@ -135,4 +164,4 @@ il=$(grep -o '"import-linter==[^"]*"' pyproject.toml | tr -d '"')
   fail "lint-imports: a layering contract is broken"
 }
 
-echo "check_wheel.sh: $(basename "$wheel") ok: podshim-init built in and found; no lab, no demo, no grpc; podshim demo -> hint (exit 2); import contracts kept"
+echo "check_wheel.sh: $(basename "$wheel") ok: podshim-init built in and found; the launcher in bin, execing the Python shim; no lab, no demo, no grpc; podshim demo -> hint (exit 2); import contracts kept"

@@ -27,8 +27,10 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=.venv/.podshim-installed
 # (re)install when either pyproject.toml changed, or the lab is missing (a venv set up
-# before lab/ existed)
+# before lab/ existed), or the Python shim's console script (a venv set up before the
+# launcher existed)
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ lab/pyproject.toml -nt "$stamp" ] ||
+   [ ! -x .venv/bin/containerd-shim-podshim-v1-py ] ||
    ! compgen -G '.venv/lib/python3*/site-packages/podshim_lab-*.dist-info' >/dev/null; then
   .venv/bin/pip install -q --disable-pip-version-check --upgrade pip >/dev/null
   .venv/bin/pip install -q --disable-pip-version-check -e '.[dev]' -e ./lab >/dev/null
@@ -43,3 +45,15 @@ if [ ! -x "$init_bin" ] || [ "$init_src" -nt "$init_bin" ]; then
   .venv/bin/python setup.py compile-init "$init_bin"
 fi
 rm -f .venv/bin/podshim-init  # where older set-ups put it
+
+# the shim binary containerd runs, the launcher (C; it execs the console script
+# containerd-shim-podshim-v1-py for all but its fast start and delete): the editable
+# install compiles it into .venv/bin (setup.py); again here when its source or podshim's
+# version (compiled in) changed since, or when an older set-up left a script there
+launcher_src=src/podshim/shim/launcher.c
+launcher_bin=.venv/bin/containerd-shim-podshim-v1
+if [ ! -x "$launcher_bin" ] || [ "$launcher_src" -nt "$launcher_bin" ] ||
+   [ src/podshim/__init__.py -nt "$launcher_bin" ] ||
+   [ "$(head -c 4 "$launcher_bin")" != $'\x7fELF' ]; then
+  .venv/bin/python setup.py compile-launcher "$launcher_bin"
+fi

@@ -1,4 +1,5 @@
-"""Entry point of ``containerd-shim-podshim-v1``.
+"""Entry point of the Python shim (``containerd-shim-podshim-v1-py``, which the launcher
+``containerd-shim-podshim-v1`` execs for everything but its fast ``start`` and ``delete``).
 
 This module is imported for every ``start`` and ``delete`` containerd runs, so it imports
 only what each action needs, late (the function-level imports below are there for speed).
@@ -38,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return run(flags)
     if flags.action == "":
+        from podshim.shim.spawn import name_process
+
+        name_process()  # a daemon started as `python -Pm podshim.shim.main` (self_command)
         from podshim.shim.daemon import serve
 
         return serve(flags)

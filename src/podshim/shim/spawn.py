@@ -13,15 +13,37 @@ LISTEN_FD = 3
 #: a node daemon learns containerd's pid from ``start`` here (it leaves with containerd
 #: when it holds no task)
 CONTAINERD_PID_ENV = "PODSHIM_CONTAINERD_PID"
+#: the shim binary's name (the launcher, ``launcher.c``, where it is installed)
+SHIM_NAME = "containerd-shim-podshim-v1"
+#: the console script of the Python shim, which the launcher execs
+PY_ENTRY = SHIM_NAME + "-py"
 
 
 def self_command() -> list[str]:
-    """How to run this shim again: the console script when we were started through it
-    (so ``ps`` shows the shim's name), else ``python -m``."""
+    """How to run this shim again (a daemon, the zygote).
+
+    The program we were started as when it is the shim binary or a wrapper of it (an
+    absolute, executable path), so that ``ps`` shows the shim's name. Not the launcher's
+    Python entry point ``containerd-shim-podshim-v1-py`` though: going through the launcher
+    again would only add an exec, and a command line naming ``...-v1-py`` is found neither
+    by the shim's name nor by its module. That one, like a ``python -m`` run, becomes
+    ``python -Pm podshim.shim.main`` (-P: the bundle, our cwd, is not on sys.path); the
+    daemon then names its process after the shim (:func:`name_process`)."""
     me = sys.argv[0]
-    if os.path.isabs(me) and os.access(me, os.X_OK) and not me.endswith(".py"):
+    usable = os.path.isabs(me) and os.access(me, os.X_OK)
+    if usable and not me.endswith(".py") and os.path.basename(me) != PY_ENTRY:
         return [me]
-    return [sys.executable, "-m", "podshim.shim.main"]
+    return [sys.executable, "-Pm", "podshim.shim.main"]
+
+
+def name_process(name: str = SHIM_NAME) -> None:
+    """Set this process's name (``comm``, what ``ps`` and ``top`` show; cut to 15 bytes by
+    the kernel) as the kernel names a process run from the shim binary's path."""
+    try:
+        with open("/proc/self/comm", "w") as f:
+            f.write(name[:15])
+    except OSError:
+        pass
 
 
 def spawn_detached(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import os
 import sys
+import time
 from _socket import AF_UNIX, SOCK_STREAM
 from _socket import socket as _sock
 
@@ -24,6 +25,11 @@ from podshim.shim.spawn import CONTAINERD_PID_ENV, self_command, spawn_detached
 
 #: the most node daemons one config may spread pods over
 MAX_SHARDS = 64
+#: first words of the node-scope settings cache (:func:`cache_settings`)
+SETTINGS_MAGIC = "podshim-start-settings 1"
+#: a config file changed less than this long ago is not cached: a second change within
+#: the same timestamp tick would leave its times as they were
+SETTLED_NS = 2_000_000_000
 
 
 def _alive(path: str) -> bool:
@@ -153,6 +159,8 @@ class Settings:
         self.scope = scope
         self.shards = shards
         self.config_path = ""
+        #: the config file as read (fstat of the open file), for the settings cache
+        self.config_stat: os.stat_result | None = None
 
 
 def settings(options: bytes) -> Settings:
@@ -169,7 +177,9 @@ def settings(options: bytes) -> Settings:
 
         try:
             with open(out.config_path, "rb") as f:
+                stat = os.fstat(f.fileno())
                 table = tomllib.load(f)
+            out.config_stat = stat
         except (OSError, tomllib.TOMLDecodeError):
             table = {}
         out.zygote = table.get("zygote") is True
@@ -192,6 +202,55 @@ def zygote_enabled(options: bytes) -> bool:
     return settings(options).zygote
 
 
+def settings_cache_path(config_path: str) -> str:
+    """``<run dir>/settings/<sha256(config path)[:16]>``."""
+    return os.path.join(rundir.run_dir(), "settings", rundir.digest(config_path)[:16])
+
+
+def settings_cache_text(conf: Settings) -> str | None:
+    """What the launcher (``launcher.c``) needs to find a node daemon without Python
+    (which alone reads TOML): the version (part of :func:`node_key`), the scope, the
+    shards, and the config file's identity and times, which it compares with the file as it
+    is then; the config path follows the first line. None for a config not worth caching:
+    none, unreadable, pod scope (the launcher tells that from the text) or just changed."""
+    st = conf.config_stat
+    if conf.scope != "node" or st is None or time.time_ns() - st.st_ctime_ns < SETTLED_NS:
+        return None
+    head = f"{SETTINGS_MAGIC} {__version__} node {conf.shards} {st.st_dev} {st.st_ino}"
+    return f"{head} {st.st_size} {st.st_mtime_ns} {st.st_ctime_ns}\n{conf.config_path}"
+
+
+def cache_settings(conf: Settings) -> None:
+    """Leave the settings cache for the launcher, unless it is there already. Only a
+    cache: any failure is ignored (the launcher then execs Python)."""
+    text = settings_cache_text(conf)
+    if text is None:
+        return
+    data = text.encode()
+    path = settings_cache_path(conf.config_path)
+    try:
+        with open(path, "rb") as f:
+            if f.read() == data:
+                return
+    except OSError:
+        pass
+    tmp = f"{path}.{os.getpid()}"
+    try:
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError:
+        _unlink_quietly(tmp)
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
 def node_key(config_path: str, group: str, shards: int) -> str:
     """The node daemon serving ``group``: one per podshim version, config file and shard
     (a stable hash of the group, i.e. of the pod's sandbox id, picks the shard). Keyed by
@@ -208,6 +267,7 @@ def start(flags: Flags) -> int:
     group = bundle_group(flags.id, bundle)
     conf = settings(_read_options())
     if conf.scope == "node":
+        cache_settings(conf)
         key = node_key(conf.config_path, group, conf.shards)
         path = socket_path(flags.address, "", key)  # one for all namespaces
     else:

@@ -62,6 +62,12 @@ def nodes_dir() -> str:
     return os.path.join(run_dir(), "node")
 
 
+def settings_dir() -> str:
+    """What the C launcher reads instead of a node-scope config (it cannot read TOML):
+    ``<run>/settings/<sha256(config path)[:16]>``, written by Python's ``start``."""
+    return os.path.join(run_dir(), "settings")
+
+
 def zygote_dir() -> str:
     """The zygotes' sockets, one per containerd address."""
     return os.path.join(run_dir(), "z")

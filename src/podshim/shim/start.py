@@ -204,7 +204,7 @@ def zygote_enabled(options: bytes) -> bool:
 
 def settings_cache_path(config_path: str) -> str:
     """``<run dir>/settings/<sha256(config path)[:16]>``."""
-    return os.path.join(rundir.run_dir(), "settings", rundir.digest(config_path)[:16])
+    return os.path.join(rundir.settings_dir(), rundir.digest(config_path)[:16])
 
 
 def settings_cache_text(conf: Settings) -> str | None:

@@ -326,6 +326,19 @@ def pidfd_exited(fd: int) -> bool:
     return bool(p.poll(0))
 
 
+def pidfd_unreaped(fd: int) -> bool:
+    """Whether the process of pidfd ``fd``, a child of this process, is not reaped yet:
+    running, or a zombie. Until it is reaped its pid (and a process group it leads) is
+    still its own, so ``killpg(pid)`` reaches that group and no other. Asks the kernel
+    (``waitid(P_PIDFD, WNOWAIT)``: nothing is collected); False for a process that is not
+    this process's child."""
+    try:
+        os.waitid(os.P_PIDFD, fd, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return False
+    return True
+
+
 async def wait_pidfd(fd: int, timeout: float) -> bool:
     """Wait up to ``timeout`` s for the process of pidfd ``fd`` to exit; whether it did.
 

@@ -29,12 +29,14 @@ of a new PID namespace, and is put in the sandbox cgroup with the spec's
 with no capabilities at all (bounding set empty), ``no_new_privs``, not dumpable, no open
 fds and an empty read-only tmpfs as its root; all it does is reap orphans and wait for
 SIGTERM. The sandbox spec's seccomp profile and AppArmor/SELinux labels are **not**
-applied to it; confining it with the pod's seccomp profile is future work.
+applied to it; confining it with the pod's seccomp profile is future work. The host
+names the init by a pidfd and watches its exit from a reaper mark taken before it was
+started (:mod:`podshim.host.namespaces.pidinit`): a reused pid is never signalled, nor
+an earlier holder's exit taken for the init's.
 
 Every helper process (``unshare``, ``nsenter``, ``podshim-init``) runs through the shim's
 reaper; the shim never calls unshare(2)/setns(2) itself (it is multi-threaded). The init
-is reparented to the shim (a child subreaper) when its launcher exits, and watched with
-:meth:`Reaper.watch`.
+is reparented to the shim (a child subreaper) when its launcher exits.
 """
 
 from __future__ import annotations
@@ -43,7 +45,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 from typing import Any
 
 from google.protobuf import any_pb2
@@ -66,6 +67,7 @@ from podshim.host.namespaces.cgroup import (
 from podshim.host.namespaces.cleanup import INIT_RECORD, record_init, remove_state_dir
 from podshim.host.namespaces.execcg import ExecCgroups, own_parents
 from podshim.host.namespaces.initbin import find_init_binary, is_child_subreaper, tool
+from podshim.host.namespaces.pidinit import InitProcess, launch
 from podshim.host.namespaces.plan import PIN_FILES, Plan, plan_from_spec
 from podshim.host.namespaces.systemd import SystemdScope
 from podshim.linux import mount
@@ -127,8 +129,7 @@ class NamespacesHost:
         self._pins: dict[str, str] = {}  # ns type -> pin file (made by us)
         self._cgroup: SandboxCgroup | SystemdScope | None = None
         self._pid_lock = asyncio.Lock()
-        self._init_pid = 0
-        self._init_exit: asyncio.Future[Exit] | None = None
+        self._init: InitProcess | None = None
         self._dead: asyncio.Future[int] | None = None
         self._close_task: asyncio.Future[None] | None = None
         self._attempts = 0  # close attempts so far
@@ -270,19 +271,19 @@ class NamespacesHost:
                     raise errdefs.FailedPrecondition(
                         f"namespaces host of pod {self.pod_id} is closed"
                     )
-                if self._init_exit is None:
-                    await self._start_init(self._plan)
-                assert self._init_exit is not None
-                if self._init_exit.done():
+                if self._init is None:
+                    self._init = await self._start_init(self._plan)
+                if not self._init.running:
                     raise errdefs.FailedPrecondition(
                         f"the PID-namespace init of pod {self.pod_id} has exited"
                     )
-                return f"/proc/{self._init_pid}/ns/pid"
+                # not reaped (the reaper runs on this loop): the pid is still the init's
+                return f"/proc/{self._init.pid}/ns/pid"
         if ns_type in ("mount", "user", "cgroup", "time"):
             return None
         raise errdefs.InvalidArgument(f"unknown namespace type {ns_type!r}")
 
-    async def _start_init(self, plan: Plan) -> None:
+    async def _start_init(self, plan: Plan) -> InitProcess:
         binary = find_init_binary(self._init_binary)
         if not is_child_subreaper():
             raise errdefs.FailedPrecondition(
@@ -295,37 +296,25 @@ class NamespacesHost:
                 argv += [flag, path]
         if plan.oom_score_adj is not None:
             argv += ["--oom-score-adj", str(plan.oom_score_adj)]
-        res = await self._reaper.run(argv)
-        out = res.stdout.decode(errors="replace").strip()
-        if res.status != 0 or not out.isdigit():
-            # a launcher that exits 0 without a pid cannot happen unless stdout broke;
-            # its init (if any) then dies with the launcher's report pipe unread
-            raise errdefs.Internal(
-                f"start the PID-namespace init of pod {self.pod_id}: {binary} exited "
-                f"{res.status}: {_stderr(res.stderr)} {out!r}"
-            )
-        pid = int(out)
-        exited = self._reaper.watch(pid)
+        init = await launch(self._reaper, argv, self.pod_id)
         try:
             if self._cgroup is not None:
-                await self._cgroup.add(pid)
+                await self._cgroup.add(init.pid)
         except BaseException as exc:
-            log.error("pod %s: init %d not put in the sandbox cgroup: %s", self.pod_id, pid, exc)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            try:
-                await asyncio.wait_for(asyncio.shield(exited), KILL_TIMEOUT)
-            except TimeoutError:
-                log.error("pod %s: failed init %d was not reaped", self.pod_id, pid)
+            log.error("pod %s: init %d not put in the sandbox cgroup: %s", self.pod_id,
+                      init.pid, exc)  # fmt: skip
+            if not await init.kill(KILL_TIMEOUT):
+                log.error("pod %s: failed init %d was not reaped", self.pod_id, init.pid)
+            init.close()
             raise
-        self._init_pid = pid
         try:
-            record_init(self.state_dir, pid)
+            record_init(self.state_dir, init.pid)
         except OSError as exc:  # the init is still ours to kill on close
-            log.warning("pod %s: init %d not recorded for crash cleanup: %s", self.pod_id, pid, exc)
-        self._init_exit = exited
-        exited.add_done_callback(self._on_init_exit)
-        log.info("pod %s: PID-namespace init is pid %d", self.pod_id, pid)
+            log.warning("pod %s: init %d not recorded for crash cleanup: %s", self.pod_id,
+                        init.pid, exc)  # fmt: skip
+        init.exited.add_done_callback(self._on_init_exit)
+        log.info("pod %s: PID-namespace init is pid %d", self.pod_id, init.pid)
+        return init
 
     def _on_init_exit(self, fut: asyncio.Future[Exit]) -> None:
         if fut.cancelled():
@@ -338,9 +327,8 @@ class NamespacesHost:
 
     @property
     def init_pid(self) -> int:
-        if self._init_exit is None or self._init_exit.done():
-            return 0
-        return self._init_pid
+        init = self._init
+        return init.pid if init is not None and init.running else 0
 
     # -- life ----------------------------------------------------------------------
 
@@ -393,20 +381,16 @@ class NamespacesHost:
             )
             log.error("%s", msg)
             raise errdefs.Unavailable(msg)
+        if self._init is not None:
+            self._init.close()
         self.life.fire(Verb.CLOSED)
 
     async def _kill_init(self) -> list[str]:
-        exited = self._init_exit
-        if exited is None or exited.done():
+        init = self._init
+        if init is None or not init.running:
             return []
-        pid = self._init_pid
-        # not reaped yet (the future would be done), so the pid is still the init's
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        try:
-            await asyncio.wait_for(asyncio.shield(exited), KILL_TIMEOUT)
-        except TimeoutError:
-            return [f"init {pid} not reaped {KILL_TIMEOUT:.0f}s after SIGKILL"]
+        if not await init.kill(KILL_TIMEOUT):  # through its pidfd: never a reused pid
+            return [f"init {init.pid} not reaped {KILL_TIMEOUT:.0f}s after SIGKILL"]
         return []
 
     async def _teardown(self, timeout: float = CGROUP_TIMEOUT) -> list[str]:
@@ -434,7 +418,7 @@ class NamespacesHost:
                 continue
             del self._pins[t]
         if self._state_made:
-            init_gone = self._init_exit is None or self._init_exit.done()
+            init_gone = self._init is None or not self._init.running
             done = [INIT_RECORD] if init_gone else []
             done += [CGROUP_RECORD] if self._cgroup is None else []
             left = remove_state_dir(self.state_dir, done, keep=bool(problems))

@@ -23,8 +23,16 @@ shim allocates a pty, gives the process the slave and pumps master <-> FIFOs (st
 only: a terminal has no separate stderr).
 
 The process leads a process group of its own. ``ExecControl.signal`` (SignalExecInHost)
-signals that group, as Ctrl-C on a terminal would. Everything else goes by the exec's
-cgroup, which holds whatever the process started, also what left its process group and
+signals that group, as Ctrl-C on a terminal would, but only while the leader is not
+reaped: the shim holds a pidfd of the leader (its child) and asks the kernel through it
+(:func:`pidfd_unreaped`) right before ``killpg``. Until the reap the leader (running or
+a zombie) holds its pid, so the group is its own; once reaped, the pid is free and a
+process that got it and made itself a group leader would be signalled instead, so the
+group is no longer signalled at all. Only the reaper reaps, on the event loop that also
+makes this check and the ``killpg``: there is no window between them. What the leader
+left in its group is then reached through the exec's cgroup (below); without a cgroup
+(:class:`Target` with none, in tests) it is not signalled after the leader's reap.
+Everything else goes by the exec's cgroup, which holds whatever the process started, also what left its process group and
 session (``setsid``): a cancelled call (the client went away) and the pod host closing
 SIGKILL every process in it; when the process exits, whatever it left there is killed
 and the cgroup removed. Nothing of a diagnostic session outlives it in the pod; a
@@ -49,7 +57,7 @@ from typing import Any, Protocol
 from podshim import errors as errdefs
 from podshim.host.control import ExecControl
 from podshim.host.namespaces.execcg import ExecCgroup, ExecCgroups
-from podshim.linux.reaper import Reaper, Result
+from podshim.linux.reaper import Reaper, Result, pidfd_unreaped
 from podshim.task.stdio import ProcessIO, Pump, fifo_path
 
 log = logging.getLogger("podshim.host.namespaces.nsexec")
@@ -163,14 +171,19 @@ class _Session:
         self.target, self.command, self.terminal = target, command, terminal
         self.env, self.io, self.control = env, io, control
         self.pid = 0
+        #: a pidfd of the group leader (the helper, the reaper's child) until the call ends
+        self.pidfd: int | None = None
         self._killed = ""
         #: the exec's own cgroup (made by :meth:`run`)
         self.cgroup: ExecCgroup | None = None
 
     def signal(self, sig: int) -> None:
-        if self.pid:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.pid, sig)
+        """Signal the process group, only while its leader is not reaped (see the
+        module docstring)."""
+        if self.pidfd is None or not pidfd_unreaped(self.pidfd):
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pid, sig)
 
     def kill(self, why: str) -> None:
         """SIGKILL everything in the exec's cgroup (and its process group) now, or as
@@ -190,6 +203,9 @@ class _Session:
         try:
             return await self._run()
         finally:
+            if self.pidfd is not None:
+                os.close(self.pidfd)
+                self.pidfd = None
             if self.cgroup is not None and cgroups is not None:
                 problems = await cgroups.remove(self.cgroup, KILL_TIMEOUT)
                 if problems:
@@ -200,6 +216,7 @@ class _Session:
         reaper, fds = self.target.reaper, self.io.child_fds
         procs = self.cgroup.procs_files() if self.cgroup is not None else ()
         r, w = os.pipe()
+        mark = reaper.mark()  # before the helper can exist
         argv = [sys.executable, "-I", "-S", "-c", _HELPER, str(w), "1" if self.terminal else "0"]
         argv += [str(len(procs)), *procs, "--"]
         run = asyncio.ensure_future(
@@ -208,6 +225,7 @@ class _Session:
         )  # fmt: skip
         try:
             self.pid = await self._read_pid(r, run)
+            self.pidfd = reaper.pidfd(self.pid, mark)  # None: reaped already
         except BaseException:
             await asyncio.wait({run}, timeout=KILL_TIMEOUT)  # the helper exits at once
             raise
@@ -226,8 +244,8 @@ class _Session:
         finally:
             watchdog.cancel()
             self.control.detach()
-        # the group and the cgroup outlive the leader only by what the command left
-        self.signal(signal.SIGKILL)
+        # the cgroup outlives the leader only by what the command left (its group is
+        # not signalled: the leader is reaped, its pid may be another's by now)
         if self.cgroup is not None:
             self.cgroup.kill()
         if not await self.io.wait_output(OUTPUT_DRAIN_TIMEOUT):

@@ -29,8 +29,6 @@ from podshim import errors as errdefs
 from podshim import tracing
 from podshim.api.events import task_pb2 as ev
 from podshim.api.types import mount_pb2
-from podshim.cgroups import mode, v1, v2
-from podshim.cgroups.oom import watch_oom
 from podshim.cgroups.stats import metrics_for_pid, pack
 from podshim.linux import mount
 from podshim.linux.reaper import Exit
@@ -40,6 +38,7 @@ from podshim.oci.ids import SANDBOX_ID_ANNOTATION, valid_id
 from podshim.oci.runtime import OciRuntime, RuntimeConfig
 from podshim.oci.spec import Spec, private_pid_ns
 from podshim.task.contract import ExecRequest, ExitInfo, ProcessState, ShimContext, timestamp
+from podshim.task.oomwatch import OomWatch, memory_cgroup
 from podshim.task.process import Process, unlink
 from podshim.task.states import Status, Verb
 
@@ -83,12 +82,12 @@ class Container:
         pod_id = str(ann.get(SANDBOX_ID_ANNOTATION, "")) if isinstance(ann, dict) else ""
         #: logs with this task's pod-id and tid fields
         self.log = TaskLogger(log, pod_id=pod_id, tid=tid)
-        #: the memory cgroup directory of the init (found right after create), or ""
-        self.memory_cgroup = ""
-        self._oom_watch: asyncio.Task[None] | None = None
         #: this container's background jobs (exit monitors, OOM watch): a child of its
         #: owner's group (the pod's, or the shim's for a standalone container)
         self.jobs = ctx.jobs.child(f"task {tid}")
+        #: the memory cgroup directory of the init (found right after create), or ""
+        self.memory_cgroup = ""
+        self._oom = OomWatch(tid, self.jobs, self.log, self._on_oom)
 
     # -- lifecycle ------------------------------------------------------------------
     @property
@@ -135,10 +134,11 @@ class Container:
             raise
         self.init.monitor = self.jobs.spawn(self._monitor(self.init), f"waitExit:{self.id}")
         try:
-            await self._watch_oom()
+            self.memory_cgroup = memory_cgroup(self.init.pid)
+            await self._oom.start(self.memory_cgroup, self.init.pid)
         except BaseException:  # cancelled at the last step: nothing may be left either
             self.init.monitor.cancel()  # no exit event for a container never created
-            self._stop_oom_watch()
+            self._oom.stop()
             await self._undo(self._undo_create(pid_file, mark), "undoCreate")
             raise
         self.ctx.publisher.publish(
@@ -205,37 +205,9 @@ class Container:
                 self.log.warning("task %s: %s", self.id, exc)
             self._mounted = False
 
-    # -- OOM events -------------------------------------------------------------------
-    async def _watch_oom(self) -> None:
-        """Find the init's memory cgroup and watch it for OOM kills in the background
-        (each one publishes /tasks/oom) until the cgroup goes or :meth:`delete`. Returns
-        once the watcher is registered, so no OOM after create is missed."""
-        self.memory_cgroup = _memory_cgroup(self.init.pid)
-        if not self.memory_cgroup:
-            self.log.warning("no memory cgroup found for pid %d: no OOM events", self.init.pid)
-            return
-        task = self.jobs.spawn(
-            self._run_oom_watch(self.memory_cgroup), name=f"container::watchOOM:{self.id}"
-        )
-        self._oom_watch = task
-        await asyncio.sleep(0)  # let it open its watcher before create returns
-
-    async def _run_oom_watch(self, path: str) -> None:
-        try:
-            await watch_oom(path, self._on_oom)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # no memory controller, cgroup gone, ...: no events
-            self.log.warning("cannot watch %s for OOM kills: %s", path, exc)
-
+    # -- exits and OOM events ----------------------------------------------------------
     def _on_oom(self) -> None:
-        self.log.warning("OOM kill in memory cgroup %s", self.memory_cgroup)
         self.ctx.publisher.publish(ev.TaskOOM(container_id=self.id))
-
-    def _stop_oom_watch(self) -> None:
-        task, self._oom_watch = self._oom_watch, None
-        if task is not None and not task.done():
-            task.cancel()
 
     async def _monitor(self, p: Process) -> None:
         """Wait for ``p``'s exit from the reaper, then report it (the only exit path)."""
@@ -434,7 +406,7 @@ class Container:
         except errdefs.ShimError:
             await self.runc.delete(self.id, force=True)
         p.machine.fire(Verb.DELETE)
-        self._stop_oom_watch()
+        self._oom.stop()
         for e in self.execs.values():
             e.release()
         p.release()
@@ -514,13 +486,3 @@ async def create_container(
     await c.create()
     return c
 
-
-def _memory_cgroup(pid: int) -> str:
-    """The memory cgroup directory of process ``pid`` from ``/proc/<pid>/cgroup`` (the
-    unified one on a cgroup v2 host), or "" when it has none or is gone."""
-    try:
-        if mode() == "unified":
-            return v2.path_for_pid(pid)
-        return v1.paths_for_pid(pid).get("memory", "")
-    except (errdefs.ShimError, OSError):
-        return ""

@@ -12,8 +12,14 @@ debug level: ``event forwarded ... topic=/tasks/exit``).
   the 5 are EXITED with 137, and exactly 5 exit events reach containerd afterwards;
 * the event queue full while containerd is down (a pod whose shim's queue holds
   :data:`faultlab.TINY_QUEUE_LEN` events, via the ``shrink_event_queue`` hook): 4 exits,
-  the oldest 2 are dropped, the newest 2 are forwarded; CRI still reports all 4 exited
-  (its recovery reads the tasks' state) and the shim keeps serving.
+  the oldest are dropped, the newest events are forwarded, in order, once containerd is
+  back; CRI still reports all 4 exited (its recovery reads the tasks' state) and the
+  shim keeps serving and publishing. Which events are the newest when the shim
+  reconnects is not fixed: CRI's recovery deletes the 4 exited tasks at once, and their
+  ``/tasks/delete`` events enter the same small queue, often before the shim's retry
+  backoff ends (containerd serves its socket ~20 ms before the recovery). So the test
+  bounds what it counts instead of fixing it: at most ``TINY_QUEUE_LEN`` of the 4 exits
+  are forwarded, and at least ``TINY_QUEUE_LEN`` exits and deletes together.
 
 Each test ends with every pod removed and nothing left (``faultlab``'s census).
 """
@@ -77,9 +83,14 @@ def containerd_down(flab: fl.FaultLab) -> Iterator[None]:
     wait_for(answers, timeout=fl.DEADLINE, interval=0.2, message="CRI after the restart")
 
 
-def forwarded_exits(flab: fl.FaultLab, offset: int) -> int:
+def forwarded(flab: fl.FaultLab, offset: int, topic: str) -> int:
+    """How many events of ``topic`` containerd logged as forwarded since ``offset``."""
     lines = flab.log_since(offset).splitlines()
-    return sum(1 for x in lines if FORWARDED_EXIT in x and "topic=/tasks/exit" in x)
+    return sum(1 for x in lines if FORWARDED_EXIT in x and f"topic={topic} " in x + " ")
+
+
+def forwarded_exits(flab: fl.FaultLab, offset: int) -> int:
+    return forwarded(flab, offset, "/tasks/exit")
 
 
 def kill_and_wait(pid: int) -> None:
@@ -127,18 +138,6 @@ def test_containerd_restart_with_20_pods(fault_lab: fl.FaultLab) -> None:
     assert flab.cri.exec_sync(survivor, ["echo", "ok"], timeout=30).stdout == "ok\n"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "podshim bug: the first container killed while containerd is down cannot be "
-        "deleted after the restart: CRI's recovery Delete fails with 'File descriptor N is "
-        "used by transport <_SelectorSocketTransport fd=N ...>' (task/stdio.py: "
-        "_Pump._finish is not idempotent; cancel() after EOF calls remove_reader/close on "
-        "its source fd number again, which the restarted containerd's new connection now "
-        "holds), so CRI shows it UNKNOWN and the shim never exits; the queue size is not "
-        "needed to trigger it"
-    ),
-)
 def test_event_queue_full_while_containerd_is_down(fault_lab: fl.FaultLab) -> None:
     flab = fault_lab
     pod, config = flab.pod(f"{fl.TINY_QUEUE}-full")
@@ -148,21 +147,36 @@ def test_event_queue_full_while_containerd_is_down(fault_lab: fl.FaultLab) -> No
     with containerd_down(flab):
         for info in killed:  # one after the other: their events are queued in this order
             kill_and_wait(info.pid)
-    for info in killed:
+    for info in killed:  # CRI's recovery reads the tasks' state: no exit is lost there
         assert flab.wait_container(info.id, "EXITED").exit_code == 137
-    wait_for(
-        lambda: forwarded_exits(flab, offset) >= fl.TINY_QUEUE_LEN,
-        timeout=fl.DEADLINE,
-        message="the queued /tasks/exit events",
-    )
-    # the newest fit in the queue; the oldest were dropped, not wedged behind
-    assert forwarded_exits(flab, offset) == fl.TINY_QUEUE_LEN, flab.log_since(offset)
     assert flab.cri.pod_status(pod).ready
     assert flab.cri.container_status(survivor.id).state == "RUNNING"
+    # a new container's /tasks/create is queued behind whatever the outage left, and
+    # events go out in order: once it is forwarded, the outage's queue is settled
+    flab.container(pod, config, "late")
+    wait_for(
+        lambda: forwarded(flab, offset, "/tasks/create") >= 1,
+        timeout=fl.DEADLINE,
+        message=lambda: "the new container's /tasks/create\n" + flab.log_since(offset)[-4000:],
+    )
+    exits = forwarded_exits(flab, offset)
+    deletes = forwarded(flab, offset, "/tasks/delete")
+    log = flab.log_since(offset)
+    # the oldest exits were dropped (the queue holds TINY_QUEUE_LEN) ...
+    assert exits <= fl.TINY_QUEUE_LEN, log
+    # ... and what the queue held when the shim reconnected was forwarded, not wedged
+    assert exits + deletes >= fl.TINY_QUEUE_LEN, log
+    # and the shim serves and publishes again: an exec's exit, then a container's, each
+    # arrives exactly once
+    offset = flab.log_offset()
     assert flab.cri.exec_sync(survivor.id, ["echo", "ok"], timeout=30).stdout == "ok\n"
-    # and the shim publishes again: a new exit arrives
+    wait_for(lambda: forwarded_exits(flab, offset) == 1, timeout=fl.DEADLINE, message="exec exit")
     offset = flab.log_offset()
     kill_and_wait(survivor.pid)
     assert flab.wait_container(survivor.id, "EXITED").exit_code == 137
     wait_for(lambda: forwarded_exits(flab, offset) == 1, timeout=fl.DEADLINE, message="exit")
-    print(f"queue of {fl.TINY_QUEUE_LEN}: 4 exits while down, 2 forwarded", file=sys.stderr)
+    print(
+        f"queue of {fl.TINY_QUEUE_LEN}: 4 exits while down; forwarded {exits} of them "
+        f"and {deletes} recovery deletes",
+        file=sys.stderr,
+    )

@@ -32,11 +32,12 @@ group is no longer signalled at all. Only the reaper reaps, on the event loop th
 makes this check and the ``killpg``: there is no window between them. What the leader
 left in its group is then reached through the exec's cgroup (below); without a cgroup
 (:class:`Target` with none, in tests) it is not signalled after the leader's reap.
-Everything else goes by the exec's cgroup, which holds whatever the process started, also what left its process group and
-session (``setsid``): a cancelled call (the client went away) and the pod host closing
-SIGKILL every process in it; when the process exits, whatever it left there is killed
-and the cgroup removed. Nothing of a diagnostic session outlives it in the pod; a
-crash cleanup kills and removes the exec cgroups the host recorded.
+Everything else goes by the exec's cgroup, which holds whatever the process started,
+also what left its process group and session (``setsid``): a cancelled call (the client
+went away) and the pod host closing SIGKILL every process in it; when the process
+exits, whatever it left there is killed and the cgroup removed. Nothing of a
+diagnostic session outlives it in the pod; a crash cleanup kills and removes the exec
+cgroups the host recorded.
 """
 
 from __future__ import annotations

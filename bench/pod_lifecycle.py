@@ -89,7 +89,8 @@ def one_run(bench: Bench, cri: CriClient, ns: argparse.Namespace, run: int, erro
     """Everything once, for every column and network."""
     out: Json = {}
     for net in ns.networks:
-        driver = Driver(bench, cri, host_net=net == "host", tag=f"r{run}{net[0]}")
+        label = f"run {run + 1}, {net} network"
+        driver = Driver(bench, cri, host_net=net == "host", tag=f"r{run}{net[0]}", label=label)
         columns = rotated(bench.columns, run)  # who goes first changes from run to run
 
         def progress(msg: str, net: str = net) -> None:
@@ -103,7 +104,7 @@ def one_run(bench: Bench, cri: CriClient, ns: argparse.Namespace, run: int, erro
                 try:
                     res = burst(driver, column, n)
                 except (CriError, RuntimeError) as exc:
-                    errors.add(column, f"{n} pods at once ({net})", exc)
+                    errors.add(column, f"{label}, {n} pods at once", exc)
                     continue
                 bursts[str(n)][column] = {"wall_s": res.wall_s, "pod_up_ms": res.pod_up_ms}
                 progress(f"{n} pods at once on {column}: {res.wall_s:.2f} s")
@@ -113,7 +114,7 @@ def one_run(bench: Bench, cri: CriClient, ns: argparse.Namespace, run: int, erro
                 try:
                     ramp = pss_ramp(driver, column, ns.pss_counts)
                 except (CriError, RuntimeError) as exc:
-                    errors.add(column, f"memory ({net})", exc)
+                    errors.add(column, f"{label}, memory", exc)
                     continue
                 pss[column] = {
                     str(k): {

@@ -55,8 +55,12 @@ class PodRef:
 class Driver:
     """Brings pods of one network mode up and down through CRI."""
 
-    def __init__(self, bench: Bench, cri: CriClient, host_net: bool, tag: str) -> None:
+    def __init__(
+        self, bench: Bench, cri: CriClient, host_net: bool, tag: str, label: str = ""
+    ) -> None:
         self.bench = bench
+        #: where errors say they happened (run and network)
+        self.label = label or tag
         self.cri = cri
         self.host_net = host_net
         self.tag = f"{tag}-{secrets.token_hex(3)}"
@@ -148,7 +152,7 @@ def sequential(
             try:
                 one = cycle(driver, column)
             except (CriError, RuntimeError) as exc:
-                errors.add(column, "sequential", exc)
+                errors.add(column, f"{driver.label}, sequential pod {i + 1}", exc)
                 live.remove(column)
                 continue
             if i >= 0:  # the first pod of each column pays one-off costs

@@ -45,6 +45,9 @@ from podshim.task.states import Status, Verb
 if TYPE_CHECKING:
     from podshim.cgroups.stats import Metrics
 
+#: how long an init's /tasks/exit may wait for a Kill in flight to be answered
+KILL_ANSWER_WAIT = 5.0
+
 log = logging.getLogger("podshim.container")
 
 
@@ -76,6 +79,10 @@ class Container:
         self.execs: dict[str, Process] = {}
         self.execs_spec: dict[str, bytes] = {}  # exec id -> OCI process JSON for runc
         self._mounted = False
+        #: Kill calls of the init still waiting for the runtime (see :meth:`_report_exit`)
+        self._kills_in_flight = 0
+        self._no_kill_in_flight = asyncio.Event()
+        self._no_kill_in_flight.set()
         #: read now: the exit monitor must not meet a spec it cannot read
         self._own_pid_ns = private_pid_ns(spec)
         ann = spec.get("annotations")
@@ -227,8 +234,15 @@ class Container:
             await self._report_exit(p, ex)
 
     async def _report_exit(self, p: Process, ex: Exit) -> None:
+        """Record the exit, then publish it, but not while a Kill of the init still waits
+        for the runtime: containerd's CRI deletes the task on its /tasks/exit, closing the
+        connection on which that Kill's answer is due (StopContainer then fails with
+        "ttrpc: closed"); runc's shim answers a Kill before the exit can be seen."""
         if await p.exited_with(ex.status, ex.at):
             self.log.info("exited pid %d status %d", p.pid, ex.status, extra={"eid": p.exec_id})
+            if p is self.init and not self._no_kill_in_flight.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._no_kill_in_flight.wait(), KILL_ANSWER_WAIT)
             self.ctx.publisher.publish(
                 ev.TaskExit(
                     container_id=self.id,
@@ -348,7 +362,14 @@ class Container:
         p = self._proc(exec_id)
         p.machine.check_kill()
         if p is self.init:
-            await self.runc.kill(self.id, signal, all_=all_)
+            self._kills_in_flight += 1
+            self._no_kill_in_flight.clear()
+            try:
+                await self.runc.kill(self.id, signal, all_=all_)
+            finally:
+                self._kills_in_flight -= 1
+                if not self._kills_in_flight:
+                    self._no_kill_in_flight.set()
             return
         if not p.pid:
             raise errdefs.FailedPrecondition(f"{p.what}: not started")

@@ -30,13 +30,13 @@ from podshim import tracing
 from podshim.api.events import task_pb2 as ev
 from podshim.api.types import mount_pb2
 from podshim.cgroups.stats import metrics_for_pid, pack
-from podshim.linux import mount
 from podshim.linux.reaper import Exit
 from podshim.logs import TaskLogger
 from podshim.oci import bundle as files
 from podshim.oci.ids import SANDBOX_ID_ANNOTATION, valid_id
 from podshim.oci.runtime import OciRuntime, RuntimeConfig
 from podshim.oci.spec import Spec, private_pid_ns
+from podshim.task.bundlefs import BundleFiles
 from podshim.task.contract import ExecRequest, ExitInfo, ProcessState, ShimContext, timestamp
 from podshim.task.oomwatch import OomWatch, memory_cgroup
 from podshim.task.process import Process, unlink
@@ -78,7 +78,6 @@ class Container:
         self.init = Process(tid, "", bundle, terminal, stdin, stdout, stderr)
         self.execs: dict[str, Process] = {}
         self.execs_spec: dict[str, bytes] = {}  # exec id -> OCI process JSON for runc
-        self._mounted = False
         #: Kill calls of the init still waiting for the runtime (see :meth:`_report_exit`)
         self._kills_in_flight = 0
         self._no_kill_in_flight = asyncio.Event()
@@ -89,6 +88,7 @@ class Container:
         pod_id = str(ann.get(SANDBOX_ID_ANNOTATION, "")) if isinstance(ann, dict) else ""
         #: logs with this task's pod-id and tid fields
         self.log = TaskLogger(log, pod_id=pod_id, tid=tid)
+        self._files = BundleFiles(tid, bundle, rootfs, self.log)
         #: this container's background jobs (exit monitors, OOM watch): a child of its
         #: owner's group (the pod's, or the shim's for a standalone container)
         self.jobs = ctx.jobs.child(f"task {tid}")
@@ -120,12 +120,12 @@ class Container:
                 f"task {self.id}: the OCI runtime ({self.runc.cfg.root}) already has a "
                 f"container {self.id} in namespace {self.ctx.namespace}; it is left alone"
             )
-        pid_file = os.path.join(self.bundle, files.INIT_PID)
+        pid_file = self._files.init_pid_file
         mark = self.ctx.reaper.mark()
         try:
-            self._record_runtime()
+            self._files.record_runtime(self.runc.cfg)
             unlink(pid_file)  # a pid read from it is this Create's
-            self._mount_rootfs()
+            self._files.mount_rootfs()
             await self.init.io.open()
             await self.runc.create(
                 self.id,
@@ -163,12 +163,6 @@ class Container:
             )
         )
 
-    def _record_runtime(self) -> None:
-        """Leave what the ``delete`` action needs to clean up without us."""
-        cfg = self.runc.cfg
-        with open(os.path.join(self.bundle, files.RUNTIME_RECORD), "w") as f:
-            json.dump({"binary": cfg.binary, "root": cfg.root}, f)
-
     async def _undo(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         """Run an undo to its end even if the caller is cancelled (again): as a job of
         this container, awaited shielded."""
@@ -191,26 +185,8 @@ class Container:
             with contextlib.suppress(errdefs.ShimError):
                 await self.runc.delete(self.id, force=True)
         await self.init.wait_gone(self.ctx.reaper)
-        self._unmount_rootfs()
-        for name in (files.INIT_PID, files.RUNTIME_RECORD):
-            unlink(os.path.join(self.bundle, name))
-
-    def _mount_rootfs(self) -> None:
-        target = os.path.join(self.bundle, files.ROOTFS)
-        for m in self.rootfs:
-            try:
-                mount.mount(m.type, m.source, target, list(m.options))
-            except OSError as exc:
-                raise errdefs.Unknown(f"task {self.id}: rootfs: {exc}") from None
-            self._mounted = True
-
-    def _unmount_rootfs(self) -> None:
-        if self._mounted or self.rootfs:
-            try:
-                mount.unmount_all(os.path.join(self.bundle, files.ROOTFS))
-            except OSError as exc:
-                self.log.warning("task %s: %s", self.id, exc)
-            self._mounted = False
+        self._files.unmount_rootfs()
+        self._files.remove_records()
 
     # -- exits and OOM events ----------------------------------------------------------
     def _on_oom(self) -> None:
@@ -432,7 +408,7 @@ class Container:
             e.release()
         p.release()
         await self.jobs.aclose()
-        self._unmount_rootfs()
+        self._files.unmount_rootfs()
         ex = p.exit or ExitInfo(137, time.time())
         self.ctx.publisher.publish(
             ev.TaskDelete(

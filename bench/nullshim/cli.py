@@ -13,6 +13,8 @@ import time
 from _socket import AF_UNIX, SOCK_STREAM  # not `socket`: it costs ~10 ms to import
 from _socket import socket as _sock
 
+from podshim.shim.spawn import LISTEN_FD  # the daemon finds its socket there, as podshim's
+
 try:  # CPython's builtin module: hashlib would load OpenSSL on the start path
     from _sha256 import sha256 as _sha256  # type: ignore[import-not-found]
 except ImportError:  # Python 3.12+
@@ -22,7 +24,6 @@ VALUE_FLAGS = frozenset(
     {"namespace", "id", "address", "publish-binary", "bundle", "socket", "containerd-pid"}
 )
 #: the fd on which the daemon finds its listening socket
-LISTEN_FD = 3
 SANDBOX_ANNOTATION = b'"io.kubernetes.cri.sandbox-id":"'
 
 

@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 from google.protobuf import any_pb2, empty_pb2, timestamp_pb2
 from google.protobuf.message import Message
 
-from nullshim.cli import LISTEN_FD
 from podshim import errors as errdefs
 from podshim.api.events import task_pb2 as ev
 from podshim.api.services.ttrpc.events.v1 import events_pb2
 from podshim.api.task.v2 import shim_pb2
 from podshim.api.types import task_pb2 as types
+from podshim.shim.spawn import LISTEN_FD
 from podshim.ttrpc.client import Client
 from podshim.ttrpc.server import Server
 from podshim.ttrpc.services import CallContext, bind

@@ -224,6 +224,82 @@ def test_graceful_shutdown_answers_held_requests(tmp_path: Path) -> None:
     run(main)
 
 
+def record_writes(conn: _Conn, monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """Every ``transport.write`` of ``conn`` from now on, in order."""
+    transport = conn._transport
+    assert transport is not None
+    writes: list[bytes] = []
+    real = transport.write
+
+    def write(data: bytes | bytearray | memoryview) -> None:
+        writes.append(bytes(data))
+        real(data)
+
+    monkeypatch.setattr(transport, "write", write)
+    return writes
+
+
+def test_answers_finished_in_one_loop_turn_leave_in_one_write_in_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    payloads = [b"a" * n for n in range(1, 11)]
+
+    async def main() -> None:
+        async with serving(tmp_path, Limits()) as (server, svc, path):
+            reader, writer = await asyncio.open_unix_connection(path)
+            await until(lambda: server.connections == 1)
+            writes = record_writes(only_conn(server), monkeypatch)
+            client = ClientConnection()
+            writer.write(b"".join(client.request(SVC, "Hold", p)[1] for p in payloads))
+            await until(lambda: svc.started == len(payloads))
+            assert writes == []
+            svc.released.set()  # the ten calls finish in the same turn, oldest first
+            got = await read_responses(reader, client, len(payloads))
+            expected = [(2 * i + 1, str(len(p)).encode()) for i, p in enumerate(payloads)]
+            assert [(r.stream_id, r.payload) for r in got] == expected
+            assert len(writes) == 1
+            whole = ClientConnection()  # the one write holds the ten frames, whole
+            assert [r.stream_id for r in whole.receive(writes[0])] == [s for s, _ in expected]
+            assert not whole.decoder.in_frame
+            writer.close()
+
+    run(main)
+
+
+def test_a_slow_reader_pauses_answers_joined_in_one_turn(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 64 Big calls finish in the same turn: joined unbounded, they were one 4 MiB write.
+    limits = Limits(max_in_flight=64, max_queued_bytes=256 << 10)
+    calls = 200
+    answer_frame = HEADER_SIZE + ANSWER + 8
+
+    async def main() -> None:
+        async with serving(tmp_path, limits) as (server, _svc, path):
+            reader, writer = await asyncio.open_unix_connection(path)
+            await until(lambda: server.connections == 1)
+            conn = only_conn(server)
+            writes = record_writes(conn, monkeypatch)
+            client = ClientConnection()
+            writer.write(b"".join(client.request(SVC, "Big", b"")[1] for _ in range(calls)))
+            await until(lambda: conn.reading_paused and conn.peak_queued_bytes > 0)
+            await asyncio.sleep(0.2)  # the reader is slow: nothing more leaves
+            assert conn.reading_paused and conn.in_flight > 0
+            assert conn.peak_queued_bytes > limits.max_queued_bytes  # the bound was reached
+            assert conn.queued_bytes <= limits.max_queued_bytes + answer_frame
+            assert conn.peak_queued_bytes <= limits.max_queued_bytes + answer_frame
+            assert max(len(w) for w in writes) <= limits.max_queued_bytes + answer_frame
+            got = await read_responses(reader, client, calls)
+            assert sorted(r.stream_id for r in got) == list(range(1, 2 * calls, 2))
+            assert {(r.code, len(r.payload)) for r in got} == {(0, ANSWER)}
+            assert conn.peak_queued_bytes <= limits.max_queued_bytes + answer_frame
+            assert max(len(w) for w in writes) <= limits.max_queued_bytes + answer_frame
+            await until(lambda: conn.in_flight == 0 and not conn.reading_paused)
+            writer.close()
+
+    run(main)
+
+
 # -- oversized headers --------------------------------------------------------------------
 
 

@@ -136,7 +136,7 @@ class ServerConnection:
             method=req.method,
             payload=req.payload,
             timeout_nano=req.timeout_nano,
-            metadata=tuple((kv.key, kv.value) for kv in req.metadata),
+            metadata=tuple([(kv.key, kv.value) for kv in req.metadata]),
         )
 
     @staticmethod

@@ -1,18 +1,20 @@
 """asyncio ttrpc server over unix sockets, on top of the sans-IO :mod:`protocol`.
 
 Every request runs in its own task, so a long ``Wait`` never holds up other calls on the
-same connection; each response frame is written with a single ``transport.write``, which
-makes it atomic. A peer whose framing breaks, or who vanishes mid-frame, loses only its
-own connection.
+same connection. Response frames are never split or interleaved: those answered in one
+turn of the event loop are joined, in order, into one ``transport.write`` at the end of
+the turn (one send for many pipelined answers, not one each). A peer whose framing
+breaks, or who vanishes mid-frame, loses only its own connection.
 
 Each connection is bounded (:class:`Limits`): at most ``max_in_flight`` calls (and
 ``max_in_flight_bytes`` of their requests) run at once, and answers wait in their calls
-while more than ``max_queued_bytes`` are unsent. Past either bound the socket is no
-longer read (``pause_reading``) until calls finish and the peer reads its answers, so a
-peer that pipelines calls without reading answers is slowed down, not buffered for. A
-header declaring a body the codec will not even skip (over ``codec.MAX_SKIP``) and a
-frame left unfinished for ``frame_timeout`` seconds close the connection; a connection
-idle *between* frames is never closed here.
+while more than ``max_queued_bytes`` are unsent (joined ones included: they are written
+at once when they would pass it). Past either bound the socket is no longer read
+(``pause_reading``) until calls finish and the peer reads its answers, so a peer that
+pipelines calls without reading answers is slowed down, not buffered for. A header
+declaring a body the codec will not even skip (over ``codec.MAX_SKIP``) and a frame left
+unfinished for ``frame_timeout`` seconds close the connection; a connection idle
+*between* frames is never closed here.
 """
 
 from __future__ import annotations
@@ -94,6 +96,7 @@ class _Conn(asyncio.Protocol):
         self._server = server
         self._state = ServerConnection()
         self._transport: asyncio.Transport | None = None
+        self._loop: asyncio.AbstractEventLoop  # set with the transport
         self._tasks: set[asyncio.Task[None]] = set()
         self._cred = PeerCred(0, -1, -1)
         limits = server.limits
@@ -111,6 +114,10 @@ class _Conn(asyncio.Protocol):
         self._writable = asyncio.Event()  # set while the transport takes answers
         self._writable.set()
         self._warned_full = False
+        # Answers of this loop turn, for _flush's one write (scheduled by the first).
+        self._out: list[bytes] = []
+        self._out_bytes = 0
+        self._flush_handle: asyncio.Handle | None = None
         # A frame left unfinished: when its last byte came, and the timer checking it.
         self._partial_since = 0.0
         self._frame_timer: asyncio.TimerHandle | None = None
@@ -124,6 +131,7 @@ class _Conn(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
+        self._loop = asyncio.get_running_loop()
         sock = transport.get_extra_info("socket")
         try:
             self._cred = peer_cred(sock)
@@ -168,6 +176,7 @@ class _Conn(asyncio.Protocol):
             self._frame_pending()
 
     def eof_received(self) -> bool:
+        self._flush()  # answers made before the EOF leave ahead of the close, as ever
         try:
             self._state.eof()
         except ProtocolError as exc:
@@ -192,10 +201,14 @@ class _Conn(asyncio.Protocol):
             self._server._conns.discard(self)
             self._server.activity.set()
         self._backlog.clear()
+        self._out.clear()  # a _flush still due finds nothing
+        self._out_bytes = 0
         if self._frame_timer is not None:
             self._frame_timer.cancel()
             self._frame_timer = None
-        for t in list(self._tasks):
+        tasks = list(self._tasks)
+        self._tasks.clear()
+        for t in tasks:
             t.cancel()
 
     # ------------------------------------------------------------------------------
@@ -204,6 +217,28 @@ class _Conn(asyncio.Protocol):
             self._transport.abort()
 
     def _write(self, data: bytes) -> None:
+        """Queue one whole frame for this loop turn's write (see :meth:`_flush`)."""
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        self._out.append(data)
+        self._out_bytes += len(data)
+        if self._out_bytes + transport.get_write_buffer_size() > self._max_queued_bytes:
+            # Past the high-water mark with this frame: write now, so the transport
+            # pauses us (pause_writing) before another answer is queued, as unjoined.
+            self._flush()
+        elif self._flush_handle is None:
+            self._flush_handle = self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Write the queued frames, in order, in one ``transport.write``."""
+        self._flush_handle = None  # one called early leaves a due one nothing to do
+        out = self._out
+        if not out:
+            return
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        self._out_bytes = 0
         transport = self._transport
         if transport is not None and not transport.is_closing():
             transport.write(data)
@@ -234,9 +269,9 @@ class _Conn(asyncio.Protocol):
         self._in_flight_bytes += len(req.payload)
         if self._in_flight > self.peak_in_flight:
             self.peak_in_flight = self._in_flight
-        task = asyncio.get_running_loop().create_task(self._handle(req))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        # _handle takes its task out of _tasks itself (no done callback: one handle
+        # less to run per call); connection_lost drops the ones cancelled unstarted.
+        self._tasks.add(self._loop.create_task(self._handle(req)))
 
     def _refill(self) -> None:
         """Start held requests while the bounds allow; read again once none is held."""
@@ -312,8 +347,9 @@ class _Conn(asyncio.Protocol):
 
     @property
     def queued_bytes(self) -> int:
-        """Answer bytes written but not yet taken by the socket."""
-        return self._transport.get_write_buffer_size() if self._transport is not None else 0
+        """Answer bytes written (or joined for this turn's write), not taken by the socket."""
+        t = self._transport
+        return self._out_bytes + (t.get_write_buffer_size() if t is not None else 0)
 
     @property
     def reading_paused(self) -> bool:
@@ -326,6 +362,7 @@ class _Conn(asyncio.Protocol):
     async def wait_idle(self) -> None:
         while self._tasks:
             await asyncio.wait(list(self._tasks))
+        self._flush()  # the last answers are in the transport before any abort
 
     async def _handle(self, req: IncomingRequest) -> None:
         code: int = 0
@@ -350,6 +387,9 @@ class _Conn(asyncio.Protocol):
                 await self._writable.wait()
             self._write(data)
         finally:
+            task = asyncio.current_task()
+            if task is not None:
+                self._tasks.discard(task)
             self._in_flight -= 1
             self._in_flight_bytes -= len(req.payload)
             if self._backlog or self._reading_paused:
@@ -365,8 +405,7 @@ class _Conn(asyncio.Protocol):
         md: dict[str, tuple[str, ...]] = {}
         for k, v in req.metadata:
             md[k] = (*md.get(k, ()), v)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + req.timeout_nano / 1e9 if req.timeout_nano > 0 else None
+        deadline = self._loop.time() + req.timeout_nano / 1e9 if req.timeout_nano > 0 else None
         ctx = CallContext(req.service, req.method, md, deadline, self._cred.pid, self._cred.uid)
         if deadline is None:
             return await handler(req.payload, ctx)

@@ -119,6 +119,14 @@ class FrameDecoder:
                 self._skip -= n
                 view = view[n:]
                 continue
+            if not self._buf and len(view) >= HEADER_SIZE:
+                # Fast path: a whole frame at the start of the view, not copied twice.
+                length, sid, type_, flags = HEADER.unpack_from(view)
+                end = HEADER_SIZE + length
+                if sid and length <= self._max_body and len(view) >= end:
+                    events.append(Frame(sid, type_, flags, bytes(view[HEADER_SIZE:end])))
+                    view = view[end:]
+                    continue
             need = HEADER_SIZE - len(self._buf) if len(self._buf) < HEADER_SIZE else 0
             if need:
                 self._buf += view[:need]

@@ -57,3 +57,7 @@ if [ ! -x "$launcher_bin" ] || [ "$launcher_src" -nt "$launcher_bin" ] ||
    [ "$(head -c 4 "$launcher_bin")" != $'\x7fELF' ]; then
   .venv/bin/python setup.py compile-launcher "$launcher_bin"
 fi
+
+# containerd 1.7 and 2.1 for the tests' version matrix, unpacked (not installed) into
+# /var/cache/podshim-containerd; a no-op once there
+bash scripts/fetch_containerd.sh

@@ -12,4 +12,18 @@ bash scripts/install.sh
 # the wheel's own venv, made afresh by check_wheel.sh: test_wheel_pod.py runs a pod from it
 export PODSHIM_WHEEL_VENV=$PWD/.venv-wheel
 bash scripts/check_wheel.sh
-exec .venv/bin/pytest "$@"
+# the full suite on containerd 1.6 (the system package; test_containerd_matrix.py would
+# run on 1.7 and 2.1 there, it runs below), then the version matrix
+# (builds unpacked by scripts/fetch_containerd.sh; see tests/integration/matrix.py): the
+# CRI suite on 2.1, a smoke on 1.7. test_shim_killed is left out on 2.1: it removes the
+# pod right after the shim's death, which 2.x refuses for ~1-2 s (see
+# test_containerd_matrix.py::test_cri_pod_removed_after_its_shim_died).
+# pytest's exit code 5 (nothing selected, e.g. with -m "not integration") is no failure.
+rc=0
+run() { "$@" || { local r=$?; [ "$r" -eq 5 ] || { [ "$rc" -ne 0 ] || rc=$r; }; }; }
+run .venv/bin/pytest "$@" --ignore=tests/integration/test_containerd_matrix.py
+PODSHIM_CONTAINERD=2.1 run .venv/bin/pytest "$@" tests/integration/test_cri_pod.py \
+  tests/integration/test_containerd_matrix.py \
+  --deselect tests/integration/test_cri_pod.py::test_shim_killed
+PODSHIM_CONTAINERD=1.7 run .venv/bin/pytest "$@" tests/integration/test_containerd_matrix.py
+exit "$rc"

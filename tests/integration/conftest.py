@@ -12,11 +12,16 @@ import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from podshim_lab import Containerd
+
+if TYPE_CHECKING:
+    from tests.integration.matrix import matrix_version
+else:  # pytest puts this directory (it has no __init__.py) on sys.path
+    from matrix import matrix_version
 
 HERE = Path(__file__).resolve().parent
 REQUIRED_BINARIES = ("containerd", "ctr", "runc")
@@ -61,6 +66,7 @@ def containerd_factory() -> Iterator[Callable[..., Containerd]]:
     labs: list[Containerd] = []
 
     def make(**kwargs: Any) -> Containerd:
+        kwargs.setdefault("version", matrix_version())
         lab = Containerd(**kwargs)
         labs.append(lab)
         return lab.start()
@@ -74,6 +80,7 @@ def containerd_factory() -> Iterator[Callable[..., Containerd]]:
 def _lab(
     prepare: Callable[[Containerd], object] | None = None, **kwargs: Any
 ) -> Iterator[Containerd]:
+    kwargs.setdefault("version", matrix_version())
     lab = Containerd(**kwargs)
     try:
         lab.start()

@@ -56,8 +56,10 @@ from podshim_lab.procfs import ProcStat, descendants, process_table, read_stat
 
 if TYPE_CHECKING:
     from tests.integration.criprocs import alive, describe
+    from tests.integration.matrix import matrix_version
 else:  # pytest puts this directory (it has no __init__.py) on sys.path
     from criprocs import alive, describe
+    from matrix import matrix_version
 
 #: the two handlers every test can pick from
 PODSHIM = "podshim"
@@ -451,6 +453,7 @@ def open_cri_lab(
     :class:`Containerd` (e.g. ``cni_portmap=True``)."""
     config_dir.mkdir(parents=True, exist_ok=True)
     config = config_dir / "podshim.toml"
+    lab_kwargs.setdefault("version", matrix_version())
     lab = Containerd(
         cri=True,
         runtimes={PODSHIM: RuntimeHandler(PODSHIM_RUNTIME, {"ConfigPath": str(config)})},

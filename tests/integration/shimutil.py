@@ -30,7 +30,7 @@ import subprocess
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -40,6 +40,11 @@ from podshim.shim import paths as shim_paths
 from podshim_lab import Containerd, wait_for
 from podshim_lab.cleanup import mounts_under
 from podshim_lab.procfs import ProcStat, descendants, read_stat
+
+if TYPE_CHECKING:
+    from tests.integration.matrix import matrix_version
+else:  # pytest puts this directory (it has no __init__.py) on sys.path
+    from matrix import matrix_version
 
 RUNTIME = "io.containerd.podshim.v1"
 SHIM_BINARY = "containerd-shim-podshim-v1"
@@ -68,6 +73,7 @@ def open_lab(**kwargs: Any) -> Containerd:
     of its own, with the busybox image imported. Close it with :func:`close_lab`."""
     kwargs.setdefault("namespace", unique_namespace())
     kwargs.setdefault("extra_path", [BIN_DIR])
+    kwargs.setdefault("version", matrix_version())
     lab = Containerd(**kwargs)
     try:
         lab.start()

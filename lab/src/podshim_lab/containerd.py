@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
-from podshim_lab import cleanup, hostnet, subreaper
+from podshim_lab import cleanup, hostnet, subreaper, versions
 from podshim_lab.config import (
     LabPaths,
     RuntimeHandler,
@@ -103,9 +103,11 @@ class Containerd:
         start_timeout: float = 60.0,
         watch_parent: bool = True,
         run_dir: Path | str = "/run",
-        containerd_bin: str = "containerd",
-        ctr_bin: str = "ctr",
+        containerd_bin: str | None = None,
+        ctr_bin: str | None = None,
         cni_portmap: bool = False,
+        version: str | None = None,
+        binary_dir: Path | str | None = None,
     ) -> None:
         """Describe the instance; ``runtimes`` are extra CRI handlers.
 
@@ -116,7 +118,10 @@ class Containerd:
         starts) gets no PYTHONPATH: the shims import only what their own venv holds
         (the test of the runtime wheel). ``cni_portmap`` (with ``cri``): host ports
         answer on the host, under :class:`podshim_lab.hostnet.HostNetGuard`.
+        ``version`` (default 1.6, the system package) or ``binary_dir``: which containerd,
+        ctr, runc shim (first on PATH) and config dialect, see :mod:`podshim_lab.versions`.
         """
+        self.build = versions.resolve(version, binary_dir)
         base = Path(base_dir) if base_dir is not None else Path(tempfile.gettempdir())
         self.paths = LabPaths.create(base, Path(run_dir), secrets.token_hex(4))
         self._namespace = namespace
@@ -133,8 +138,8 @@ class Containerd:
         self.log_level = log_level
         self.start_timeout = start_timeout
         self.watch_parent = watch_parent
-        self.containerd_bin = containerd_bin
-        self.ctr_bin = ctr_bin
+        self.containerd_bin = containerd_bin or self.build.binary("containerd")
+        self.ctr_bin = ctr_bin or self.build.binary("ctr")
         if cni_portmap and not cri:
             raise ValueError("cni_portmap needs cri=True")
         self._hostnet = hostnet.HostNetGuard(self.paths.subnet) if cni_portmap else None
@@ -238,6 +243,7 @@ class Containerd:
                 sandbox_image=self.sandbox_image,
                 log_level=self.log_level,
                 default_runtime=self.default_runtime,
+                config_version=self.build.config_version,
             )
         )
         if self.cri:
@@ -258,7 +264,8 @@ class Containerd:
     def _spawn(self) -> None:
         env = dict(os.environ)
         env.update(self.extra_env)
-        env["PATH"] = os.pathsep.join([*self.extra_path, env.get("PATH", os.defpath)])
+        own = [] if self.build.bin_dir is None else [str(self.build.bin_dir)]
+        env["PATH"] = os.pathsep.join([*self.extra_path, *own, env.get("PATH", os.defpath)])
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (*_PACKAGE_ROOTS, env.get("PYTHONPATH", "")) if p
         )

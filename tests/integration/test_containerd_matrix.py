@@ -14,6 +14,7 @@ import contextlib
 import os
 import re
 import secrets
+import shutil
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,8 +22,9 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from podshim_lab import Containerd, wait_for
+from podshim_lab import Containerd, RuntimeHandler, wait_for
 from podshim_lab.cleanup import remove_cgroup
+from podshim_lab.cri.client import CriError
 
 if TYPE_CHECKING:
     from tests.integration import criprocs as cp
@@ -214,3 +216,41 @@ def test_cri_pod_removed_after_its_shim_died(fresh_cri: cu.CriLab) -> None:
 
     wait_for(removed, timeout=cu.DEADLINE, interval=0.5, message=lambda: f"pod removal: {last}")
     cri.wait_gone(pod)
+
+
+def test_cri_handler_runtime_path(
+    version: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A handler's ``runtime_path`` names podshim's shim binary, which is not on
+    containerd's PATH: 1.7 and 2.1 run it from there."""
+    if version == "1.6":
+        request.applymarker(
+            pytest.mark.xfail(
+                strict=True,
+                raises=CriError,
+                reason="containerd 1.6.20 ignores runtime_path: the shim must be on PATH",
+            )
+        )
+    config = cu.podshim_config(tmp_path / "podshim.toml", tmp_path / "unused")
+    shim = os.path.join(su.BIN_DIR, su.SHIM_BINARY)
+    handler = RuntimeHandler(su.RUNTIME, {"ConfigPath": str(config)}, runtime_path=shim)
+    lab = Containerd(version=version, cri=True, runtimes={cu.PODSHIM: handler})
+    crilab: cu.CriLab | None = None
+    errors: list[str] = []
+    try:
+        lab.start()
+        lab.ensure_pause()
+        busybox = lab.ensure_busybox(namespace=cu.CRI_NAMESPACE)
+        runtime_root = lab.state / "podshim-runc"
+        cu.podshim_config(config, runtime_root)
+        crilab = cu.CriLab(lab, runtime_root, busybox)
+        assert lab.pid is not None
+        environ = Path(f"/proc/{lab.pid}/environ").read_bytes().split(b"\0")
+        path = next(e[5:].decode() for e in environ if e.startswith(b"PATH="))
+        assert shutil.which(su.SHIM_BINARY, path=path) is None, f"{su.SHIM_BINARY} on {path}"
+        pod, _ = crilab.pod("rpath", cu.PODSHIM, hostname=f"rp-{secrets.token_hex(3)}")
+        c = crilab.container(pod, "c", ["sleep", "3600"])
+        assert crilab.exec_ok(c.id, "echo", "via-runtime-path").strip() == "via-runtime-path"
+    finally:
+        errors = cu.close_cri_lab(lab, crilab)
+    assert not errors, "lab teardown left things behind:\n" + "\n".join(errors)

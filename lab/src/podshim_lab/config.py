@@ -64,6 +64,9 @@ class RuntimeHandler:
     pod_annotations: Sequence[str] = ()
     container_annotations: Sequence[str] = ()
     privileged_without_host_devices: bool = False
+    #: ``runtime_path``: the shim binary by path (containerd 1.6.20 ignores it and
+    #: looks the binary up on PATH; 1.7 and 2.1 use it)
+    runtime_path: str = ""
 
 
 @dataclass(frozen=True)
@@ -260,6 +263,8 @@ def _runtime_tables(lines: list[str], prefix: str, handlers: Mapping[str, Runtim
     for name, handler in handlers.items():
         table = f"{prefix}.{toml_key(name)}"
         values: dict[str, TomlValue] = {"runtime_type": handler.runtime_type}
+        if handler.runtime_path:
+            values["runtime_path"] = handler.runtime_path
         if handler.pod_annotations:
             values["pod_annotations"] = list(handler.pod_annotations)
         if handler.container_annotations:

@@ -56,6 +56,9 @@ class Bounds:
     containerd_fds: int = 8
     #: how much a churn pod's shim may hold more fds late in the churn than early
     shim_fd_drift: int = 0
+    #: StopPodSandbox "ttrpc: closed" failures that a retry cleared, per 1000 cycles (an
+    #: open race, measured at about 1 per 1000; more than this fails the churn)
+    retried_per_1000: int = 3
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,9 @@ class ChurnResult:
     seconds: float = 0.0
     cycle_ms: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    #: StopPodSandbox calls that failed with "ttrpc: closed" and succeeded when retried, as
+    #: kubelet retries them (an open race, see README; counted, bounded, never hidden)
+    retried: list[str] = field(default_factory=list)
     #: (cycle, fds of that pod's shim with both containers running)
     shim_fds: list[tuple[int, int]] = field(default_factory=list)
     #: name -> (after warm-up, at the end)
@@ -84,6 +90,8 @@ class ChurnResult:
 
     def problems(self, bounds: Bounds) -> list[str]:
         found = list(self.errors)
+        if len(self.retried) > bounds.retried_per_1000 * max(self.cycles, 1000) // 1000:
+            found += [f"retried: {r}" for r in self.retried]
         if len(self.ids) < 3:
             return [*found, "the sentinel pod was never made"]
         for name, (before, after) in self.long_lived.items():
@@ -113,8 +121,9 @@ class ChurnResult:
             f"churn: {self.cycles} cycles (2 containers each), {self.parallel} at a time, "
             f"{self.seconds:.1f} s ({self.cycles / max(self.seconds, 1e-9):.2f} pods/s); "
             f"cycle p50 {statistics.median(ms):.0f} ms, p95 {p95:.0f} ms; "
-            f"{len(self.errors)} failed calls"
+            f"{len(self.errors)} failed calls, {len(self.retried)} StopPodSandbox retried"
         ]
+        lines += [f"  retried: {r}" for r in self.retried]
         if self.shim_fds:
             fds = [n for _, n in self.shim_fds]
             lines.append(f"pod shim fds with 2 containers: min {min(fds)}, max {max(fds)}")
@@ -187,6 +196,15 @@ class _Churner:
                 try:
                     step(pod)
                 except CriError as exc:
+                    if step == self.cri.stop_pod and "ttrpc: closed" in str(exc):
+                        try:  # as kubelet does; the first failure is kept in `retried`
+                            step(pod)
+                        except CriError as again:
+                            exc = again
+                        else:
+                            with self.lock:
+                                self.result.retried.append(f"cycle {i}: {exc}")
+                            continue
                     with self.lock:
                         self.result.errors.append(f"cycle {i} teardown: {exc}")
         with self.lock:

@@ -10,7 +10,7 @@ checks:
   zombies included, below the lab; files and mounts in podshim's run directory: shim
   sockets, diag registry entries, namespace pins, runtime state; bundles; network
   namespaces; cgroups);
-* fds and PSS of the long-lived processes (the sentinel's shim, the zygote with
+* fds and private memory (USS) of the long-lived processes (the sentinel's shim, the zygote with
   ``--zygote``) and containerd's fds are flat within :class:`podshim_lab.churn.Bounds`;
 * after the sentinel is removed and the lab closed, nothing at all is left.
 

@@ -69,6 +69,21 @@ def pss_kib(pid: int) -> int:
     return -1
 
 
+def uss_kib(pid: int) -> int:
+    """Private memory of ``pid`` in KiB (Private_Clean + Private_Dirty of ``smaps_rollup``;
+    -1 once it is gone). Unlike PSS it does not move when other processes that share
+    pages with ``pid`` come or go, so it shows a process's own growth."""
+    try:
+        fields = dict(
+            line.split(":", 1)
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
+            if line.startswith("Private_")
+        )
+        return sum(int(v.split()[0]) for v in fields.values())
+    except (OSError, ValueError):
+        return -1
+
+
 def shim_of(sandbox_pid: int) -> ProcStat | None:
     """The shim serving a pod: the parent of its sandbox pid (the anchor)."""
     stat = read_stat(sandbox_pid)

@@ -10,7 +10,7 @@ kubelet does for a pod with two containers:
 
 odd cycles share the pod's PID namespace (podshim-init), even ones do not. A *sentinel*
 pod lives through the whole churn and gets one ExecSync per cycle, so its shim is a
-long-lived podshim process doing work all along: its fds and PSS are measured after a
+long-lived podshim process doing work all along: its fds and private memory (USS) are measured after a
 warm-up and at the end, as are containerd's fds and the zygote's (when one runs).
 
 :class:`ChurnResult` holds the timings, the errors, the per-cycle fd count of each
@@ -34,8 +34,8 @@ from podshim_lab.census import (
     PodshimLab,
     fd_count,
     netns_paths,
-    pss_kib,
     shim_of,
+    uss_kib,
 )
 from podshim_lab.cri.client import CriClient, CriError, api
 
@@ -48,8 +48,9 @@ SENTINEL = "churn-sentinel"
 class Bounds:
     """How much long-lived processes may grow over a churn, at most."""
 
-    #: PSS growth of a long-lived podshim process (the sentinel's shim, the zygote)
-    pss_kib: int = 2048
+    #: growth of a long-lived podshim process's private memory (USS: the sentinel's shim,
+    #: the zygote); PSS would move with the other shims that share its pages
+    uss_kib: int = 2048
     #: fd growth of a long-lived podshim process
     podshim_fds: int = 0
     #: fd growth of containerd (its gRPC/ttrpc connections come and go with the load)
@@ -63,11 +64,11 @@ class Bounds:
 
 @dataclass(frozen=True)
 class Sample:
-    """fds and PSS of one long-lived process at one moment."""
+    """fds and private memory of one long-lived process at one moment."""
 
     pid: int
     fds: int
-    pss_kib: int
+    uss_kib: int
 
 
 @dataclass
@@ -101,10 +102,10 @@ class ChurnResult:
             limit = bounds.containerd_fds if name == "containerd" else bounds.podshim_fds
             if after.fds - before.fds > limit:
                 found.append(f"{name}: fds {before.fds} -> {after.fds} (bound +{limit})")
-            if name != "containerd" and after.pss_kib - before.pss_kib > bounds.pss_kib:
+            if name != "containerd" and after.uss_kib - before.uss_kib > bounds.uss_kib:
                 found.append(
-                    f"{name}: PSS {before.pss_kib} -> {after.pss_kib} KiB "
-                    f"(bound +{bounds.pss_kib} KiB)"
+                    f"{name}: USS {before.uss_kib} -> {after.uss_kib} KiB "
+                    f"(bound +{bounds.uss_kib} KiB)"
                 )
         if len(self.shim_fds) >= 10:
             ordered = [n for _, n in sorted(self.shim_fds)]
@@ -128,13 +129,13 @@ class ChurnResult:
             fds = [n for _, n in self.shim_fds]
             lines.append(f"pod shim fds with 2 containers: min {min(fds)}, max {max(fds)}")
         for name, (a, b) in sorted(self.long_lived.items()):
-            pss = f", PSS {a.pss_kib} -> {b.pss_kib} KiB" if name != "containerd" else ""
+            pss = f", USS {a.uss_kib} -> {b.uss_kib} KiB" if name != "containerd" else ""
             lines.append(f"{name} (pid {a.pid}): fds {a.fds} -> {b.fds}{pss}")
         return "\n".join(lines)
 
 
 def _sample(pid: int) -> Sample:
-    return Sample(pid, fd_count(pid), pss_kib(pid))
+    return Sample(pid, fd_count(pid), uss_kib(pid))
 
 
 class _Churner:

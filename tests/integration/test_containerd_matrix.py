@@ -168,21 +168,10 @@ def _settle(cri: cu.CriLab, pod: str) -> None:
             remove_cgroup(f"{rec.cgroup_parent}/{task}")
 
 
-def test_cri_pod_survives_containerd_restart(
-    fresh_cri: cu.CriLab, version: str, request: pytest.FixtureRequest
-) -> None:
-    if version == "1.7":
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason=(
-                    "containerd 1.7's shim reload (ShimManager.loadShims) deletes a loaded "
-                    "task that is not in its sandbox store and reports no pids as a leaked "
-                    "shim; podshim's sandbox task reports no pids without a PID-namespace "
-                    "init (src/podshim/pod/sandbox.py pids()), so CRI's pod turns NOTREADY"
-                ),
-            )
-        )
+def test_cri_pod_survives_containerd_restart(fresh_cri: cu.CriLab) -> None:
+    """containerd 1.7's shim reload (ShimManager.loadShims) deletes a loaded task that is
+    not in its sandbox store and reports no pids as a leaked shim: the sandbox task reports
+    its anchor when the pod has no PID init, so the pod stays READY."""
     cri = fresh_cri
     pod, _ = cri.pod("restart", cu.PODSHIM, hostname=f"rs-{secrets.token_hex(3)}")
     c = cri.container(pod, "c", ["sleep", "3600"])

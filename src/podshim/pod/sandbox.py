@@ -277,8 +277,13 @@ class SandboxTask:
         return self.exit
 
     async def pids(self) -> list[tuple[int, str]]:
-        pid = self.host.init_pid
-        return [(pid, "")] if pid and not self._closed.is_set() else []
+        """The PID init when the pod has one, else the anchor (the sandbox pid CRI knows):
+        a live sandbox never answers no pids (containerd 1.7 takes a loaded task without
+        pids for a leaked shim after a restart, and CRI then marks the pod NOTREADY)."""
+        if self._closed.is_set():
+            return []
+        pid = self.host.init_pid or self._pid
+        return [(pid, "")] if pid else []
 
     async def pause(self) -> None:
         raise errdefs.NotImplemented(f"sandbox {self.id}: a pod sandbox cannot be paused")

@@ -31,10 +31,10 @@ from google.protobuf import empty_pb2
 from podshim import errors as errdefs
 from podshim.api.task.v2 import shim_pb2 as pb
 from podshim.oci.ids import GROUP_ANNOTATION, SANDBOX_ID_ANNOTATION, valid_id
-from podshim.oci.spec import load_spec, spec_annotations
+from podshim.oci.spec import Spec, load_spec, spec_annotations
 from podshim.pod.pod import Pod
 from podshim.service.config import Config
-from podshim.service.tasks import TaskService
+from podshim.service.tasks import TaskService, check_id
 from podshim.task.contract import Task
 from podshim.ttrpc.services import CallContext
 
@@ -126,20 +126,20 @@ class NodeService:
     # -- RPCs with their own rules ----------------------------------------------------
     async def Create(self, req: pb.CreateTaskRequest, cctx: CallContext) -> pb.CreateTaskResponse:
         ns = self.namespace(cctx)
-        if not valid_id(req.id):
-            raise errdefs.InvalidArgument(f"task id {req.id!r}: invalid identifier")
+        check_id(req.id)
         if (ns, req.id) in self._groups:
             raise errdefs.AlreadyExists(f"task {req.id}: already exists")
+        spec: Spec | None
         try:
-            annotations = spec_annotations(load_spec(req.bundle))
+            spec = load_spec(req.bundle)
         except errdefs.ShimError:
-            annotations = {}  # the group's service reports the bad spec properly
-        group = group_of(req.id, annotations)
+            spec = None  # the group's service reads it again and reports it properly
+        group = group_of(req.id, spec_annotations(spec) if spec is not None else {})
         self._groups[(ns, req.id)] = group
         self._creating += 1
         svc = self._service(ns, group)
         try:
-            resp = await svc.Create(req, cctx)
+            resp = await svc.Create(req, cctx, spec=spec)
             if self._config is None:
                 self._config = svc.config
             return resp

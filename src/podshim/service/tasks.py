@@ -57,7 +57,7 @@ async def create_container(
     )
 
 
-def _check_id(tid: str) -> None:
+def check_id(tid: str) -> None:
     if not valid_id(tid):
         raise errdefs.InvalidArgument(f"task id {tid!r}: invalid identifier")
 
@@ -104,7 +104,7 @@ class TaskService:
         self.activity = asyncio.Event()
 
     def _task(self, tid: str) -> Task:
-        _check_id(tid)
+        check_id(tid)
         task = self.tasks.get(tid)
         if task is None:
             raise errdefs.NotFound(f"task {tid}: not found")
@@ -150,8 +150,11 @@ class TaskService:
         return logs.task_fields(self.pod.id if self.pod is not None else "", tid, eid)
 
     # -- RPCs --------------------------------------------------------------------------
-    async def Create(self, req: pb.CreateTaskRequest, _: CallContext) -> pb.CreateTaskResponse:
-        _check_id(req.id)
+    async def Create(
+        self, req: pb.CreateTaskRequest, _: CallContext, *, spec: Spec | None = None
+    ) -> pb.CreateTaskResponse:
+        """``spec``: the bundle's spec when the caller (the node router) already read it."""
+        check_id(req.id)
         if req.id in self.tasks or req.id in self._creating:
             raise errdefs.AlreadyExists(f"task {req.id}: already exists")
         if req.checkpoint:
@@ -166,7 +169,8 @@ class TaskService:
             if self.config is None:
                 self.config = cfg
                 logs.apply_config(cfg.log_level, cfg.log_format)
-            spec = load_spec(req.bundle)
+            if spec is None:
+                spec = load_spec(req.bundle)
             task = await self._create(req, cfg, spec)
             self.tasks[req.id] = task
             self.activity.set()

@@ -6,24 +6,18 @@ task, and their cost is part of the floor this shim measures.
 
 from __future__ import annotations
 
-import errno
 import os
 import sys
 import time
-from _socket import AF_UNIX, SOCK_STREAM  # not `socket`: it costs ~10 ms to import
-from _socket import socket as _sock
+from _socket import socket as _sock  # not `socket`: it costs ~10 ms to import
 
-from podshim.shim.spawn import LISTEN_FD  # the daemon finds its socket there, as podshim's
-
-try:  # CPython's builtin module: hashlib would load OpenSSL on the start path
-    from _sha256 import sha256 as _sha256  # type: ignore[import-not-found]
-except ImportError:  # Python 3.12+
-    from hashlib import sha256 as _sha256
+from podshim.rundir import digest
+from podshim.shim.spawn import spawn_detached
+from podshim.shim.start import listen  # podshim's own: bound, then linked into place
 
 VALUE_FLAGS = frozenset(
     {"namespace", "id", "address", "publish-binary", "bundle", "socket", "containerd-pid"}
 )
-#: the fd on which the daemon finds its listening socket
 SANDBOX_ANNOTATION = b'"io.kubernetes.cri.sandbox-id":"'
 
 
@@ -57,51 +51,7 @@ def group_of(task_id: str, bundle: str) -> str:
 
 def socket_path(address: str, key: str) -> str:
     """Next to containerd's socket (short enough for sun_path), one per ``key``."""
-    digest = str(_sha256(f"{address}/{key}".encode()).hexdigest())[:16]
-    return os.path.join(os.path.dirname(address), f"nullshim-{digest}")
-
-
-def _alive(path: str) -> bool:
-    s = _sock(AF_UNIX, SOCK_STREAM)
-    try:
-        s.connect(path)
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
-
-
-def listen(path: str) -> _sock | None:
-    """A listening socket at ``path``, or None when a live daemon already holds it.
-
-    Bound under a temporary name and linked into place, so ``path`` never names a socket
-    that refuses connections and concurrent starts agree on one daemon."""
-    tmp = f"{path}.{os.getpid()}"
-    for _ in range(50):
-        s = _sock(AF_UNIX, SOCK_STREAM)
-        try:
-            if os.path.lexists(tmp):
-                os.unlink(tmp)
-            s.bind(tmp)
-            s.listen(128)
-            try:
-                os.link(tmp, path)
-            finally:
-                os.unlink(tmp)
-            return s
-        except FileExistsError:
-            s.close()
-            if _alive(path):
-                return None
-            try:
-                os.unlink(path)  # a dead daemon's socket
-            except FileNotFoundError:
-                pass
-        except BaseException:
-            s.close()
-            raise
-    raise OSError(errno.EADDRINUSE, f"cannot bind {path}")
+    return os.path.join(os.path.dirname(address), f"nullshim-{digest(f'{address}/{key}')[:16]}")
 
 
 def spawn_daemon(sock: _sock, flags: dict[str, str], path: str) -> None:
@@ -109,14 +59,7 @@ def spawn_daemon(sock: _sock, flags: dict[str, str], path: str) -> None:
     /dev/null (containerd waits for EOF on start's output), the socket as fd 3."""
     argv = [sys.argv[0], "-address", flags.get("address", ""), "-socket", path]
     argv += ["-containerd-pid", str(os.getppid())]
-    devnull = os.open(os.devnull, os.O_RDWR)
-    try:
-        os.set_inheritable(sock.fileno(), True)
-        actions = [(os.POSIX_SPAWN_DUP2, devnull, fd) for fd in (0, 1, 2)]
-        actions.append((os.POSIX_SPAWN_DUP2, sock.fileno(), LISTEN_FD))
-        os.posix_spawn(argv[0], argv, os.environ, file_actions=actions, setsid=True)
-    finally:
-        os.close(devnull)
+    spawn_detached(argv, sock.fileno())
 
 
 def start(scope: str, flags: dict[str, str]) -> int:

@@ -29,7 +29,7 @@ from podshim import rundir
 from podshim.shim import zygote as zygote_client
 from podshim.shim import zygote_server
 from podshim.shim.flags import Flags
-from podshim.shim.start import _listen
+from podshim.shim.start import listen
 from podshim.shim.zygote import GO, PROTOCOL, bound_file, is_socket_file_of, request_fork
 from podshim.shim.zygote import zygote_path as zpath
 
@@ -188,7 +188,7 @@ def shared_zygote() -> Iterator[Zygote]:
 def listener(zygote: Zygote) -> Iterator[tuple[_socket.socket, str]]:
     """A shim socket as ``start`` makes it (bound elsewhere, linked into place)."""
     path = os.path.join(zygote.sockets, "a" * 64)
-    sock = _listen(path)
+    sock = listen(path)
     assert sock is not None
     with contextlib.closing(sock):
         yield sock, path
@@ -258,7 +258,7 @@ class Fx:
         self.outside = os.path.join(z.run, "outside.sock")  # a listener outside the dir
         self.dotdot = os.path.join(z.sockets, "..", "s", "b" * 64)
         self.good = z.request(self.path)
-        sock, other = _listen(self.path), _listen(self.other)
+        sock, other = listen(self.path), listen(self.other)
         assert sock is not None and other is not None
         for s, path in ((sock, self.path), (other, self.other)):
             stack.callback(os.unlink, path)
@@ -333,7 +333,7 @@ def test_the_socket_path_must_be_the_passed_sockets_file(
         monkeypatch.setenv("PODSHIM_RUN_DIR", run)
         sdir = rundir.sockets_dir()
         path = os.path.join(sdir, "d" * 64)
-        sock = _listen(path)  # bound as <path>.<pid>, linked to <path>, the first unlinked
+        sock = listen(path)  # bound as <path>.<pid>, linked to <path>, the first unlinked
         assert sock is not None
         with contextlib.closing(sock):
             st = os.stat(path)
@@ -344,7 +344,7 @@ def test_the_socket_path_must_be_the_passed_sockets_file(
             link = os.path.join(run, "elsewhere")
             os.link(path, link)  # the same file, outside the directory
             assert not is_socket_file_of(link, sock.fileno())
-            other = _listen(os.path.join(sdir, "e" * 64))
+            other = listen(os.path.join(sdir, "e" * 64))
             assert other is not None
             with contextlib.closing(other):
                 assert not is_socket_file_of(os.path.join(sdir, "e" * 64), sock.fileno())

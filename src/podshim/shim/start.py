@@ -50,7 +50,7 @@ def _unlink(path: str) -> None:
         pass
 
 
-def _listen(path: str) -> _sock | None:
+def listen(path: str) -> _sock | None:
     """Listen at ``path``; None when another live shim holds it.
 
     The socket is bound and listening under a temporary name first and then hard-linked
@@ -272,7 +272,7 @@ def start(flags: Flags) -> int:
         path = socket_path(flags.address, "", key)  # one for all namespaces
     else:
         path = socket_path(flags.address, flags.namespace, group)
-    sock = _listen(path)
+    sock = listen(path)
     if sock is not None:
         try:
             if conf.scope == "node":

@@ -19,7 +19,6 @@ one entry must start with the prefix. ``<namespace>/<prefix>`` narrows to a name
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -41,7 +40,7 @@ def registry_dir() -> str:
 
 
 def entry_name(socket: str) -> str:
-    return hashlib.sha256(socket.encode()).hexdigest() + ".json"
+    return rundir.digest(socket) + ".json"
 
 
 def is_podshim(pid: int, proc: str = "/proc") -> bool:

@@ -76,23 +76,18 @@ def _heap_trimmer() -> Callable[[], None]:
     return lambda: trim(0) and None
 
 
-def _open_log_fifo(bundle: str) -> None:
+def _log_to(path: str, flags: int, mode: int = 0o600) -> None:
+    """Make ``path`` our stderr (the log); if it cannot be opened, keep /dev/null.
+
+    A pod-scope shim writes to its first task's ``log`` FIFO, which containerd reads
+    (opened non-blocking, as containerd may not read yet, then made blocking). A node
+    daemon outlives the task that started it, and containerd stops reading a task's FIFO
+    when the task goes: it appends to a file of its own."""
     try:
-        fd = os.open(os.path.join(bundle, files.LOG_FIFO), os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(path, flags | os.O_CLOEXEC, mode)
     except OSError:
-        return  # no FIFO (e.g. run by hand): keep /dev/null
+        return  # no FIFO (e.g. run by hand)
     os.set_blocking(fd, True)
-    os.dup2(fd, 2)
-    os.close(fd)
-
-
-def _open_log_file(path: str) -> None:
-    """A node daemon outlives the task that started it, so it cannot log to that task's
-    FIFO (containerd stops reading it when the task goes): it appends to its own file."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except OSError:
-        return
     os.dup2(fd, 2)
     os.close(fd)
 
@@ -311,9 +306,9 @@ def serve(flags: Flags) -> int:
     rundir.bind_instance(flags.address)
     set_child_subreaper()
     if flags.node:
-        _open_log_file(os.path.join(home, NODE_LOG))
+        _log_to(os.path.join(home, NODE_LOG), os.O_WRONLY | os.O_APPEND | os.O_CREAT)
     else:
-        _open_log_fifo(home)
+        _log_to(os.path.join(home, files.LOG_FIFO), os.O_WRONLY | os.O_NONBLOCK)
     logs.setup(2, "info", {"runtime": "io.containerd.podshim.v1"}, debug=flags.debug)
     tracing.init_from_env("containerd-shim-podshim-v1")  # after a zygote's fork: it threads
     crash = _Crash(home)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from collections.abc import Sequence
 from typing import Any
 
@@ -54,6 +55,50 @@ def kill_args(cid: str, signal: int, all_: bool) -> list[str]:
 
 def delete_args(cid: str, force: bool) -> list[str]:
     return ["delete", *(["--force"] if force else []), cid]
+
+
+def features_args() -> list[str]:
+    return ["features"]
+
+
+#: how long ``features`` waits for the runtime (it only prints a document)
+FEATURES_TIMEOUT = 10.0
+
+
+def features(binary: str, timeout: float = FEATURES_TIMEOUT) -> dict[str, Any]:
+    """The runtime's OCI features document (``runc features``, go-runc's ``Features``):
+    the decoded JSON object (runtime-spec ``features.md``: ``mountOptions``, ``linux``...).
+
+    Synchronous, without the shim's reaper: it serves ``-info``, a process of its own
+    that containerd runs outside any shim daemon.
+
+    Raises:
+        FailedPrecondition: ``binary`` cannot be run (missing, not executable).
+        Unknown: the runtime failed (crun 1.8 has no ``features``), timed out, or printed
+            something other than a JSON object.
+    """
+    name = os.path.basename(binary)
+    try:
+        res = subprocess.run(
+            [binary, *features_args()], stdin=subprocess.DEVNULL, capture_output=True,
+            timeout=timeout, check=False,
+        )  # fmt: skip
+    except OSError as exc:
+        raise errdefs.FailedPrecondition(
+            f"OCI runtime binary {binary!r} cannot run: {exc.strerror}"
+        ) from None
+    except subprocess.TimeoutExpired:
+        raise errdefs.Unknown(f"{name} features: no answer in {timeout:g}s") from None
+    if res.returncode != 0:
+        detail = res.stderr.decode(errors="replace").strip() or f"exit status {res.returncode}"
+        raise errdefs.Unknown(f"{name} features failed: {detail}")
+    try:
+        doc = json.loads(res.stdout)
+    except ValueError as exc:
+        raise errdefs.Unknown(f"{name} features printed no JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise errdefs.Unknown(f"{name} features printed {type(doc).__name__}, not an object")
+    return doc
 
 
 def last_error(log_path: str, offset: int) -> str:

@@ -1,7 +1,8 @@
 """Go-style command-line flags, as containerd passes them to a shim.
 
 containerd runs ``containerd-shim-podshim-v1 -namespace ns -address /run/x.sock
--publish-binary /usr/bin/containerd -id t1 [-debug] start`` (and ``... -bundle B delete``).
+-publish-binary /usr/bin/containerd -id t1 [-debug] start`` (and ``... -bundle B delete``);
+containerd 2.x also runs ``containerd-shim-podshim-v1 -info`` (a flag, not an action).
 Go's ``flag`` package accepts ``-x v``, ``-x=v``, ``--x v`` and ``--x=v``; boolean flags
 take no value unless written ``-x=true``. Parsing stops at the first non-flag argument,
 which is the action. Pure code, standard library only: this runs on the ``start`` path.
@@ -9,7 +10,7 @@ which is the action. Pure code, standard library only: this runs on the ``start`
 
 from __future__ import annotations
 
-BOOL_FLAGS = frozenset({"debug", "v"})
+BOOL_FLAGS = frozenset({"debug", "v", "info"})
 VALUE_FLAGS = frozenset(
     {"namespace", "id", "socket", "bundle", "address", "publish-binary", "log-format", "node"}
 )
@@ -33,6 +34,8 @@ class Flags:
         self.node = ""
         self.debug = False
         self.version = False
+        #: ``-info``: print the RuntimeInfo protobuf (options read from stdin) and exit
+        self.info = False
         self.action = ""  # "start", "delete" or "" (serve)
         self.args: tuple[str, ...] = ()
 
@@ -55,6 +58,8 @@ def parse(argv: list[str]) -> Flags:
                 raise FlagError(f"invalid boolean value {value!r} for -{name}")
             if name == "v":
                 f.version = on
+            elif name == "info":
+                f.info = on
             else:
                 f.debug = on
         elif name in VALUE_FLAGS:

@@ -26,6 +26,10 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"containerd-shim-podshim-v1:\n  Version: {__version__}\n  Runtime: {RUNTIME_TYPE}")
         return 0
+    if flags.info:  # after -v, before any action, as containerd's own shims
+        from podshim.shim.info import info
+
+        return info(flags)
     if flags.action == "start":
         from podshim.shim.start import start
 

@@ -5,12 +5,16 @@ One private containerd (:mod:`podshim_lab`) runs a busybox ``sleep`` task on eac
 1. ``go``: ``io.containerd.runc.v2`` (Debian's ``containerd-shim-runc-v2``, started by
    containerd as for any task: the Go shim needs a containerd to start, and the lab's is
    one), and
-2. ``podshim``: ``io.containerd.podshim.v1`` (the real shim daemon: State goes through
-   its Task service to the container);
+2. ``podshim``: ``io.containerd.podshim.v1`` (the real shim daemon, pod scope: State
+   goes through its Task service to the container), and
+3. ``node``: the same runtime with a podshim config of ``shim_scope = "node"`` (``ctr
+   run --runtime-config-path``): the resident node daemon, where State goes through
+   :class:`podshim.service.router.NodeService` (by the call's namespace metadata) to the
+   pod's Task service;
 
-and a third target is podshim's ttrpc stack alone:
+and a fourth target is podshim's ttrpc stack alone:
 
-3. ``server``: a :class:`podshim.ttrpc.server.Server` in a child process (this script
+4. ``server``: a :class:`podshim.ttrpc.server.Server` in a child process (this script
    with ``--serve``) whose ``State`` returns a copy of the Go shim's answer.
 
 Each target is driven by the load generator of :mod:`podbench.ttrpcload`: ``--clients``
@@ -23,7 +27,8 @@ figure is the median of ``--rounds`` (3) rounds. The clients' own CPU per call i
 so one can see they were not the limit.
 
 Usage (root): ``.venv/bin/python bench/ttrpc_roundtrip.py [--seconds 3] [--clients 3]
-[--inflight 16] [--rounds 3] [--json]``.
+[--inflight 16] [--rounds 3] [--targets go,podshim,node,server] [--json]``
+(``go`` is always measured: every ratio is to it).
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ TASK_SERVICE = "containerd.task.v2.Task"
 TASK_DIR = "io.containerd.runtime.v2.task"
 NAMESPACE_KEY = "containerd-namespace-ttrpc"
 PODSHIM_RUNTIME = "io.containerd.podshim.v1"
+TARGETS = ("go", "podshim", "node", "server")
 CALL_TIMEOUT = 30.0
 WARMUP_SECONDS = 0.5
 
@@ -163,9 +169,13 @@ async def _connect_and_state(path: str, task_id: str, ns: str) -> tuple[int, byt
     return connect.shim_pid, raw
 
 
-def _run_task(lab: Any, runtime: str, task_id: str, image: str) -> tuple[str, int, bytes]:
-    """A busybox ``sleep`` on ``runtime``; its shim's socket, pid and State answer."""
-    lab.ctr("run", "-d", "--runtime", runtime, image, task_id, "sleep", "100000")
+def _run_task(
+    lab: Any, runtime: str, task_id: str, image: str, config: str = ""
+) -> tuple[str, int, bytes]:
+    """A busybox ``sleep`` on ``runtime`` (with the runtime config file ``config``); its
+    shim's socket, pid (the daemon's, from Connect) and State answer."""
+    options = ["--runtime-config-path", config] if config else []
+    lab.ctr("run", "-d", "--runtime", runtime, *options, image, task_id, "sleep", "100000")
     address = (lab.state / TASK_DIR / lab.namespace / task_id / "address").read_text()
     path = address.strip().removeprefix("unix://")
     pid, raw = asyncio.run(_connect_and_state(path, task_id, lab.namespace))
@@ -246,15 +256,29 @@ def run_bench(ns: argparse.Namespace) -> dict[str, Any]:
         ) as lab:
             image = lab.ensure_busybox()
             go_path, go_pid, go_raw = _run_task(lab, "io.containerd.runc.v2", "bench-go", image)
-            ps_path, ps_pid, _ = _run_task(lab, PODSHIM_RUNTIME, "bench-podshim", image)
-            go_state = shim_pb2.StateResponse.FromString(go_raw)
-            server = ServerProcess(os.path.join(tmp, "server.sock"), go_state)
-            server.wait_ready()
             targets = [
-                Target("go", "containerd-shim-runc-v2 (Go ttrpc)", go_path, go_pid, "bench-go"),
-                Target("podshim", "podshim shim daemon", ps_path, ps_pid, "bench-podshim"),
-                Target("server", "podshim.ttrpc.server alone", server.path, server.pid, "bench-go"),
+                Target("go", "containerd-shim-runc-v2 (Go ttrpc)", go_path, go_pid, "bench-go")
             ]
+            if "podshim" in ns.targets:
+                path, pid, _ = _run_task(lab, PODSHIM_RUNTIME, "bench-podshim", image)
+                targets.append(Target("podshim", "podshim shim daemon", path, pid, "bench-podshim"))
+            if "node" in ns.targets:
+                config = os.path.join(tmp, "podshim-node.toml")
+                with open(config, "w") as f:
+                    f.write('# podshim, node scope (bench)\nshim_scope = "node"\n')
+                path, pid, _ = _run_task(lab, PODSHIM_RUNTIME, "bench-node", image, config)
+                targets.append(
+                    Target("node", "podshim node daemon (router)", path, pid, "bench-node")
+                )
+            if "server" in ns.targets:
+                go_state = shim_pb2.StateResponse.FromString(go_raw)
+                server = ServerProcess(os.path.join(tmp, "server.sock"), go_state)
+                server.wait_ready()
+                targets.append(
+                    Target(
+                        "server", "podshim.ttrpc.server alone", server.path, server.pid, "bench-go"
+                    )
+                )
             load_before = os.getloadavg()
             measure(targets, ns, lab.namespace)
             results: dict[str, Any] = {
@@ -273,8 +297,9 @@ def run_bench(ns: argparse.Namespace) -> dict[str, Any]:
                     t.name: [asdict(x) | {"latencies_us": []} for x in t.loads] for t in targets
                 },
             }
-            server.stop()
-            server = None
+            if server is not None:
+                server.stop()
+                server = None
     finally:
         if server is not None:
             server.stop()
@@ -338,6 +363,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=3, help="client processes (3)")
     parser.add_argument("--inflight", type=int, default=16, help="pipelined per client (16)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds; medians (3)")
+    parser.add_argument(
+        "--targets",
+        default=",".join(TARGETS),
+        help=f"comma-separated, of {','.join(TARGETS)} (all; go is always measured)",
+    )
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--serve", metavar="SOCKET", help=argparse.SUPPRESS)
     parser.add_argument("--canned", help=argparse.SUPPRESS)
@@ -346,6 +376,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return serve_main(args.serve, args.canned or "")
     if args.seconds <= 0 or min(args.clients, args.inflight, args.rounds) < 1:
         parser.error("--seconds must be > 0, --clients, --inflight and --rounds >= 1")
+    args.targets = {t.strip() for t in args.targets.split(",") if t.strip()} | {"go"}
+    if not args.targets <= set(TARGETS):
+        parser.error(f"--targets: unknown {sorted(args.targets - set(TARGETS))}")
     if os.geteuid() != 0:
         print("bench: needs root (containerd, runc)", file=sys.stderr)
         return 2

@@ -7,6 +7,8 @@ runs, so ``podshim --help`` (and every other subcommand) stays fast.
   demo is part of the test lab (``podshim_lab``, the ``podshim-lab`` distribution in
   ``lab/``), imported only when the command runs, never statically.
 * ``podshim diag``: inspect live shims (``podshim.diag``; hcsshim's shimdiag).
+* ``podshim check``, ``podshim install``, ``podshim uninstall``: put podshim on this
+  machine's containerd and check it (``podshim.admin``).
 * ``podshim version``: print podshim's version.
 """
 
@@ -77,7 +79,39 @@ def _diag_configure(p: argparse.ArgumentParser) -> None:
     cli.configure(p)
 
 
+def _admin(name: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        from podshim.admin import cli
+
+        handler: Callable[[argparse.Namespace], int] = getattr(cli, f"run_{name}")
+        return handler(args)
+
+    return run
+
+
+def _admin_configure(name: str) -> Callable[[argparse.ArgumentParser], None]:
+    def configure(p: argparse.ArgumentParser) -> None:
+        from podshim.admin import cli  # standard library only at import: --help stays fast
+
+        setup: Callable[[argparse.ArgumentParser], None] = getattr(cli, f"configure_{name}")
+        setup(p)
+
+    return configure
+
+
 COMMANDS: tuple[Command, ...] = (
+    Command(
+        "check",
+        "can this machine run podshim, and is it registered with containerd?",
+        _admin("check"),
+        description=(
+            "Check containerd (version, CRI plugin, podshim's handlers and shim binary), "
+            "runc/crun, cgroups, the kernel features podshim uses and podshim-init. One "
+            "line each: ok, warn or fail with a hint; exit 1 only on a fail (something "
+            "that stops pods)."
+        ),
+        configure=_admin_configure("check"),
+    ),
     Command(
         "demo",
         "smoke-run podshim against a private, embedded containerd",
@@ -101,6 +135,29 @@ COMMANDS: tuple[Command, ...] = (
             "Pods are named by a unique prefix of their id."
         ),
         configure=_diag_configure,
+    ),
+    Command(
+        "install",
+        "register podshim with this machine's containerd (handlers podshim, podshim-node)",
+        _admin("install"),
+        description=(
+            "Link the shim binary onto containerd's PATH, write podshim's config files and a "
+            "containerd drop-in with the runtime handlers podshim and podshim-node, add it to "
+            "the imports of containerd's config (after a backup), and record every change "
+            "for podshim uninstall. --dry-run prints the changes only. Idempotent."
+        ),
+        configure=_admin_configure("install"),
+    ),
+    Command(
+        "uninstall",
+        "undo exactly what podshim install did",
+        _admin("uninstall"),
+        description=(
+            "Undo the changes recorded by podshim install; anything that changed since "
+            "(or that the record names but podshim did not write) is left alone and "
+            "reported. Idempotent."
+        ),
+        configure=_admin_configure("uninstall"),
     ),
     Command("version", "print podshim's version", _version),
 )

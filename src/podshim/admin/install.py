@@ -1,0 +1,351 @@
+"""``podshim install``: register podshim with a containerd on this machine.
+
+What it changes (every path below the ``--root`` prefix, ``/`` by default):
+
+* ``/usr/local/bin/containerd-shim-podshim-v1`` (``--bin-dir``): a link to the shim
+  binary installed next to the running interpreter, so containerd finds it on its PATH;
+* ``/etc/podshim/config.toml`` and ``/etc/podshim/node.toml`` (``shim_scope = "node"``):
+  podshim's config files for the two handlers (an existing file is kept and used);
+* ``/etc/containerd/conf.d/podshim.toml``: the drop-in with the handlers ``podshim`` and
+  ``podshim-node`` (on containerd 1.6/1.7 with a copy of the CRI plugin's section: see
+  :mod:`podshim.admin.ctdconfig`);
+* ``/etc/containerd/config.toml`` (``--config``): only the drop-in is added to its
+  ``imports``, after a backup next to it (``config.toml.before-podshim``);
+* ``/var/lib/podshim/install-manifest.json`` (``--state-dir``): the record of all that,
+  for ``podshim uninstall``.
+
+Everything is checked before the first change; a change that fails undoes the earlier
+ones. Running it again changes nothing (or only what is missing or out of date).
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import os
+import sys
+import sysconfig
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from podshim import __version__
+from podshim.admin import ctdconfig, tomledit
+from podshim.admin import manifest as mf
+from podshim.admin.changes import Change
+from podshim.admin.errors import AdminError
+
+#: the CRI handlers install adds: name -> podshim config file name
+HANDLERS = {"podshim": "config.toml", "podshim-node": "node.toml"}
+_CONFIG_TEXT = {
+    "config.toml": ('shim_scope = "pod"\n', "pod"),
+    "node.toml": ('shim_scope = "node"\n', "node"),
+}
+_CONFIG_HEADER = (
+    "podshim's config for the CRI handler {handler} (ConfigPath); every key: README,\n"
+    '"Configuration". podshim install keeps this file if you edit it.'
+)
+_DROPIN_HEADER = (
+    "podshim's CRI runtime handlers, imported by {config}.\n"
+    "{extra}podshim uninstall removes this file; edit containerd's own config instead."
+)
+_COPY_NOTE = (
+    "containerd {version} replaces a whole plugin section with an imported one, so this\n"
+    "file repeats the CRI plugin's section of {source} (run podshim install again\n"
+    "after you change it there).\n"
+)
+
+
+@dataclass(frozen=True)
+class Options:
+    """Where install looks and writes (see the module docstring for the defaults)."""
+
+    config: str
+    containerd: str
+    bin_dir: str
+    podshim_dir: str
+    state_dir: str
+    dropin: str
+    shim: str
+
+    @property
+    def manifest(self) -> str:
+        return os.path.join(self.state_dir, mf.NAME)
+
+    @property
+    def link(self) -> str:
+        return os.path.join(self.bin_dir, ctdconfig.SHIM_BINARY)
+
+
+def shim_source() -> str:
+    """The shim binary of this installation: in the scripts directory of the running
+    interpreter's environment (where pip puts a wheel's scripts)."""
+    for directory in (sysconfig.get_path("scripts"), os.path.dirname(sys.executable)):
+        path = os.path.join(directory, ctdconfig.SHIM_BINARY)
+        if os.path.isfile(path):
+            return os.path.abspath(path)
+    return os.path.join(sysconfig.get_path("scripts"), ctdconfig.SHIM_BINARY)
+
+
+def options(
+    root: str = "/",
+    config: str | None = None,
+    containerd: str | None = None,
+    bin_dir: str | None = None,
+    podshim_dir: str | None = None,
+    state_dir: str | None = None,
+    dropin: str | None = None,
+    shim: str | None = None,
+) -> Options:
+    """:class:`Options` from the command line's values (``None``: the default, below
+    ``root``)."""
+
+    def under(path: str) -> str:
+        return os.path.join(os.path.abspath(root), path.lstrip("/"))
+
+    cfg = os.path.abspath(config) if config else under("/etc/containerd/config.toml")
+    return Options(
+        config=cfg,
+        containerd=containerd or "containerd",
+        bin_dir=os.path.abspath(bin_dir) if bin_dir else under("/usr/local/bin"),
+        podshim_dir=os.path.abspath(podshim_dir) if podshim_dir else under("/etc/podshim"),
+        state_dir=os.path.abspath(state_dir) if state_dir else under("/var/lib/podshim"),
+        dropin=(
+            os.path.abspath(dropin)
+            if dropin
+            else os.path.join(os.path.dirname(cfg), "conf.d", "podshim.toml")
+        ),
+        shim=shim or shim_source(),
+    )
+
+
+@dataclass
+class Plan:
+    """What install would do: ``changes`` in order, ``notes`` for the operator."""
+
+    changes: list[Change]
+    manifest: mf.Manifest
+    notes: list[str]
+    binary: ctdconfig.ContainerdBinary
+
+
+def require_root(dry_run: bool, what: str) -> None:
+    if not dry_run and os.geteuid() != 0:
+        raise AdminError(f"podshim {what} must run as root (or try --dry-run)")
+
+
+def plan(opts: Options) -> Plan:
+    """Check everything and work out the changes; changes nothing.
+
+    Raises:
+        AdminError: no containerd, a config it cannot use, a handler name another
+            runtime has, a file in the way that podshim did not write.
+    """
+    binary = ctdconfig.probe(opts.containerd)
+    old, table = ctdconfig.read(opts.config)
+    version = ctdconfig.config_version(opts.config, table, binary)
+    ctdconfig.dump(binary.path, opts.config)  # containerd itself must accept the file
+    manifest = mf.load(opts.manifest)
+    if manifest is not None and manifest.containerd_config != opts.config:
+        raise AdminError(
+            f"podshim is installed for {manifest.containerd_config} ({opts.manifest}): "
+            "run podshim uninstall first"
+        )
+    if manifest is None:
+        manifest = mf.Manifest(opts.config, binary.text, __version__)
+    if not os.access(opts.shim, os.X_OK):
+        raise AdminError(
+            f"the shim binary {opts.shim} is missing: install podshim from its wheel "
+            "or sdist (they build it; a C compiler is needed)"
+        )
+    notes: list[str] = []
+    changes: list[Change] = []
+    for directory in (opts.state_dir, opts.bin_dir, opts.podshim_dir, os.path.dirname(opts.dropin)):
+        changes += [c for c in _mkdirs(directory) if c not in changes]
+    files = [(opts.config, table)] + [
+        (name, sub)
+        for name, sub in ctdconfig.imported_files(opts.config, table)
+        if name != opts.dropin
+    ]
+    _check_handlers(files, version)
+    config_paths = {}
+    for handler, name in HANDLERS.items():
+        path = os.path.join(opts.podshim_dir, name)
+        config_paths[handler] = path
+        changes += _podshim_config(path, handler, manifest, notes)
+    changes += _link(opts, manifest)
+    dropin = _dropin(opts, binary, version, files, config_paths).encode()
+    changes += _owned_file(opts.dropin, dropin, manifest)
+    changes += _edit(opts, old, table, binary)
+    if binary.version < (1, 7, 0) and opts.bin_dir != "/usr/local/bin":
+        notes.append(
+            f"containerd {binary.short} looks for {ctdconfig.SHIM_BINARY} on its PATH only: "
+            f"put {opts.bin_dir} on containerd's PATH"
+        )
+    return Plan(changes, manifest, notes, binary)
+
+
+def _mkdirs(directory: str) -> list[Change]:
+    missing: list[str] = []
+    while not os.path.isdir(directory):
+        if os.path.lexists(directory):
+            raise AdminError(f"{directory} exists and is not a directory")
+        missing.append(directory)
+        directory = os.path.dirname(directory)
+    return [Change("dir", d) for d in reversed(missing)]
+
+
+def _check_handlers(files: list[tuple[str, dict[str, Any]]], version: int) -> None:
+    for name, table in files:
+        for handler, spec in ctdconfig.runtimes_of(table, version).items():
+            if handler not in HANDLERS or not isinstance(spec, dict):
+                continue
+            rtype = spec.get("runtime_type")
+            if rtype != ctdconfig.RUNTIME_TYPE:
+                raise AdminError(
+                    f"the runtime handler {handler!r} is taken in {name} "
+                    f"(runtime_type {rtype!r}): remove or rename it there first"
+                )
+
+
+def _owned_file(path: str, data: bytes, manifest: mf.Manifest) -> list[Change]:
+    """Write ``path`` unless it holds ``data``; refuse one podshim did not write."""
+    current = mf.file_sha256(path)
+    if current == mf.sha256(data):
+        return []
+    if os.path.lexists(path):
+        mine = manifest.find("file", path)
+        if mine is None or current is None:
+            raise AdminError(f"{path} exists and podshim install did not write it: move it away")
+        if mine.sha256 != current:
+            raise AdminError(
+                f"{path} changed since podshim install wrote it: move it away "
+                "(or run podshim uninstall) and install again"
+            )
+        with open(path, "rb") as f:
+            return [Change("file", path, data, old=f.read())]
+    return [Change("file", path, data)]
+
+
+def _podshim_config(
+    path: str, handler: str, manifest: mf.Manifest, notes: list[str]
+) -> list[Change]:
+    name = os.path.basename(path)
+    body, scope = _CONFIG_TEXT[name]
+    data = (tomledit.render(_CONFIG_HEADER.format(handler=handler), {}) + body).encode()
+    mine = manifest.find("file", path)
+    if os.path.lexists(path) and (mine is None or mine.sha256 != mf.file_sha256(path)):
+        from podshim.errors import ShimError
+        from podshim.service import config as podshim_config
+
+        try:
+            cfg = podshim_config.load_file(path)
+        except ShimError as exc:
+            raise AdminError(f"{exc} (fix it or move it away)") from None
+        if cfg.shim_scope != scope:
+            raise AdminError(
+                f"{path} has shim_scope {cfg.shim_scope!r}, the handler {handler} needs "
+                f"{scope!r}: fix it or move it away"
+            )
+        notes.append(f"keeping your {path} for the handler {handler}")
+        return []
+    return _owned_file(path, data, manifest)
+
+
+def _link(opts: Options, manifest: mf.Manifest) -> list[Change]:
+    if os.path.islink(opts.link) and os.readlink(opts.link) == opts.shim:
+        return []
+    mine = manifest.find("symlink", opts.link)
+    if os.path.lexists(opts.link) and (mine is None or mf.verify(mine) is not None):
+        raise AdminError(
+            f"{opts.link} exists and is not podshim install's link to {opts.shim}: "
+            "move it away, or choose another --bin-dir"
+        )
+    return [Change("symlink", opts.link, target=opts.shim)]
+
+
+def handler_tables(
+    binary: ctdconfig.ContainerdBinary, opts: Options, config_paths: dict[str, str]
+) -> dict[str, Any]:
+    """The ``containerd.runtimes`` entries install adds."""
+    out: dict[str, Any] = {}
+    for handler, path in config_paths.items():
+        spec: dict[str, Any] = {"runtime_type": ctdconfig.RUNTIME_TYPE}
+        if binary.version >= (1, 7, 0):  # 1.6 ignores it and looks on its PATH only
+            spec["runtime_path"] = opts.link
+        spec["options"] = {"ConfigPath": path}
+        out[handler] = spec
+    return out
+
+
+def _dropin(
+    opts: Options,
+    binary: ctdconfig.ContainerdBinary,
+    version: int,
+    files: list[tuple[str, dict[str, Any]]],
+    config_paths: dict[str, str],
+) -> str:
+    plugin = ctdconfig.cri_plugin(version)
+    extra = ""
+    section: dict[str, Any] = {}
+    if binary.replaces_plugin_sections:
+        found = ctdconfig.effective_section(files, plugin)
+        source = found[0] if found else "containerd's defaults (no file sets it)"
+        section = copy.deepcopy(found[1]) if found else {}
+        extra = _COPY_NOTE.format(version=binary.short, source=source)
+    section = tomledit.merge(
+        section, {"containerd": {"runtimes": handler_tables(binary, opts, config_paths)}}
+    )
+    header = _DROPIN_HEADER.format(config=opts.config, extra=extra)
+    return tomledit.render(header, {"version": version, "plugins": {plugin: section}})
+
+
+def _imported(entries: list[str], base: str, path: str, last: bool) -> bool:
+    """Whether ``imports`` ``entries`` load ``path`` (``last``: as the last file)."""
+    hits = [
+        e
+        for e in entries
+        if fnmatch.fnmatchcase(path, e if os.path.isabs(e) else os.path.join(base, e))
+    ]
+    if not last:
+        return bool(hits)
+    return bool(entries) and entries[-1] == path
+
+
+def _edit(
+    opts: Options, old: bytes, table: dict[str, Any], binary: ctdconfig.ContainerdBinary
+) -> list[Change]:
+    entries = ctdconfig.imports_of(table)
+    base = os.path.dirname(opts.config)
+    # on 1.x the drop-in must come last: the CRI section of the last file wins
+    if _imported(entries, base, opts.dropin, last=binary.replaces_plugin_sections):
+        return []
+    text = old.decode()
+    if opts.dropin in entries:  # 1.x, present but not last: move it to the end
+        text = tomledit.remove_import(text, opts.dropin)
+    new = tomledit.add_import(text, opts.dropin)
+    backup = opts.config + ".before-podshim"
+    if os.path.lexists(backup) and mf.file_sha256(backup) != mf.sha256(old):
+        raise AdminError(f"{backup} exists (not podshim's backup of {opts.config}): move it away")
+    return [Change("edit", opts.config, new.encode(), old=old, entry=opts.dropin, backup=backup)]
+
+
+def run(opts: Options, *, dry_run: bool, report: Callable[[str], None]) -> Plan:
+    """Plan, then (unless ``dry_run``) apply and record the changes."""
+    from podshim.admin import changes
+
+    require_root(dry_run, "install")
+    p = plan(opts)
+    for note in p.notes:
+        report(f"note: {note}")
+    if not p.changes:
+        report(f"podshim is installed for {opts.config}: nothing to change")
+        return p
+    if dry_run:
+        for change in p.changes:
+            report("would " + change.describe(verbose=True))
+        report(f"would record the changes in {opts.manifest}")
+        return p
+    changes.apply(p.changes, p.manifest, opts.manifest, report)
+    report(f"recorded in {opts.manifest} (podshim uninstall undoes it)")
+    return p

@@ -38,6 +38,7 @@ from podshim.jobs import JobGroup
 from podshim.linux.reaper import Reaper, set_child_subreaper
 from podshim.oci import bundle as files
 from podshim.oci import runc
+from podshim.service import sandbox_api
 from podshim.service.publisher import ForwardPublisher, publisher_from_env
 from podshim.service.router import NodeService
 from podshim.service.tasks import CreateObserver, TaskService
@@ -271,7 +272,8 @@ async def _serve_until_stopped(flags: Flags, crash: _Crash) -> None:
     diag = ShimDiag(service, tasks, address=flags.address, namespace=flags.namespace,
                     first_id=flags.id, socket_path=str(path))  # Diag service + registry entry
     interceptor: Interceptor | None = tracing.rpc_interceptor if tracing.enabled() else None
-    server = Server([tasks, diag.binding], interceptor=interceptor)
+    sandbox = sandbox_api.bindings(service, stop.set)  # containerd 2.x: sandboxer = "shim"
+    server = Server([tasks, diag.binding, *sandbox], interceptor=interceptor)
     crash.server = server
     await server.serve(sock)
     diag.register()

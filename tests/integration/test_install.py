@@ -12,9 +12,11 @@ uninstall puts the config back byte for byte and leaves nothing of install.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
+import time
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +25,8 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from podshim import rundir
-from podshim_lab import Containerd
+from podshim.admin import check
+from podshim_lab import Containerd, wait_for
 
 if TYPE_CHECKING:
     from tests.integration import criutil as cu
@@ -39,6 +42,7 @@ pytestmark = pytest.mark.timeout(300)
 VERSIONS = [matrix.selected()] if matrix.selected() else ["1.6", *matrix.NEWER]
 PODSHIM_CLI = str(Path(sys.executable).parent / "podshim")
 HANDLERS = ("podshim", "podshim-node")
+SHIM = "containerd-shim-podshim-v1"
 #: what install adds next to the main config (uninstall must take all of it away)
 MADE = ("conf.d", "config.toml.before-podshim")
 
@@ -70,12 +74,23 @@ def _podshim(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def _check(ctd: Containerd) -> dict[str, dict[str, str]]:
+    res = _podshim("check", "--address", ctd.address, "--json")
+    assert res.returncode == 0, res
+    return {r["name"]: r for r in json.loads(res.stdout)}
+
+
 @pytest.fixture(params=VERSIONS)
-def lab(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Containerd, Path]]:
+def lab(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[Containerd, Path]]:
     """A CRI lab of one version whose PATH has ``<tmp>/bin`` (empty until install links
-    the shim there) and nothing else of podshim's."""
+    the shim there) and no other directory with podshim's shim binary."""
     version = matrix.require(str(request.param))
     bin_dir = tmp_path / "bin"
+    path = [d for d in os.environ.get("PATH", os.defpath).split(os.pathsep) if d]
+    keep = [d for d in path if not os.path.exists(os.path.join(d, SHIM))]
+    monkeypatch.setenv("PATH", os.pathsep.join(keep))  # the lab's containerd inherits it
     lab = Containerd(cri=True, version=version, extra_path=[str(bin_dir)])
     try:
         yield lab, bin_dir
@@ -86,7 +101,7 @@ def lab(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Contai
 
 def test_install_check_pod_uninstall(lab: tuple[Containerd, Path], tmp_path: Path) -> None:
     ctd, bin_dir = lab
-    assert shutil.which("containerd-shim-podshim-v1", path=str(bin_dir)) is None
+    assert shutil.which(SHIM) is None  # containerd finds the shim only once installed
     ctd.start()
     ctd.ensure_pause()
     busybox = ctd.ensure_busybox(namespace=cu.CRI_NAMESPACE)
@@ -99,6 +114,10 @@ def test_install_check_pod_uninstall(lab: tuple[Containerd, Path], tmp_path: Pat
     paths = ["--config", str(config), "--containerd", binary, "--root", str(root)]
     paths += ["--bin-dir", str(bin_dir)]
 
+    # check tells a config changed after containerd started only past its 1 s resolution
+    started = check._started_at(ctd.pid or 0)
+    assert started is not None
+    wait_for(lambda: time.time() > started + 1.5, timeout=10, interval=0.1)
     res = _podshim("install", *paths)
     assert res.returncode == 0, res
     again = _podshim("install", *paths)
@@ -111,12 +130,13 @@ def test_install_check_pod_uninstall(lab: tuple[Containerd, Path], tmp_path: Pat
         assert added[handler]["runtime_type"] == "io.containerd.podshim.v1"
         assert added[handler]["options"]["ConfigPath"] == str(root / "etc/podshim" / name)
 
-    check = _podshim("check", "--address", ctd.address, "--json")
-    assert check.returncode == 0, check
-    lines = {r["name"]: r for r in json.loads(check.stdout)}
-    for name in ("containerd running", "shim binary", "handler podshim", "handler podshim-node"):
-        assert lines[name]["status"] == "ok", lines[name]
+    assert _check(ctd)["config loaded"]["status"] == "warn"  # not restarted yet
     ctd.restart()
+    lines = _check(ctd)
+    for name in ("containerd running", "CRI plugin", "shim binary", "config loaded"):
+        assert lines[name]["status"] == "ok", lines[name]
+    for name in ("handler podshim", "handler podshim-node"):
+        assert lines[name]["status"] == "ok", lines[name]
     crilab = cu.CriLab(ctd, Path(rundir.runtime_root(ctd.address)), busybox)
     try:
         pod, _ = crilab.pod("installed", cu.PODSHIM, pid_mode="POD")

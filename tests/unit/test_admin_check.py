@@ -4,6 +4,7 @@ test, the exit code (fail only for what stops pods), --json."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -87,3 +88,20 @@ def test_no_containerd_at_the_address_is_a_warning_not_a_failure() -> None:
     running = [r for r in results if r.name == "containerd running"]
     assert running and running[0].status == check.WARN
     assert check.check_cri(target, None).status == check.WARN
+
+
+def test_config_changed_after_containerd_started_asks_for_a_restart(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    dropin = tmp_path / "podshim.toml"
+    config.write_text(f'version = 2\nimports = ["{dropin}"]\n')
+    dropin.write_text("version = 2\n")
+    started = check._started_at(os.getpid())
+    assert started is not None
+    for f in (config, dropin):
+        os.utime(f, (started - 60, started - 60))
+    target = check.Target("/x.sock", str(config), None, os.getpid(), "")
+    loaded = check.check_loaded(target)
+    assert loaded is not None and loaded.status == check.OK
+    os.utime(dropin, (started + 30, started + 30))  # the drop-in changed since
+    loaded = check.check_loaded(target)
+    assert loaded is not None and loaded.status == check.WARN and str(dropin) in loaded.detail

@@ -110,3 +110,21 @@ def test_importing_the_cli_and_version_load_no_lab() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == f"podshim {__version__}\n"
+
+
+def test_admin_commands_load_their_work_only_when_they_run() -> None:
+    """``podshim --help`` and each admin command's ``--help`` build the parser without
+    importing install, check or tomlkit (so the help stays fast)."""
+    code = (
+        "import sys\n"
+        "from podshim import cli\n"
+        "parser = cli.build_parser()\n"
+        "for name in ('check', 'install', 'uninstall'):\n"
+        "    assert name in parser.format_help(), name\n"
+        "heavy = ('podshim.admin.install', 'podshim.admin.check', 'tomlkit', 'podshim.service')\n"
+        "print(sorted(m for m in sys.modules if m.startswith(heavy)))\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert res.stdout.strip() == "[]", res.stdout

@@ -248,6 +248,42 @@ def check_handlers(t: Target, binary: ctdconfig.ContainerdBinary | None) -> list
     return out
 
 
+def _started_at(pid: int) -> float | None:
+    """When process ``pid`` started (seconds since the epoch, to within a second)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as f:
+            btime = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+    return btime + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def check_loaded(t: Target) -> Result | None:
+    """Whether the running containerd started after its config files last changed (it
+    reads them only at start); ``None`` when it is not running."""
+    if t.pid is None:
+        return None
+    started = _started_at(t.pid)
+    try:
+        _, table = ctdconfig.read(t.config)
+        files = [t.config, *(name for name, _ in ctdconfig.imported_files(t.config, table))]
+    except AdminError as exc:
+        return Result("config loaded", WARN, f"cannot tell: {exc}")
+    if started is None:
+        return Result("config loaded", WARN, f"cannot tell when pid {t.pid} started")
+    newer = [f for f in files if os.path.exists(f) and os.stat(f).st_mtime > started + 1]
+    if newer:
+        return Result(
+            "config loaded",
+            WARN,
+            f"containerd (pid {t.pid}) started before {', '.join(newer)} changed",
+            "restart containerd to load it",
+        )
+    return Result("config loaded", OK, "containerd started after its config last changed")
+
+
 def _reachable(
     name: str, spec: dict[str, Any], t: Target, binary: ctdconfig.ContainerdBinary
 ) -> Result:
@@ -425,6 +461,9 @@ def run_all(t: Target) -> list[Result]:
     results.append(check_cri(t, binary))
     results.append(check_shim(t, binary))
     results += check_handlers(t, binary)
+    loaded = check_loaded(t)
+    if loaded is not None:
+        results.append(loaded)
     results += check_oci_runtimes()
     results += check_cgroups()
     results += check_kernel()

@@ -67,6 +67,10 @@ class RuntimeHandler:
     #: ``runtime_path``: the shim binary by path (containerd 1.6.20 ignores it and
     #: looks the binary up on PATH; 1.7 and 2.1 use it)
     runtime_path: str = ""
+    #: containerd 2.x: the pod sandbox controller, ``"podsandbox"`` (the default: a
+    #: pause container, a sandbox task for podshim), ``"shim"`` (the shim's own Sandbox
+    #: API) or a proxy plugin's name; "" leaves it out (older versions do not know it)
+    sandboxer: str = ""
 
 
 @dataclass(frozen=True)
@@ -271,6 +275,8 @@ def _runtime_tables(lines: list[str], prefix: str, handlers: Mapping[str, Runtim
             values["container_annotations"] = list(handler.container_annotations)
         if handler.privileged_without_host_devices:
             values["privileged_without_host_devices"] = True
+        if handler.sandboxer:
+            values["sandboxer"] = handler.sandboxer
         _table(lines, table, values)
         if handler.options:
             _table(lines, f"{table}.options", handler.options)

@@ -118,6 +118,7 @@ def test_install_twice_changes_nothing_and_dry_run_changes_nothing(tmp_path: Pat
         ("taken", "taken"),
         ("not-root", "must run as root"),
         ("foreign-link", "is not podshim install's link"),
+        ("config-is-a-link", "is a link"),
     ],
 )
 def test_bad_input_is_a_clear_error_and_changes_nothing(
@@ -144,6 +145,10 @@ def test_bad_input_is_a_clear_error_and_changes_nothing(
         )
     elif breakage == "not-root":
         monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    elif breakage == "config-is-a-link":
+        real = tmp_path / "real.toml"
+        config.rename(real)
+        config.symlink_to(real)
     elif breakage == "foreign-link":
         os.makedirs(opts.bin_dir)
         os.symlink("/usr/bin/true", opts.link)

@@ -212,7 +212,10 @@ def check_shim(t: Target, binary: ctdconfig.ContainerdBinary | None) -> Result:
     where = "containerd's PATH" if t.pid is not None else "PATH"
     if found is None:
         return Result(
-            "shim binary", WARN, f"{ctdconfig.SHIM_BINARY} not on {where}", "podshim install"
+            "shim binary",
+            WARN,
+            f"{ctdconfig.SHIM_BINARY} not on {where} ({t.path_env})",
+            "podshim install (on 1.6, with a --bin-dir on that PATH)",
         )
     version = _shim_version(found)
     if version is None:

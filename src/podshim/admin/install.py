@@ -142,6 +142,11 @@ def plan(opts: Options) -> Plan:
             runtime has, a file in the way that podshim did not write.
     """
     binary = ctdconfig.probe(opts.containerd)
+    if os.path.islink(opts.config):
+        raise AdminError(
+            f"{opts.config} is a link: name the file it points at with --config "
+            f"({os.path.realpath(opts.config)}) and check that containerd reads that one"
+        )
     old, table = ctdconfig.read(opts.config)
     version = ctdconfig.config_version(opts.config, table, binary)
     ctdconfig.dump(binary.path, opts.config)  # containerd itself must accept the file

@@ -242,3 +242,23 @@ def test_an_existing_podshim_config_is_kept_and_checked(tmp_path: Path) -> None:
     (Path(opts.podshim_dir) / "node.toml").write_text('shim_scope = "pod"\n')
     with pytest.raises(AdminError, match="shim_scope"):
         install.run(opts, dry_run=False, report=quiet)
+
+
+@pytest.mark.parametrize(
+    "imports, edited",
+    [
+        ('["conf.d/*.toml"]', False),  # 2.x: an import glob that loads the drop-in already
+        ('["/elsewhere/*.toml"]', True),
+        ('["*"]', True),  # a * does not cross a /, as in Go's filepath.Match
+    ],
+)
+def test_2x_uses_an_existing_import_glob(tmp_path: Path, imports: str, edited: bool) -> None:
+    opts = node(
+        tmp_path, "2.1.9", MAIN_V3.replace("version = 3\n", f"version = 3\nimports = {imports}\n")
+    )
+    main = Path(opts.config).read_bytes()
+    install.run(opts, dry_run=False, report=quiet)
+    assert (Path(opts.config).read_bytes() != main) is edited
+    assert os.path.exists(opts.dropin)
+    assert uninstall.run(opts, dry_run=False, report=quiet) == 0
+    assert Path(opts.config).read_bytes() == main and not os.path.exists(opts.dropin)

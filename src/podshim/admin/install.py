@@ -305,12 +305,19 @@ def _dropin(
     return tomledit.render(header, {"version": version, "plugins": {plugin: section}})
 
 
+def _glob_match(pattern: str, path: str) -> bool:
+    """Go's ``filepath.Match`` as containerd uses it for ``imports``: a ``*`` never
+    crosses a ``/``."""
+    want, have = pattern.split("/"), path.split("/")
+    return len(want) == len(have) and all(
+        fnmatch.fnmatchcase(h, w) for w, h in zip(want, have, strict=True)
+    )
+
+
 def _imported(entries: list[str], base: str, path: str, last: bool) -> bool:
     """Whether ``imports`` ``entries`` load ``path`` (``last``: as the last file)."""
     hits = [
-        e
-        for e in entries
-        if fnmatch.fnmatchcase(path, e if os.path.isabs(e) else os.path.join(base, e))
+        e for e in entries if _glob_match(e if os.path.isabs(e) else os.path.join(base, e), path)
     ]
     if not last:
         return bool(hits)

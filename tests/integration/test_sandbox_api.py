@@ -23,6 +23,10 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from podshim import rundir
+from podshim.api.cgroups.v1 import metrics_pb2 as v1pb
+from podshim.api.runtime.sandbox.v1 import sandbox_pb2
+from podshim.cgroups import mode
+from podshim.cgroups import stats as cgstats
 from podshim_lab import Containerd, RuntimeHandler, wait_for
 from podshim_lab.cleanup import remove_cgroup
 from podshim_lab.cri.client import CriError
@@ -125,7 +129,26 @@ def sb(sb_lab: SandboxLab) -> Iterator[SandboxLab]:
     finally:
         mine = [p for p in sb_lab.pods if p not in before]
         errors = sb_lab.cleanup(mine) if sb_lab.lab.running else ["containerd is not running"]
-        assert not errors, "test left things behind:\n" + "\n".join(errors)
+        log = sb_lab.lab.log_tail(200) if errors else ""
+        assert not errors, "test left things behind:\n" + "\n".join(errors) + "\n" + log
+
+
+def _controller_metrics(lab: Containerd, pod: str) -> sandbox_pb2.SandboxMetricsResponse:
+    """containerd's own ``Controller/Metrics`` (gRPC), which the shim sandbox controller
+    answers with the shim's SandboxMetrics. The request is written by hand
+    (``ControllerMetricsRequest{sandbox_id = 1, sandboxer = 10}``); the response has the
+    shape of the shim's (``metrics = 1``)."""
+    import grpc  # type: ignore[import-untyped,unused-ignore]
+
+    def field(number: int, value: str) -> bytes:
+        data = value.encode()
+        return bytes([number << 3 | 2, len(data)]) + data
+
+    request = field(1, pod) + field(10, "shim")
+    with grpc.insecure_channel(f"unix://{lab.address}") as channel:
+        call = channel.unary_unary("/containerd.services.sandbox.v1.Controller/Metrics")
+        raw = call(request, metadata=[("containerd-namespace", cu.CRI_NAMESPACE)], timeout=30)
+    return sandbox_pb2.SandboxMetricsResponse.FromString(raw)
 
 
 def _unique(prefix: str) -> str:
@@ -205,6 +228,13 @@ def test_pod_through_the_sandbox_api(sb: SandboxLab) -> None:
         assert {s.attributes.id for s in stats.linux.containers} == {server.id, client.id}
         assert stats.linux.process.process_count.value >= 2, stats
         assert stats.linux.memory.working_set_bytes.value > 0, stats
+        # the pod's metrics from the shim's SandboxMetrics, through containerd's Controller
+        metric = _controller_metrics(sb.lab, pod).metrics
+        assert metric.id == pod and metric.timestamp.seconds > 0, metric
+        usage = cgstats.unpack(metric.data)
+        if mode() != "unified":  # this machine: cgroup v1 (the v2 fields differ)
+            assert isinstance(usage, v1pb.Metrics)
+            assert usage.memory.usage.usage > 0 and usage.pids.current >= 3, usage
 
         sb.cri.stop_pod(pod)
         sb.wait_pod(pod, "NOTREADY")
@@ -238,16 +268,43 @@ def _bad_pod(sb: SandboxLab, name: str, **ns: Any) -> CriError:
 
 
 def test_pod_podshim_cannot_honour_is_refused_with_nothing_left(sb: SandboxLab) -> None:
-    bundles = sb.lab.state / SB_BUNDLES / cu.CRI_NAMESPACE
-    before = set(os.listdir(bundles)) if bundles.is_dir() else set()
     name = _unique("bad")
     err = _bad_pod(sb, name, ipc=7)  # a namespace mode CRI passes on and podshim does not know
     assert "unknown ipc namespace mode 7" in err.details, err
-    # CRI undid the sandbox (ShutdownSandbox, shim delete): no shim, no bundle, no pod state
+    _nothing_left(sb, name)  # CRI undid the sandbox: ShutdownSandbox, shim delete
+
+
+def test_user_namespace_is_refused_with_nothing_left(sb: SandboxLab) -> None:
+    """A pod user namespace (CRI's userns_options, mode POD): podshim cannot honour it.
+    The lab's CRI client predates the field: it is added to the request as CRI's bytes."""
+    from podshim.api.cri.v1 import pod_pb2 as podcri
+
+    name = _unique("userns")
+    config = sb.pod_config(name)
+    ids = [podcri.IDMapping(host_id=100000, container_id=0, length=65536)]
+    userns = podcri.PodSandboxConfig(
+        linux=podcri.LinuxPodSandboxConfig(
+            security_context=podcri.LinuxSandboxSecurityContext(
+                namespace_options=podcri.NamespaceOption(
+                    userns_options=podcri.UserNamespace(mode=podcri.POD, uids=ids, gids=ids)
+                )
+            )
+        )
+    )
+    config.MergeFromString(userns.SerializeToString())
+    with pytest.raises(CriError) as err:
+        sb.cri.run_pod_config(config, SB)
+    assert "cannot give a pod a user namespace" in err.value.details, err.value
+    _nothing_left(sb, name)
+
+
+def _nothing_left(sb: SandboxLab, name: str) -> None:
+    """After a refused RunPodSandbox: no shim, no sandbox bundle, no pod state."""
+    bundles = sb.lab.state / SB_BUNDLES / cu.CRI_NAMESPACE
     wait_for(lambda: not sb.strays(), timeout=cu.DEADLINE, interval=0.2,
              message=lambda: "processes left: " + cp.describe(sb.strays()))  # fmt: skip
     wait_for(
-        lambda: (set(os.listdir(bundles)) if bundles.is_dir() else set()) <= before,
+        lambda: not (bundles.is_dir() and os.listdir(bundles)),
         timeout=cu.DEADLINE,
         interval=0.2,
         message=lambda: f"sandbox bundles left: {sorted(os.listdir(bundles))}",
@@ -256,3 +313,66 @@ def test_pod_podshim_cannot_honour_is_refused_with_nothing_left(sb: SandboxLab) 
     with contextlib.suppress(FileNotFoundError):
         assert os.listdir(pods) == []
     assert not [p for p in sb.cri.list_pods() if p.metadata.name.startswith(name)]
+
+
+def test_host_death_makes_the_pod_notready_with_exit_1(sb: SandboxLab) -> None:
+    """The pod's PID init dies: every container is killed, WaitSandbox answers 1 and CRI
+    marks the pod NOTREADY; stop and remove then leave nothing."""
+    pod, _ = sb.pod("hostdeath", SB, hostname=_unique("hd"), pid_mode="POD")
+    c = sb.container(pod, "c", ["sleep", "3600"])
+    (init,) = sb.inits()
+    os.kill(init.pid, 9)
+    sb.wait_pod(pod, "NOTREADY")
+    sb.wait_container(c.id, "EXITED")
+    assert sb.cri.pod_status(pod).info.get("exitStatus") == 1
+    errs = sb.stop_and_remove(pod)
+    assert errs == [], str(errs) + "\n" + sb.lab.log_tail(200)
+    sb.wait_gone(pod)
+
+
+def test_shim_killed_pod_is_cleaned_up(sb: SandboxLab) -> None:
+    """SIGKILL of the pod's shim: CRI sees the pod NOTREADY; containerd's cleanup runs
+    podshim's `delete` on the sandbox bundle, whose config.json (written by
+    CreateSandbox) names the pod's host: pins, cgroups and init go; stop and remove
+    (retried as kubelet does) leave nothing."""
+    pod, _ = sb.pod("shimkill", SB, hostname=_unique("sk"), pid_mode="POD")
+    sb.container(pod, "one", ["sleep", "3600"])
+    sb.container(pod, "two", ["sleep", "3600"])
+    sb.remember(pod)
+    os.kill(sb.shim_pid(pod), 9)
+    seen: list[str] = []
+
+    def not_ready() -> bool:  # until containerd has run the cleanup: "ttrpc: closed"
+        try:
+            seen[:] = [sb.cri.pod_status(pod).state]
+        except CriError as exc:
+            seen[:] = [str(exc)]
+        return seen == ["NOTREADY"]
+
+    wait_for(not_ready, timeout=cu.DEADLINE, interval=0.2, message=lambda: f"NOTREADY: {seen}")
+    last: list[str] = []
+
+    def removed() -> bool:
+        sb.pods[pod].removed = False
+        last[:] = sb.stop_and_remove(pod)
+        return not last
+
+    wait_for(removed, timeout=cu.DEADLINE, interval=0.5, message=lambda: f"pod removal: {last}")
+    sb.wait_gone(pod)
+
+
+def test_pod_survives_containerd_restart(sb: SandboxLab) -> None:
+    """containerd reloads the sandbox's shim from the shim sandbox controller's state
+    (bootstrap.json) and CRI asks it for the pod's status again."""
+    pod, _ = sb.pod("restart", SB, hostname=_unique("rs"))
+    c = sb.container(pod, "c", ["sleep", "3600"])
+    sb.remember(pod)
+    sb.restart_containerd()
+    assert sb.cri.pod_status(pod).ready
+    assert sb.cri.container_status(c.id).state == "RUNNING"
+    assert sb.exec_ok(c.id, "echo", "hello").strip() == "hello"
+    two = sb.container(pod, "two", ["sleep", "3600"])
+    assert cp.ns_of(two.pid, "net") == cp.ns_of(c.pid, "net")
+    errs = sb.stop_and_remove(pod)
+    assert errs == [], str(errs) + "\n" + sb.lab.log_tail(200)
+    sb.wait_gone(pod)

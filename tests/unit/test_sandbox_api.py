@@ -131,6 +131,7 @@ def test_the_call_order_of_containerd_drives_one_pod(tmp_path: Path) -> None:
         spec = lab.specs[0]
         assert spec["hostname"] == "web-0"
         assert spec["linux"]["cgroupsPath"] == "/kubepods/podu1/pod1"
+        assert spec["linux"]["resources"] == {"cpu": {"shares": 2}}  # as CRI's pause
         assert spec["linux"]["sysctl"] == {"kernel.shmmax": "1000000", "net.ipv4.ip_forward": "1"}
         assert spec["annotations"][T] == "sandbox" and spec["annotations"][S] == SID
         assert {n["type"]: n.get("path") for n in spec["linux"]["namespaces"]} == {
@@ -203,8 +204,9 @@ def test_host_death_is_exit_1_and_not_ready(tmp_path: Path) -> None:
         )
         lab.hosts[0].die(9)
         assert (await wait).exit_status == 1
-        st = await status(lab)
+        st = await status(lab, verbose=True)
         assert (st.state, st.pid) == ("SANDBOX_NOTREADY", 0)
+        assert json.loads(st.info["info"])["exitStatus"] == 1
         await lab.api.StopSandbox(pb.StopSandboxRequest(sandbox_id=SID), CTX)
         await lab.api.ShutdownSandbox(pb.ShutdownSandboxRequest(sandbox_id=SID), CTX)
         assert lab.tasks.empty
@@ -448,5 +450,11 @@ def test_runtime_config_default_when_no_create_came_first(tmp_path: Path) -> Non
         lab.api = SandboxService(lab.tasks, lab._shutdown, make_pod=make)
         await lab.create(tmp_path)
         assert seen == [("namespaces", RuntimeConfig())]
+        # no options: every namespace of the pod's own, no cgroup, nothing else
+        spec = json.loads((tmp_path / SID / "config.json").read_text())
+        assert {n["type"] for n in spec["linux"]["namespaces"]} == {
+            "mount", "network", "uts", "pid", "ipc",
+        }  # fmt: skip
+        assert "cgroupsPath" not in spec["linux"] and "resources" not in spec["linux"]
 
     run(main)

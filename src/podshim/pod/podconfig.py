@@ -139,13 +139,13 @@ def pod_spec(sandbox_id: str, config: cri.PodSandboxConfig, netns_path: str) -> 
     )
     linux: dict[str, Any] = {
         "namespaces": _namespaces(sc.namespace_options, netns_path, sandbox_id),
-        "resources": {"cpu": {"shares": SANDBOX_CPU_SHARES}},
     }
     if linux_cfg.sysctls:
         linux["sysctl"] = dict(sorted(linux_cfg.sysctls.items()))
     cgroups_path = cgroups_path_for(linux_cfg.cgroup_parent, sandbox_id)
-    if cgroups_path:
+    if cgroups_path:  # no parent: no sandbox cgroup (CRI's pause would get containerd's)
         linux["cgroupsPath"] = cgroups_path
+        linux["resources"] = {"cpu": {"shares": SANDBOX_CPU_SHARES}}
     user: dict[str, Any] = {"uid": 0, "gid": 0}
     if sc.HasField("run_as_user"):
         user["uid"] = sc.run_as_user.value

@@ -214,7 +214,7 @@ class SandboxService:
 
     def _info(self, sb: _Sandbox) -> dict[str, Any]:
         state = sb.sandbox.state("")
-        return {
+        info: dict[str, Any] = {
             "pid": sb.sandbox.pid,
             "processStatus": state.status.name.lower(),
             "runtimeType": "io.containerd.podshim.v1",
@@ -222,6 +222,9 @@ class SandboxService:
             "host": {"kind": sb.pod.host.kind, "initPid": sb.pod.host.init_pid},
             "runtimeSpec": sb.pod.spec,
         }
+        if state.exit is not None:
+            info["exitStatus"] = state.exit.status
+        return info
 
     async def SandboxStatus(
         self, req: pb.SandboxStatusRequest, _: CallContext

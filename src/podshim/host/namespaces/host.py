@@ -3,9 +3,10 @@
 What :meth:`NamespacesHost.create` builds, from the sandbox's OCI spec (the config.json
 CRI wrote for the pod sandbox):
 
-* the pod's IPC and UTS namespaces (when the spec lists them), created by
-  ``unshare --ipc=<pin> --uts=<pin>`` and *pinned* by the bind mounts util-linux makes
-  on empty files in the host's state directory ``<state_root>/<namespace>/<pod id>``
+* the pod's IPC and UTS namespaces (when the spec lists them), created by unshare(2)
+  in a forked child of the shim (:mod:`podshim.host.namespaces.pin`: no program is
+  executed per pod) and *pinned* by bind mounts of the child's ``/proc/self/ns/*`` on
+  empty files in the host's state directory ``<state_root>/<namespace>/<pod id>``
   (not in the bundle); the spec's ``hostname`` is set in the new UTS namespace. No
   process stays behind to hold them;
 * the network namespace: the one CRI made (``network`` with a ``path``, never touched
@@ -34,8 +35,9 @@ names the init by a pidfd and watches its exit from a reaper mark taken before i
 started (:mod:`podshim.host.namespaces.pidinit`): a reused pid is never signalled, nor
 an earlier holder's exit taken for the init's.
 
-Every helper process (``unshare``, ``nsenter``, ``podshim-init``) runs through the shim's
-reaper; the shim never calls unshare(2)/setns(2) itself (it is multi-threaded). The init
+Every helper process (the forked namespace maker, ``nsenter`` of a diagnostic exec,
+``podshim-init``) is reaped by the shim's reaper; the shim never calls
+unshare(2)/setns(2) itself, only a forked child that exits right after does. The init
 is reparented to the shim (a child subreaper) when its launcher exits.
 """
 
@@ -57,7 +59,7 @@ from podshim.cgroups import v2 as cgroup_v2
 from podshim.host.contract import Workload, WorkloadRequest
 from podshim.host.control import ExecControl
 from podshim.host.local import LocalWorkloads
-from podshim.host.namespaces import nsexec
+from podshim.host.namespaces import nsexec, pin
 from podshim.host.namespaces.cgroup import (
     CGROUP_RECORD,
     Hierarchy,
@@ -66,7 +68,7 @@ from podshim.host.namespaces.cgroup import (
 )
 from podshim.host.namespaces.cleanup import INIT_RECORD, record_init, remove_state_dir
 from podshim.host.namespaces.execcg import ExecCgroups, own_parents
-from podshim.host.namespaces.initbin import find_init_binary, is_child_subreaper, tool
+from podshim.host.namespaces.initbin import find_init_binary, is_child_subreaper
 from podshim.host.namespaces.pidinit import InitProcess, launch
 from podshim.host.namespaces.plan import PIN_FILES, Plan, plan_from_spec
 from podshim.host.namespaces.systemd import SystemdScope
@@ -147,10 +149,6 @@ class NamespacesHost:
         _check_component(self.namespace, "namespace")
         _check_component(self.pod_id, "pod id")
         plan = plan_from_spec(self._spec, self.pod_id)
-        unshare = tool("unshare") if plan.pins else ""
-        nsenter = tool("nsenter") if plan.sysctls or "network" in plan.pins else ""
-        ip = tool("ip", "iproute2") if "network" in plan.pins else ""
-        sh = tool("sh") if plan.pins or plan.sysctls else ""
         if os.path.lexists(self.state_dir):
             raise errdefs.AlreadyExists(
                 f"state directory {self.state_dir} of pod {self.pod_id} already exists"
@@ -162,12 +160,7 @@ class NamespacesHost:
             os.makedirs(os.path.dirname(self.state_dir), mode=0o711, exist_ok=True)
             os.mkdir(self.state_dir, 0o700)
             self._state_made = True
-            if plan.pins:
-                await self._pin(plan, unshare, sh)
-            if "network" in plan.pins:
-                await self._loopback_up(nsenter, ip)
-            if plan.sysctls:
-                await self._sysctls(plan, nsenter, sh)
+            await self._make_namespaces(plan)
             if cgroup is not None:
                 # named before they are made: a crash cleanup removes only these
                 record_cgroup_dirs(self.state_dir, cgroup.planned())
@@ -197,62 +190,23 @@ class NamespacesHost:
             return SystemdScope(plan.cgroups_path, pod_id=self.pod_id)
         return SandboxCgroup(plan.cgroups_path, pod_id=self.pod_id)
 
-    async def _pin(self, plan: Plan, unshare: str, sh: str) -> None:
-        argv = [unshare]
+    async def _make_namespaces(self, plan: Plan) -> None:
+        """Pin the pod's own namespaces (hostname set, ``lo`` up) and write its sysctls,
+        in a forked child (:mod:`~podshim.host.namespaces.pin`): no program is run."""
         for t in plan.pins:
-            pin = os.path.join(self.state_dir, PIN_FILES[t])
-            fd = os.open(pin, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o400)
+            path = os.path.join(self.state_dir, PIN_FILES[t])
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o400)
             os.close(fd)
-            self._pins[t] = pin
-            flag = {"network": "--net", "ipc": "--ipc", "uts": "--uts"}[t]
-            argv.append(f"{flag}={pin}")
-        if plan.hostname:
-            argv += ["--", sh, "-c", 'printf %s "$1" > /proc/sys/kernel/hostname', "sh"]
-            argv.append(plan.hostname)
-        else:
-            argv += ["--", sh, "-c", ":"]
-        res = await self._reaper.run(argv)
-        if res.status != 0:
-            raise errdefs.Internal(
-                f"pin namespaces {plan.pins} of pod {self.pod_id}: unshare exited "
-                f"{res.status}: {_stderr(res.stderr)}"
-            )
-
-    async def _loopback_up(self, nsenter: str, ip: str) -> None:
-        """Bring up ``lo`` in a network namespace we made (as runc does for a new one)."""
-        pin = self._pins["network"]
-        res = await self._reaper.run([nsenter, f"--net={pin}", "--", ip, "link", "set", "lo", "up"])
-        if res.status != 0:
-            raise errdefs.Internal(
-                f"bring up lo in the network namespace of pod {self.pod_id}: {_stderr(res.stderr)}"
-            )
+            self._pins[t] = path  # recorded before it is mounted: teardown undoes it
+        want = pin.Namespaces(
+            self.pod_id, dict(self._pins), plan.hostname, plan.netns, list(plan.sysctls)
+        )
+        await pin.make(self._reaper, want)
 
     def _ns_file(self, ns_type: str) -> str | None:
         if ns_type == "network" and self._plan is not None and self._plan.netns:
             return self._plan.netns
         return self._pins.get(ns_type)
-
-    async def _sysctls(self, plan: Plan, nsenter: str, sh: str) -> None:
-        flags = {"network": "--net", "ipc": "--ipc", "uts": "--uts"}
-        for key, value, ns_type in plan.sysctls:
-            path = self._ns_file(ns_type)
-            assert path is not None  # classify_sysctl checked the pod has it
-            argv = [
-                nsenter,
-                f"{flags[ns_type]}={path}",
-                "--",
-                sh,
-                "-c",
-                'printf %s "$2" > "$1"',
-                "sh",
-                "/proc/sys/" + key.replace(".", "/"),
-                value,
-            ]
-            res = await self._reaper.run(argv)
-            if res.status != 0:
-                raise errdefs.InvalidArgument(
-                    f'sysctl "{key}"={value!r} for pod {self.pod_id}: {_stderr(res.stderr)}'
-                )
 
     # -- namespaces ----------------------------------------------------------------
 
@@ -408,13 +362,13 @@ class NamespacesHost:
                     problems.append(f"sandbox cgroup still busy: {', '.join(left)}")
                 else:
                     self._cgroup = None
-        for t, pin in list(self._pins.items()):
+        for t, pin_file in list(self._pins.items()):
             try:
-                mount.unmount_all(pin)
+                mount.unmount_all(pin_file)
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(pin)
+                    os.unlink(pin_file)
             except OSError as exc:
-                problems.append(f"{t} pin {pin}: {exc.strerror or exc}")
+                problems.append(f"{t} pin {pin_file}: {exc.strerror or exc}")
                 continue
             del self._pins[t]
         if self._state_made:

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal as signals
+import socket
 from typing import Any
 
 from podshim import errors as errdefs
@@ -31,6 +32,25 @@ def _spawn(args: list[str], stdio: tuple[int, int, int], gate: int | None = None
     if path is None:
         raise errdefs.Unknown(f"fake runtime: {argv[0]}: not found")
     return os.posix_spawn(path, argv, os.environ, file_actions=actions)
+
+
+def _console(console_socket: str | None) -> int | None:
+    """As runc with ``--console-socket``: make a pty, send its master over the socket,
+    and give the process the slave as stdin, stdout and stderr. Returns the slave, to
+    close once the process is spawned; None without a console socket."""
+    if console_socket is None:
+        return None
+    master, slave = os.openpty()
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(console_socket)
+            socket.send_fds(s, [b"/dev/pts/fake"], [master])
+    except BaseException:
+        os.close(slave)
+        raise
+    finally:
+        os.close(master)
+    return slave
 
 
 def _write_pid(path: str, pid: int) -> None:
@@ -73,14 +93,17 @@ class FakeOci:
         args = (spec.get("process") or {}).get("args")
         if not args or not isinstance(args, list):  # runc: "args must not be empty"
             raise errdefs.Unknown(f"fake runtime: container {cid}: args must not be empty")
+        tty = _console(console_socket)
         r, w = os.pipe()
         try:
-            pid = _spawn([str(a) for a in args], stdio, gate=r)
+            pid = _spawn([str(a) for a in args], stdio if tty is None else (tty, tty, tty), gate=r)
         except BaseException:
             os.close(w)
             raise
         finally:
             os.close(r)
+            if tty is not None:
+                os.close(tty)
         self.inits[cid], self.gates[cid], self.execs[cid] = pid, w, []
         _write_pid(pid_file, pid)
 
@@ -103,7 +126,12 @@ class FakeOci:
         self._pid(cid)
         with open(process_json) as f:
             process = json.load(f)
-        pid = _spawn([str(a) for a in process["args"]], stdio)
+        tty = _console(console_socket)
+        try:
+            pid = _spawn([str(a) for a in process["args"]], stdio if tty is None else (tty,) * 3)
+        finally:
+            if tty is not None:
+                os.close(tty)
         self.execs[cid].append(pid)
         _write_pid(pid_file, pid)
 

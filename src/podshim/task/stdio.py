@@ -184,12 +184,21 @@ class ProcessIO:
         self._master = -1
         self._console_dir: str | None = None
         self._console_listener: socket.socket | None = None
+        #: with a terminal: the stdin FIFO and the output, opened before the runtime runs
+        self._tty_in = -1
+        self._tty_out = -1
 
     async def open(self) -> None:
         """Open the FIFOs and create the pipes (or the console socket). A FIFO or file
         that cannot be opened is InvalidArgument naming it."""
         try:
             if self.terminal:
+                # opened now, as without a terminal: a bad path fails before the runtime runs
+                if self.stdin:
+                    self._tty_in = self._fifo_in()
+                if self.stdout:
+                    self._tty_out = _open_output(self.stdout)
+                    self._owned.append(self._tty_out)
                 self._open_console_socket()
             else:
                 self._open_pipes()
@@ -208,12 +217,14 @@ class ProcessIO:
         self._stdin_keep = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         return fd
 
-    def _pump_out(self, src: int, uri: str) -> None:
-        """Pump ``src`` into the output ``uri``. The pump owns its own FIFO fd and closes
-        it at EOF: containerd (CRI's ExecSync) waits for the FIFO's EOF, so no writer may
-        outlive the process's output."""
+    def _pump_out(self, src: int, uri: str, dst: int = -1) -> None:
+        """Pump ``src`` into the output ``uri`` (``dst``: it, opened already). The pump
+        owns its own FIFO fd and closes it at EOF: containerd (CRI's ExecSync) waits for
+        the FIFO's EOF, so no writer may outlive the process's output."""
         fifo = not uri.startswith("file://")
-        pump = Pump(src, _open_output(uri), close_src=True, close_dst=True, drain_dst=fifo)
+        if dst < 0:
+            dst = _open_output(uri)
+        pump = Pump(src, dst, close_src=True, close_dst=True, drain_dst=fifo)
         self._pumps.append(pump)
         self._out_pumps.append(pump)
 
@@ -275,11 +286,14 @@ class ProcessIO:
         self._master = fds[0]
         self._owned.append(self._master)
         self._cleanup_console_socket()
-        if self.stdin:
-            src = self._fifo_in()
-            self._pumps.append(Pump(src, os.dup(self._master), close_src=False, close_dst=True))
-        if self.stdout:
-            self._pump_out(os.dup(self._master), self.stdout)
+        if self._tty_in >= 0:
+            self._pumps.append(
+                Pump(self._tty_in, os.dup(self._master), close_src=False, close_dst=True)
+            )
+        if self._tty_out >= 0:
+            out, self._tty_out = self._tty_out, -1
+            self._owned.remove(out)  # the pump owns it now
+            self._pump_out(os.dup(self._master), self.stdout, out)
 
     def _cleanup_console_socket(self) -> None:
         if self._console_listener is not None:

@@ -24,7 +24,10 @@ Reported: calls/s, the **server's CPU per call** (its process's utime + stime be
 after, divided by the calls answered: independent of the machine's other load, unlike
 calls/s) and the latency percentiles; targets are interleaved per measurement and each
 figure is the median of ``--rounds`` (3) rounds. The clients' own CPU per call is shown
-so one can see they were not the limit.
+so one can see they were not the limit. calls/s also depends on the CPU share the
+scheduler gives each server: with ``kernel.sched_autogroup_enabled`` the shims (Go and
+podshim, each in its own session) compete as groups with the rest of the machine, while
+the ``server`` child shares the bench's session; CPU per call is the figure to compare.
 
 Usage (root): ``.venv/bin/python bench/ttrpc_roundtrip.py [--seconds 3] [--clients 3]
 [--inflight 16] [--rounds 3] [--targets go,podshim,node,server] [--json]``

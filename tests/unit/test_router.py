@@ -76,10 +76,10 @@ def test_same_id_in_two_namespaces_are_two_tasks_in_two_services(tmp_path: Path)
         with pytest.raises(errdefs.AlreadyExists):
             await n.node.Create(pb.CreateTaskRequest(id="t", bundle="/x"), cctx("a"))
         with pytest.raises(errdefs.NotFound, match="namespace c"):
-            await n.node.State(pb.StateRequest(id="t"), cctx("c"))
+            n.node.State(pb.StateRequest(id="t"), cctx("c"))
         await n.node.Kill(pb.KillRequest(id="t", signal=9), cctx("a"))
         assert (await n.node.Wait(pb.WaitRequest(id="t"), cctx("a"))).exit_status == 137
-        st = await n.node.State(pb.StateRequest(id="t"), cctx("b"))
+        st = n.node.State(pb.StateRequest(id="t"), cctx("b"))
         assert st.status == 2  # b's t is still RUNNING
         await n.node.Delete(pb.DeleteRequest(id="t"), cctx("a"))
         assert list(n.node.services) == [("b", "t")]  # a's service held nothing: dropped
@@ -87,7 +87,7 @@ def test_same_id_in_two_namespaces_are_two_tasks_in_two_services(tmp_path: Path)
         await n.node.Shutdown(pb.ShutdownRequest(id="t"), cctx("b"))  # never ends a node
         # a call without namespace metadata belongs to the daemon's own namespace
         with pytest.raises(errdefs.NotFound, match="namespace default"):
-            await n.node.State(pb.StateRequest(id="t"), cctx(None))
+            n.node.State(pb.StateRequest(id="t"), cctx(None))
 
     run(main)
 

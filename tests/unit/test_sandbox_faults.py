@@ -54,7 +54,7 @@ async def shim(host: FakeHost) -> tuple[TaskService, RecordingPublisher]:
 
 
 async def status(svc: TaskService) -> int:
-    return (await svc.State(pb.StateRequest(id="pod1"), CTX)).status
+    return svc.State(pb.StateRequest(id="pod1"), CTX).status
 
 
 @pytest.mark.parametrize("sig", [0, 65, 2**32 - 128, 2**32 - 1])

@@ -36,7 +36,7 @@ def test_invalid_ids_are_invalid_argument(bad: str) -> None:
     async def main() -> None:
         svc, _ = service()
         with pytest.raises(errdefs.InvalidArgument):
-            await svc.State(pb.StateRequest(id=bad), CTX)
+            svc.State(pb.StateRequest(id=bad), CTX)
         with pytest.raises(errdefs.InvalidArgument):
             await svc.Create(pb.CreateTaskRequest(id=bad, bundle="/tmp"), CTX)
 
@@ -47,13 +47,13 @@ def test_routing_connect_delete_and_the_shutdown_rule() -> None:
     async def main() -> None:
         svc, asked = service()
         with pytest.raises(errdefs.NotFound, match="task t1: not found"):
-            await svc.State(pb.StateRequest(id="t1"), CTX)
+            svc.State(pb.StateRequest(id="t1"), CTX)
         task = FakeTask("t1")
         svc.tasks["t1"] = task
         assert (await svc.Start(pb.StartRequest(id="t1"), CTX)).pid == task.pid
         conn = await svc.Connect(pb.ConnectRequest(id="t1"), CTX)
         assert (conn.shim_pid, conn.task_pid) == (os.getpid(), task.pid)
-        st = await svc.State(pb.StateRequest(id="t1"), CTX)
+        st = svc.State(pb.StateRequest(id="t1"), CTX)
         assert (st.id, st.pid, st.status) == ("t1", task.pid, 2)  # RUNNING
         await svc.Shutdown(pb.ShutdownRequest(id="t1"), CTX)
         await asyncio.sleep(0)

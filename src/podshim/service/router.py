@@ -158,8 +158,9 @@ class NodeService:
     async def Start(self, req: pb.StartRequest, cctx: CallContext) -> pb.StartResponse:
         return await self._routed(req.id, cctx).Start(req, cctx)
 
-    async def State(self, req: pb.StateRequest, cctx: CallContext) -> pb.StateResponse:
-        return await self._routed(req.id, cctx).State(req, cctx)
+    def State(self, req: pb.StateRequest, cctx: CallContext) -> pb.StateResponse:
+        """Plain, as the service's: answered inline by the ttrpc server."""
+        return self._routed(req.id, cctx).State(req, cctx)
 
     async def Delete(self, req: pb.DeleteRequest, cctx: CallContext) -> pb.DeleteResponse:
         svc = self._routed(req.id, cctx)

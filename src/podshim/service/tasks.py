@@ -104,9 +104,9 @@ class TaskService:
         self.activity = asyncio.Event()
 
     def _task(self, tid: str) -> Task:
-        check_id(tid)
         task = self.tasks.get(tid)
         if task is None:
+            check_id(tid)  # a held task's id was checked by its Create
             raise errdefs.NotFound(f"task {tid}: not found")
         return task
 
@@ -189,7 +189,8 @@ class TaskService:
         log.info("started pid %d", pid, extra=self._fields(req.id, req.exec_id))
         return pb.StartResponse(pid=pid)
 
-    async def State(self, req: pb.StateRequest, _: CallContext) -> pb.StateResponse:
+    def State(self, req: pb.StateRequest, _: CallContext) -> pb.StateResponse:
+        """Plain, not ``async``: it only reads, so the ttrpc server answers it inline."""
         st = self._task(req.id).state(req.exec_id)
         resp = pb.StateResponse(
             id=st.exec_id or st.id,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
 HEADER = struct.Struct(">IIBB")
 HEADER_SIZE = HEADER.size  # 10
@@ -43,14 +44,17 @@ class ProtocolError(Exception):
     """
 
 
-@dataclass(frozen=True, slots=True)
-class Frame:
-    """A complete frame."""
+class Frame(NamedTuple):
+    """A complete frame (immutable; a named tuple, the cheapest such object to make: one
+    is made per message received)."""
 
     stream_id: int
     type: int
     flags: int
     body: bytes
+
+
+_new_frame = tuple.__new__  # Frame(...) without the named tuple's Python-level __new__
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +116,23 @@ class FrameDecoder:
                 the caller must close the connection.
         """
         events: list[Event] = []
-        view = memoryview(data)
+        pos = 0
+        if not self._buf and not self._skip:
+            # Fast path: the whole frames at the start of ``data``, each body copied once.
+            n = len(data)
+            unpack = HEADER.unpack_from
+            max_body = self._max_body
+            while n - pos >= HEADER_SIZE:
+                length, sid, type_, flags = unpack(data, pos)
+                start = pos + HEADER_SIZE
+                end = start + length
+                if not sid or length > max_body or end > n:
+                    break
+                events.append(_new_frame(Frame, (sid, type_, flags, bytes(data[start:end]))))
+                pos = end
+            if pos == n:
+                return events
+        view = memoryview(data)[pos:]
         while view:
             if self._skip:
                 n = min(self._skip, len(view))
@@ -120,11 +140,13 @@ class FrameDecoder:
                 view = view[n:]
                 continue
             if not self._buf and len(view) >= HEADER_SIZE:
-                # Fast path: a whole frame at the start of the view, not copied twice.
+                # A whole frame at the start of the view, not copied twice.
                 length, sid, type_, flags = HEADER.unpack_from(view)
                 end = HEADER_SIZE + length
                 if sid and length <= self._max_body and len(view) >= end:
-                    events.append(Frame(sid, type_, flags, bytes(view[HEADER_SIZE:end])))
+                    events.append(
+                        _new_frame(Frame, (sid, type_, flags, bytes(view[HEADER_SIZE:end])))
+                    )
                     view = view[end:]
                     continue
             need = HEADER_SIZE - len(self._buf) if len(self._buf) < HEADER_SIZE else 0

@@ -1,7 +1,11 @@
 """asyncio ttrpc server over unix sockets, on top of the sans-IO :mod:`protocol`.
 
 Every request runs in its own task, so a long ``Wait`` never holds up other calls on the
-same connection. Response frames are never split or interleaved: those answered in one
+same connection; a method bound as a plain function (one that answers at once, e.g.
+``State``: :class:`~podshim.ttrpc.services.InlineHandler`) runs inline instead, as its
+request is read, unless an interceptor is plugged in, answers are waiting for the peer
+to read, or an earlier request of the same read got a task (calls start in the order
+they arrived). Response frames are never split or interleaved: those answered in one
 turn of the event loop are joined, in order, into one ``transport.write`` at the end of
 the turn (one send for many pipelined answers, not one each). A peer whose framing
 breaks, or who vanishes mid-frame, loses only its own connection.
@@ -30,8 +34,9 @@ from dataclasses import dataclass
 
 from podshim import errors as errdefs
 from podshim.ttrpc.codec import ProtocolError
+from podshim.ttrpc.dispatch import Dispatcher
 from podshim.ttrpc.protocol import ErrorReply, IncomingRequest, ServerConnection
-from podshim.ttrpc.services import CallContext, ServiceBinding
+from podshim.ttrpc.services import ServiceBinding
 
 log = logging.getLogger("podshim.ttrpc.server")
 
@@ -97,7 +102,10 @@ class _Conn(asyncio.Protocol):
         self._state = ServerConnection()
         self._transport: asyncio.Transport | None = None
         self._loop: asyncio.AbstractEventLoop  # set with the transport
-        self._tasks: set[asyncio.Task[None]] = set()
+        # The tasks of calls running, by a number of the connection's own.
+        self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._next_call = 0
+        self._dispatcher: Dispatcher  # set with the transport, once the peer is known
         self._cred = PeerCred(0, -1, -1)
         limits = server.limits
         self._max_in_flight = limits.max_in_flight
@@ -144,6 +152,9 @@ class _Conn(asyncio.Protocol):
             transport.abort()
             return
         transport.set_write_buffer_limits(high=self._max_queued_bytes)
+        self._dispatcher = Dispatcher(
+            self._server.services, self._loop, self._cred.pid, self._cred.uid
+        )
         self._server._conns.add(self)
         self._server.activity.set()
 
@@ -158,6 +169,7 @@ class _Conn(asyncio.Protocol):
             log.warning("ttrpc: closing connection from pid %d: %s", self._cred.pid, exc)
             self.abort()
             return
+        inline = True  # no request of this read got a task yet
         for item in items:
             if isinstance(item, ErrorReply):
                 self._write(item.data)  # small, and at most one read's worth unthrottled
@@ -170,7 +182,8 @@ class _Conn(asyncio.Protocol):
                 )
             ):
                 self._hold(item)
-            else:
+            elif not (inline and self._answer_inline(item)):
+                inline = False
                 self._start(item)
         if state.in_frame:
             self._frame_pending()
@@ -206,7 +219,7 @@ class _Conn(asyncio.Protocol):
         if self._frame_timer is not None:
             self._frame_timer.cancel()
             self._frame_timer = None
-        tasks = list(self._tasks)
+        tasks = list(self._tasks.values())
         self._tasks.clear()
         for t in tasks:
             t.cancel()
@@ -271,7 +284,20 @@ class _Conn(asyncio.Protocol):
             self.peak_in_flight = self._in_flight
         # _handle takes its task out of _tasks itself (no done callback: one handle
         # less to run per call); connection_lost drops the ones cancelled unstarted.
-        self._tasks.add(self._loop.create_task(self._handle(req)))
+        key = self._next_call
+        self._next_call = key + 1
+        self._tasks[key] = self._loop.create_task(self._handle(req, key))
+
+    def _answer_inline(self, req: IncomingRequest) -> bool:
+        """Answer ``req`` now if its method is plain (see :class:`Dispatcher`) and it may
+        run inline (no interceptor, answers not held back); False: it needs a task."""
+        if self._server.interceptor is not None or self._writing_paused:
+            return False
+        data = self._dispatcher.answer_inline(req)
+        if data is None:
+            return False
+        self._write(data)
+        return True
 
     def _refill(self) -> None:
         """Start held requests while the bounds allow; read again once none is held."""
@@ -361,20 +387,21 @@ class _Conn(asyncio.Protocol):
 
     async def wait_idle(self) -> None:
         while self._tasks:
-            await asyncio.wait(list(self._tasks))
+            await asyncio.wait(list(self._tasks.values()))
         self._flush()  # the last answers are in the transport before any abort
 
-    async def _handle(self, req: IncomingRequest) -> None:
+    async def _handle(self, req: IncomingRequest, key: int) -> None:
         code: int = 0
         message = ""
         payload = b""
         try:
             try:
                 intercept = self._server.interceptor
+                dispatch = self._dispatcher.dispatch
                 if intercept is None:
-                    payload = await self._dispatch(req)
+                    payload = await dispatch(req)
                 else:
-                    payload = await intercept(req, lambda: self._dispatch(req))
+                    payload = await intercept(req, lambda: dispatch(req))
             except asyncio.CancelledError:
                 if self._transport is None or self._transport.is_closing():
                     raise  # connection gone: nothing to answer
@@ -387,35 +414,11 @@ class _Conn(asyncio.Protocol):
                 await self._writable.wait()
             self._write(data)
         finally:
-            task = asyncio.current_task()
-            if task is not None:
-                self._tasks.discard(task)
+            self._tasks.pop(key, None)
             self._in_flight -= 1
             self._in_flight_bytes -= len(req.payload)
             if self._backlog or self._reading_paused:
                 self._refill()
-
-    async def _dispatch(self, req: IncomingRequest) -> bytes:
-        svc = self._server.services.get(req.service)
-        if svc is None:
-            raise errdefs.NotImplemented(f"service {req.service}")
-        handler = svc.methods.get(req.method)
-        if handler is None:
-            raise errdefs.NotImplemented(f"method {req.method}")
-        md: dict[str, tuple[str, ...]] = {}
-        for k, v in req.metadata:
-            md[k] = (*md.get(k, ()), v)
-        deadline = self._loop.time() + req.timeout_nano / 1e9 if req.timeout_nano > 0 else None
-        ctx = CallContext(req.service, req.method, md, deadline, self._cred.pid, self._cred.uid)
-        if deadline is None:
-            return await handler(req.payload, ctx)
-        try:
-            async with asyncio.timeout_at(deadline):
-                return await handler(req.payload, ctx)
-        except TimeoutError:
-            raise errdefs.DeadlineExceeded(
-                f"{req.service}/{req.method}: context deadline exceeded"
-            ) from None
 
 
 class Server:

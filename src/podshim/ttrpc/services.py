@@ -1,14 +1,19 @@
 """Binding protobuf service descriptors to Python handlers.
 
-A service implementation is any object with one ``async`` method per RPC, named as in
-the .proto (``State``, ``Create``, ...), taking the decoded request message and a
+A service implementation is any object with one method per RPC, named as in the .proto
+(``State``, ``Create``, ...), taking the decoded request message and a
 :class:`CallContext` and returning the response message. :func:`bind` reads the
 request/response types from the generated descriptor, so no per-service glue is written
 by hand.
+
+A method is ``async`` (it may wait), or a plain function that answers at once (it must
+not block: e.g. ``State``, which only reads). The server runs a plain one inline, as the
+request is read, with no asyncio task of its own (see :class:`InlineHandler`).
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +44,21 @@ class CallContext:
 
 
 RawHandler = Callable[[bytes, CallContext], Awaitable[bytes]]
+#: a plain (not async) handler: request bytes in, answer bytes out, at once
+SyncRawHandler = Callable[[bytes, CallContext], bytes]
+
+
+class InlineHandler:
+    """The :data:`RawHandler` of a plain (not ``async``) method: awaiting it runs
+    :attr:`inline`, which a server may also call directly (no task, no coroutine)."""
+
+    __slots__ = ("inline",)
+
+    def __init__(self, inline: SyncRawHandler) -> None:
+        self.inline = inline
+
+    async def __call__(self, payload: bytes, ctx: CallContext) -> bytes:
+        return self.inline(payload, ctx)
 
 
 @dataclass
@@ -49,15 +69,31 @@ class ServiceBinding:
     methods: dict[str, RawHandler] = field(default_factory=dict)
 
 
-def _raw(fn: Callable[[Any, CallContext], Awaitable[Message]], in_cls: type[Message]) -> RawHandler:
+def _undecodable(exc: DecodeError) -> errdefs.Internal:
+    # Go's ttrpc answers an undecodable payload with INTERNAL; we match it.
+    return errdefs.Internal(f"ttrpc: error unmarshalling payload: {exc}")
+
+
+def _raw(fn: Callable[[Any, CallContext], Any], in_cls: type[Message]) -> RawHandler:
+    parse = in_cls.FromString
+    if not inspect.iscoroutinefunction(fn):
+
+        def inline(payload: bytes, ctx: CallContext) -> bytes:
+            try:
+                req = parse(payload)
+            except DecodeError as exc:
+                raise _undecodable(exc) from None
+            resp: Message = fn(req, ctx)
+            return resp.SerializeToString()
+
+        return InlineHandler(inline)
+
     async def handler(payload: bytes, ctx: CallContext) -> bytes:
-        req = in_cls()
         try:
-            req.ParseFromString(payload)
+            req = parse(payload)
         except DecodeError as exc:
-            # Go's ttrpc answers an undecodable payload with INTERNAL; we match it.
-            raise errdefs.Internal(f"ttrpc: error unmarshalling payload: {exc}") from None
-        resp = await fn(req, ctx)
+            raise _undecodable(exc) from None
+        resp: Message = await fn(req, ctx)
         return resp.SerializeToString()
 
     return handler
@@ -68,7 +104,8 @@ def bind(descriptor: ServiceDescriptor, impl: object, *, partial: bool = False) 
 
     Args:
         descriptor: e.g. ``shim_pb2.DESCRIPTOR.services_by_name["Task"]``.
-        impl: the object with one async method per RPC.
+        impl: the object with one method per RPC (``async``, or plain for one that
+            answers at once and never blocks).
         partial: when True, RPCs ``impl`` lacks are answered UNIMPLEMENTED instead of
             raising here (useful for test doubles).
 

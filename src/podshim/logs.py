@@ -72,6 +72,8 @@ _STD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
 #: logrus's fixed keys; a field of the same name is renamed ``fields.<name>``
 _FIXED = ("time", "level", "msg")
 _BARE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._/@^+")
+#: str.translate table deleting every bare character: what is left needs quoting
+_DROP_BARE = {ord(c): None for c in _BARE}
 _GO_ESCAPES = {
     "\a": "\\a",
     "\b": "\\b",
@@ -92,6 +94,13 @@ def level_number(name: str) -> int:
 
 def go_quote(value: str) -> str:
     """``value`` as Go's ``%q`` writes it (printable non-ASCII is kept as is)."""
+    if value.isascii() and value.isprintable() and '"' not in value and "\\" not in value:
+        return f'"{value}"'  # the common case: nothing to escape
+    return _go_quote_each(value)
+
+
+def _go_quote_each(value: str) -> str:
+    """:func:`go_quote`, character by character."""
     out = ['"']
     for ch in value:
         esc = _GO_ESCAPES.get(ch)
@@ -111,7 +120,7 @@ def go_quote(value: str) -> str:
 
 def _value(value: str) -> str:
     """A logrus text value: bare if every character is safe, else quoted."""
-    if all(c in _BARE for c in value):
+    if not value.translate(_DROP_BARE):
         return value
     return go_quote(value)
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 from google.protobuf import any_pb2
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from podshim import errors as errdefs
 from podshim import logs
@@ -278,3 +280,11 @@ def test_a_long_line_is_written_whole(pipe: tuple[int, int]) -> None:
     handler.handle(record(text))
     (line,) = drain(r)
     assert text in line and handler.dropped == 0
+
+
+@settings(max_examples=500)
+@given(st.text())
+def test_fast_paths_answer_as_the_character_by_character_rules(value: str) -> None:
+    assert logs.go_quote(value) == logs._go_quote_each(value)
+    bare = all(c in logs._BARE for c in value)
+    assert logs._value(value) == (value if bare else logs._go_quote_each(value))

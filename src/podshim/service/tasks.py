@@ -186,7 +186,10 @@ class TaskService:
 
     async def Start(self, req: pb.StartRequest, _: CallContext) -> pb.StartResponse:
         pid = await self._task(req.id).start(req.exec_id)
-        log.info("started pid %d", pid, extra=self._fields(req.id, req.exec_id))
+        # an exec's lines are debug: kubelet's exec probes would fill containerd's log
+        (log.debug if req.exec_id else log.info)(
+            "started pid %d", pid, extra=self._fields(req.id, req.exec_id)
+        )
         return pb.StartResponse(pid=pid)
 
     def State(self, req: pb.StateRequest, _: CallContext) -> pb.StateResponse:
@@ -223,7 +226,7 @@ class TaskService:
                     await self.pod.release()
             log.info("deleted task %s", req.id, extra=self._fields(req.id))
         else:
-            log.info("deleted exec %s", req.exec_id, extra=self._fields(req.id, req.exec_id))
+            log.debug("deleted exec %s", req.exec_id, extra=self._fields(req.id, req.exec_id))
         return pb.DeleteResponse(pid=pid, exit_status=ex.status, exited_at=timestamp(ex.at))
 
     async def Pids(self, req: pb.PidsRequest, _: CallContext) -> pb.PidsResponse:
@@ -266,7 +269,7 @@ class TaskService:
         await self._task(req.id).exec(
             ExecRequest(req.exec_id, req.terminal, req.stdin, req.stdout, req.stderr, req.spec)
         )
-        log.info("exec added", extra=self._fields(req.id, req.exec_id))
+        log.debug("exec added", extra=self._fields(req.id, req.exec_id))
         return empty_pb2.Empty()
 
     async def ResizePty(self, req: pb.ResizePtyRequest, _: CallContext) -> empty_pb2.Empty:

@@ -62,6 +62,8 @@ TRIM_AFTER_QUIET = 0.5
 NODE_LOG = "daemon.log"
 #: Create observers to load (tests' fault hooks): ``module:function,...``
 HOOKS_ENV = "PODSHIM_HOOKS"
+#: a directory: every daemon runs under cProfile and leaves its statistics there
+PROFILE_ENV = "PODSHIM_PROFILE_DIR"
 
 
 def _heap_trimmer() -> Callable[[], None]:
@@ -315,7 +317,7 @@ def serve(flags: Flags) -> int:
     tracing.init_from_env("containerd-shim-podshim-v1")  # after a zygote's fork: it threads
     crash = _Crash(home)
     try:
-        asyncio.run(_serve(flags, crash))
+        _run_profiled(lambda: asyncio.run(_serve(flags, crash)), flags)
     except BaseException as exc:
         if _is_crash(exc):
             crash.record(exc)  # a node daemon's directory stays, with panic.log
@@ -325,6 +327,24 @@ def serve(flags: Flags) -> int:
     if flags.node:
         _remove_node_home(home)
     return 0
+
+
+def _run_profiled(run: Callable[[], None], flags: Flags) -> None:
+    """``run()``; with ``PODSHIM_PROFILE_DIR`` in the environment (containerd's), under
+    cProfile, the statistics then written to ``<dir>/<node key or task id>-<pid>.prof``
+    when the daemon ends (read them with ``python -m pstats``)."""
+    where = os.environ.get(PROFILE_ENV)
+    if not where:
+        run()
+        return
+    import cProfile
+
+    prof = cProfile.Profile()
+    try:
+        prof.runcall(run)
+    finally:
+        os.makedirs(where, exist_ok=True)
+        prof.dump_stats(os.path.join(where, f"{flags.node or flags.id}-{os.getpid()}.prof"))
 
 
 def _remove_node_home(home: str) -> None:

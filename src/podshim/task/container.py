@@ -215,7 +215,9 @@ class Container:
         connection on which that Kill's answer is due (StopContainer then fails with
         "ttrpc: closed"); runc's shim answers a Kill before the exit can be seen."""
         if await p.exited_with(ex.status, ex.at):
-            self.log.info("exited pid %d status %d", p.pid, ex.status, extra={"eid": p.exec_id})
+            (self.log.debug if p.exec_id else self.log.info)(
+                "exited pid %d status %d", p.pid, ex.status, extra={"eid": p.exec_id}
+            )
             if p is self.init and not self._no_kill_in_flight.is_set():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._no_kill_in_flight.wait(), KILL_ANSWER_WAIT)

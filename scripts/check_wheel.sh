@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
 # The runtime distribution as a user gets it: build podshim's sdist and wheel (`python -m
-# build`: the wheel is built from the sdist), check that the wheel holds none of the test
-# lab (podshim_lab, lab/) nor the demo and does not depend on grpc, then install it alone
-# (no dev dependencies) into a fresh venv and check its console scripts there:
-# `podshim version` works, `podshim demo` exits 2 with the one-line hint to install the lab.
+# build`: the wheel is built from the sdist, which must carry every source: the C files
+# too), check that the wheel holds none of the test lab (podshim_lab, lab/) nor the demo
+# and does not depend on grpc, then install it alone (no dev dependencies) into a fresh
+# venv and check its console scripts there: `podshim version` works, `podshim demo` exits
+# 2 with the one-line hint to install the lab. One version everywhere: __version__ (src/
+# podshim/__init__.py) is the wheel's and sdist's, `podshim version`'s, the shim's `-v`,
+# the one compiled into the launcher, and the lab's, which the `lab` extra pins (the lab
+# wheel is built too: `pip install --find-links DIST 'podshim[lab]'` installs the demo;
+# with PODSHIM_WHEEL_LAB_VENV set, into a venv made there). With PODSHIM_WHEEL_DIST set,
+# both wheels and the sdist are copied there (test_node_installer.py bundles the wheel).
 #
 # The build reads a copy of the files git knows (tracked, and untracked but not ignored),
 # so stale build/, *.egg-info or __pycache__ of a working tree cannot leak into it.
@@ -56,6 +62,27 @@ sdists=("$dist"/podshim-*.tar.gz)
 [ -f "${wheels[0]}" ] && [ ${#wheels[@]} -eq 1 ] || fail "expected one wheel in $dist: $(ls "$dist")"
 [ -f "${sdists[0]}" ] && [ ${#sdists[@]} -eq 1 ] || fail "expected one sdist in $dist: $(ls "$dist")"
 wheel=${wheels[0]}
+sdist=${sdists[0]}
+
+# -- one version everywhere: __version__, the distribution, the lab it pins ------------------
+version=$(sed -n 's/^__version__ = "\(.*\)"$/\1/p' src/podshim/__init__.py)
+[ -n "$version" ] || fail "no __version__ in src/podshim/__init__.py"
+[ "$(basename "$wheel")" = "podshim-$version-py3-none-linux_$(uname -m).whl" ] ||
+  fail "the wheel $(basename "$wheel") is not podshim $version's (pyproject's version?)"
+[ "$(basename "$sdist")" = "podshim-$version.tar.gz" ] || fail "the sdist $(basename "$sdist") is not $version's"
+
+# -- the sdist carries every source the wheel is built from (build made the wheel from it) --
+# (every C source and header of the package: podshim-init.c, the launcher's files)
+c_sources=$(cd "$src" && find src/podshim -name '*.[ch]' | sort)
+for f in src/podshim/host/namespaces/podshim-init.c src/podshim/shim/launcher.c; do
+  grep -qx "$f" <<<"$c_sources" || fail "no $f in the source tree"
+done
+sdist_files=$(tar -tzf "$sdist")
+for f in src/podshim/__init__.py setup.py pyproject.toml $c_sources; do
+  grep -qxF "podshim-$version/$f" <<<"$sdist_files" ||
+    fail "the sdist lacks $f (pyproject.toml's package-data?)"
+done
+grep -q "Building wheel from sdist" "$tmp/build.log" || fail "the wheel was not built from the sdist"
 
 # -- what the wheel holds --------------------------------------------------------------
 .venv/bin/python - "$wheel" <<'EOF'
@@ -124,11 +151,8 @@ rm -rf "$venv"
 "$PY" -m venv "$venv"
 (cd "$tmp" && "$venv/bin/pip" install "${PIP[@]}" "$wheel") || fail "pip install $wheel failed"
 
-version=$(cd "$tmp" && "$venv/bin/podshim" version) || fail "podshim version failed"
-case $version in
-  "podshim "[0-9]*) ;;
-  *) fail "podshim version printed: $version" ;;
-esac
+shown=$(cd "$tmp" && "$venv/bin/podshim" version) || fail "podshim version failed"
+[ "$shown" = "podshim $version" ] || fail "podshim version printed: $shown (want podshim $version)"
 
 rc=0
 (cd "$tmp" && "$venv/bin/podshim" demo) >"$tmp/demo.out" 2>"$tmp/demo.err" || rc=$?
@@ -145,9 +169,12 @@ shim=$venv/bin/containerd-shim-podshim-v1
 [ -x "$shim-py" ] || fail "$shim-py (the Python shim) is not installed"
 shim_version=$(cd "$tmp" && "$shim" -v) || fail "$shim -v failed"
 case $shim_version in
-  "containerd-shim-podshim-v1:"*"Version: "[0-9]*) ;;
-  *) fail "$shim -v (the launcher, then the Python shim) printed: $shim_version" ;;
+  "containerd-shim-podshim-v1:"*"Version: $version"$'\n'*) ;;
+  *) fail "$shim -v (the launcher, then the Python shim) printed: $shim_version (want $version)" ;;
 esac
+# the version compiled into the launcher (its node-scope socket names carry it)
+grep -qa "podshim-start-settings 1 $version node " "$shim" ||
+  fail "$shim was not compiled with PODSHIM_VERSION=$version"
 init_found=$(cd "$tmp" && "$venv/bin/python" -c \
   'from podshim.host.namespaces.host import find_init_binary as f; print(f())') ||
   fail "podshim-init is not found from the installed wheel"
@@ -155,6 +182,38 @@ case $init_found in
   "$venv"/lib/python3*/site-packages/podshim/host/namespaces/podshim-init) ;;
   *) fail "podshim-init found at $init_found, not in the installed package" ;;
 esac
+
+# -- the lab extra: podshim[lab] with the lab's wheel next to podshim's ---------------------
+lab_dist=$tmp/lab-dist
+if ! .venv/bin/python -m build --outdir "$lab_dist" "$src/lab" >"$tmp/lab-build.log" 2>&1; then
+  cat "$tmp/lab-build.log" >&2
+  fail "python -m build lab failed"
+fi
+lab_wheel=("$lab_dist"/podshim_lab-"$version"-py3-none-any.whl)
+[ -f "${lab_wheel[0]}" ] || fail "no podshim-lab $version wheel (lab/pyproject.toml's version?): $(ls "$lab_dist")"
+cp "${lab_wheel[0]}" "$dist/"
+.venv/bin/python - "$wheel" "$version" <<'EOF' || fail "the wheel's lab extra does not pin podshim-lab==$version"
+import sys
+import zipfile
+
+wheel, version = sys.argv[1:]
+with zipfile.ZipFile(wheel) as zf:
+    meta = zf.read(f"podshim-{version}.dist-info/METADATA").decode().splitlines()
+sys.exit(f'Requires-Dist: podshim-lab=={version}; extra == "lab"' not in meta)
+EOF
+if [ -n "${PODSHIM_WHEEL_LAB_VENV:-}" ]; then  # tests/integration/test_wheel_pod.py runs the demo
+  rm -rf "$PODSHIM_WHEEL_LAB_VENV"
+  "$PY" -m venv "$PODSHIM_WHEEL_LAB_VENV"
+  (cd "$tmp" && "$PODSHIM_WHEEL_LAB_VENV/bin/pip" install "${PIP[@]}" --find-links "$dist" \
+    "$wheel[lab]") || fail "pip install --find-links DIST 'podshim[lab]' failed"
+  "$PODSHIM_WHEEL_LAB_VENV/bin/python" -c 'import podshim_lab.demo' ||
+    fail "podshim[lab] installed no working podshim_lab.demo"
+fi
+if [ -n "${PODSHIM_WHEEL_DIST:-}" ]; then  # the wheels, for test_node_installer.py's bundle
+  mkdir -p "$PODSHIM_WHEEL_DIST"
+  rm -f "$PODSHIM_WHEEL_DIST"/*.whl "$PODSHIM_WHEEL_DIST"/*.tar.gz
+  cp "$dist"/* "$PODSHIM_WHEEL_DIST/"
+fi
 
 # -- layering contracts, against the runtime alone ----------------------------------------
 il=$(grep -o '"import-linter==[^"]*"' pyproject.toml | tr -d '"')
@@ -164,4 +223,4 @@ il=$(grep -o '"import-linter==[^"]*"' pyproject.toml | tr -d '"')
   fail "lint-imports: a layering contract is broken"
 }
 
-echo "check_wheel.sh: $(basename "$wheel") ok: podshim-init built in and found; the launcher in bin, execing the Python shim; no lab, no demo, no grpc; podshim demo -> hint (exit 2); import contracts kept"
+echo "check_wheel.sh: $(basename "$wheel") ok (from the sdist, with every C source; version $version everywhere): podshim-init built in and found; the launcher in bin, execing the Python shim; no lab, no demo, no grpc; podshim demo -> hint (exit 2); import contracts kept"

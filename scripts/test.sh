@@ -10,7 +10,10 @@ bash scripts/install.sh
 .venv/bin/mypy
 .venv/bin/lint-imports --no-cache
 # the wheel's own venv, made afresh by check_wheel.sh: test_wheel_pod.py runs a pod from it
+# (and the demo from the podshim[lab] venv); test_node_installer.py bundles the wheel
 export PODSHIM_WHEEL_VENV=$PWD/.venv-wheel
+export PODSHIM_WHEEL_LAB_VENV=$PWD/build/venv-wheel-lab  # build/: ignored by git and ruff
+export PODSHIM_WHEEL_DIST=$PWD/build/wheel-dist
 bash scripts/check_wheel.sh
 # the full suite on containerd 1.6 (the system package; test_containerd_matrix.py would
 # run on 1.7 and 2.1 there, it runs below), then the version matrix

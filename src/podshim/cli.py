@@ -8,7 +8,8 @@ runs, so ``podshim --help`` (and every other subcommand) stays fast.
   ``lab/``), imported only when the command runs, never statically.
 * ``podshim diag``: inspect live shims (``podshim.diag``; hcsshim's shimdiag).
 * ``podshim check``, ``podshim install``, ``podshim uninstall``: put podshim on this
-  machine's containerd and check it (``podshim.admin``).
+  machine's containerd and check it (``podshim.admin``); ``podshim node-install``: the
+  same from a Kubernetes DaemonSet's container (``deploy/``).
 * ``podshim version``: print podshim's version.
 """
 
@@ -147,6 +148,19 @@ COMMANDS: tuple[Command, ...] = (
             "for podshim uninstall. --dry-run prints the changes only. Idempotent."
         ),
         configure=_admin_configure("install"),
+    ),
+    Command(
+        "node-install",
+        "the Kubernetes node installer: copy this podshim bundle to the host and install it",
+        _admin("node_install"),
+        description=(
+            "Run by deploy/'s DaemonSet, in a container holding a relocatable podshim bundle "
+            "(deploy/build_bundle.py), with the host's / at --host-root: copy the bundle to "
+            "<prefix>/<version> on the host, run that copy's podshim install and check in the "
+            "host's namespaces (nsenter), remove older copies no process runs from, label "
+            "the node. --cleanup reverses it."
+        ),
+        configure=_admin_configure("node_install"),
     ),
     Command(
         "uninstall",

@@ -20,7 +20,19 @@ def _print(line: str) -> None:
     print(line, flush=True)
 
 
-def _paths(p: argparse.ArgumentParser) -> None:
+#: install's path options, as node-install passes them on (dest -> option)
+PATH_OPTIONS = {
+    "root": "--root",
+    "config": "--config",
+    "containerd": "--containerd",
+    "bin_dir": "--bin-dir",
+    "podshim_config_dir": "--podshim-config-dir",
+    "state_dir": "--state-dir",
+    "dropin": "--dropin",
+}
+
+
+def _path_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--root", default="/", help="prefix of every default path (default: /)")
     p.add_argument(
         "--config", help="containerd's main config (default: /etc/containerd/config.toml)"
@@ -37,6 +49,10 @@ def _paths(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dropin", help="containerd drop-in to write (default: <config dir>/conf.d/podshim.toml)"
     )
+
+
+def _paths(p: argparse.ArgumentParser) -> None:
+    _path_options(p)
     p.add_argument("--dry-run", action="store_true", help="print every change, change nothing")
     p.add_argument(
         "--restart",
@@ -145,3 +161,84 @@ def run_check(args: argparse.Namespace) -> int:
         for r in results:
             print(r.line())
     return 1 if any(r.status == check.FAIL for r in results) else 0
+
+
+def configure_node_install(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--cleanup", action="store_true", help="undo a node-install (uninstall, remove the copy)"
+    )
+    p.add_argument(
+        "--host-root", default="/host", help="where the host's / is mounted (default: /host)"
+    )
+    p.add_argument(
+        "--host-pid",
+        type=int,
+        default=1,
+        help="a host process whose namespaces host commands run in (nsenter; default: 1)",
+    )
+    p.add_argument(
+        "--prefix", help="the bundle's directory on the host (default: <root>/opt/podshim)"
+    )
+    p.add_argument("--bundle", help="the bundle to copy (default: the one running this)")
+    p.add_argument(
+        "--address",
+        default=DEFAULT_ADDRESS,
+        help=f"the containerd podshim check looks at (default: {DEFAULT_ADDRESS})",
+    )
+    p.add_argument(
+        "--label-node",
+        metavar="NODE",
+        help="set (remove, with --cleanup) the label podshim.io/installed=true on NODE "
+        "through the Kubernetes API (in-cluster service account)",
+    )
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="then stay running until SIGTERM (a DaemonSet's container)",
+    )
+    p.add_argument(
+        "--restart",
+        action="store_true",
+        help="restart the host's containerd through its systemd (else print what to do)",
+    )
+    _path_options(p)
+
+
+def _wait_for_term() -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    _print("waiting for SIGTERM")
+    while True:
+        signal.pause()
+
+
+def run_node_install(args: argparse.Namespace) -> int:
+    from podshim.admin import node
+    from podshim.admin.errors import AdminError
+
+    passed: list[str] = []
+    for dest, flag in PATH_OPTIONS.items():
+        value = getattr(args, dest)
+        if value is not None and not (dest == "root" and value == "/"):
+            passed += [flag, value]
+    prefix = args.prefix or os.path.join(args.root, "opt/podshim")
+    opts = node.NodeOptions(
+        bundle=os.path.abspath(args.bundle or node.default_bundle()),
+        host_root=os.path.abspath(args.host_root),
+        host_pid=args.host_pid,
+        prefix=os.path.abspath(prefix),
+        address=args.address,
+        install_args=tuple(passed),
+        restart=args.restart,
+        label_node=args.label_node,
+    )
+    what = "node-install --cleanup" if args.cleanup else "node-install"
+    try:
+        code = node.cleanup(opts, _print) if args.cleanup else node.install(opts, _print)
+    except (AdminError, OSError) as exc:
+        print(f"podshim {what}: {exc}", file=sys.stderr)
+        return 1
+    if code == 0 and args.wait:
+        _wait_for_term()
+    return code

@@ -74,7 +74,7 @@ def test_prune_keeps_a_version_a_process_runs_from(tmp_path: Path) -> None:
         assert node.in_use(str(local / "1.0")) == [proc.pid]
         node.prune(new, "2.0", lines.append)
         assert (local / "1.0").is_dir(), lines
-        assert f"in use by pids [{proc.pid}]" in lines[-1]
+        assert f"in use by pids [{proc.pid}]" in lines[-1] and " 60" in lines[-1]
     finally:
         proc.kill()
         proc.wait()

@@ -183,6 +183,14 @@ def in_use(version_dir: str) -> list[int]:
     return sorted(pids)
 
 
+def _argv(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return repr(f.read().replace(b"\0", b" ").decode(errors="replace").strip())
+    except OSError:
+        return "(gone)"
+
+
 def prune(opts: NodeOptions, keep: str, report: Callable[[str], None]) -> None:
     """Remove the version directories other than ``keep`` that no process runs from."""
     local = opts.local(opts.prefix)
@@ -195,7 +203,8 @@ def prune(opts: NodeOptions, keep: str, report: Callable[[str], None]) -> None:
             continue
         pids = in_use(path)
         if pids:
-            report(f"keep {os.path.join(opts.prefix, name)}: in use by pids {pids} (drains)")
+            users = ", ".join(f"{pid} {_argv(pid)}" for pid in pids)
+            report(f"keep {os.path.join(opts.prefix, name)}: in use by pids {pids} ({users})")
             continue
         shutil.rmtree(path)
         report(f"removed {os.path.join(opts.prefix, name)} (no process runs from it)")

@@ -27,7 +27,7 @@ run() { "$@" || { local r=$?; [ "$r" -eq 5 ] || { [ "$rc" -ne 0 ] || rc=$r; }; }
 run .venv/bin/pytest "$@" --ignore=tests/integration/test_containerd_matrix.py
 PODSHIM_CONTAINERD=2.1 run .venv/bin/pytest "$@" tests/integration/test_cri_pod.py \
   tests/integration/test_containerd_matrix.py tests/integration/test_sandbox_api.py \
-  tests/integration/test_rro_cri.py \
+  tests/integration/test_rro_cri.py tests/integration/test_proxy_sandbox.py \
   --deselect tests/integration/test_cri_pod.py::test_shim_killed
 PODSHIM_CONTAINERD=1.7 run .venv/bin/pytest "$@" tests/integration/test_containerd_matrix.py
 exit "$rc"

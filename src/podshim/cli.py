@@ -10,6 +10,8 @@ runs, so ``podshim --help`` (and every other subcommand) stays fast.
 * ``podshim check``, ``podshim install``, ``podshim uninstall``: put podshim on this
   machine's containerd and check it (``podshim.admin``); ``podshim node-install``: the
   same from a Kubernetes DaemonSet's container (``deploy/``).
+* ``podshim daemon``: the resident sandbox controller of a containerd 2.x proxy plugin
+  (``podshim.shim.proxyd``).
 * ``podshim version``: print podshim's version.
 """
 
@@ -100,6 +102,27 @@ def _admin_configure(name: str) -> Callable[[argparse.ArgumentParser], None]:
     return configure
 
 
+def _daemon(args: argparse.Namespace) -> int:
+    from podshim.shim import proxyd
+
+    return proxyd.run(args)
+
+
+def _daemon_configure(p: argparse.ArgumentParser) -> None:
+    # here, not in podshim.shim.proxyd: building the parser must import nothing heavy
+    p.add_argument("--address", required=True, help="containerd's gRPC socket path")
+    p.add_argument(
+        "--socket",
+        default="",
+        help="the controller socket, the proxy plugin's address in containerd's config "
+        "(default: <run dir>/sandbox.sock, i.e. /run/podshim/sandbox.sock)",
+    )
+    p.add_argument("--config", default="", help="podshim's config file (TOML) for every pod")
+    p.add_argument("--name", default="podshim", help="the proxy plugin's name (for status)")
+    p.add_argument("--log", default="", help="append the log to this file (default: stderr)")
+    p.add_argument("--debug", action="store_true", help="debug logging")
+
+
 COMMANDS: tuple[Command, ...] = (
     Command(
         "check",
@@ -112,6 +135,19 @@ COMMANDS: tuple[Command, ...] = (
             "that stops pods)."
         ),
         configure=_admin_configure("check"),
+    ),
+    Command(
+        "daemon",
+        "run the resident sandbox controller of a containerd 2.x proxy plugin",
+        _daemon,
+        description=(
+            "Serve containerd 2.x's sandbox Controller (gRPC, for [proxy_plugins.<name>] "
+            'type = "sandbox" and a CRI handler with sandboxer = "<name>") and the Task v3 '
+            "API of every pod of one containerd, in this one process: no shim process per "
+            "pod or per container. Run it under a service manager; at start it reports "
+            "the tasks a previous daemon lost as exited and cleans them up. Needs grpcio."
+        ),
+        configure=_daemon_configure,
     ),
     Command(
         "demo",

@@ -428,3 +428,23 @@ def test_a_client_that_is_not_root_is_refused(px: ProxyLab) -> None:
         os.chmod(px.daemon.socket, 0o600)
     pod, _ = px.pod("afterprobe", NODE)  # containerd's own connection still works
     assert px.cri.pod_status(pod).ready
+
+
+def test_pod_survives_a_containerd_restart(px: ProxyLab) -> None:
+    """containerd reloads the pod's tasks from their bundles (bootstrap.json: our Task v3
+    address) and CRI asks the controller for the pod's status again; the daemon never
+    noticed."""
+    pod, _ = px.pod("restart", NODE, hostname=_unique("rs"))
+    c = px.container(pod, "c", ["sleep", "3600"])
+    px.remember(pod)
+    daemon = px.daemon.pid
+    px.restart_containerd()
+    assert px.cri.pod_status(pod).ready
+    assert px.cri.container_status(c.id).state == "RUNNING"
+    assert px.exec_ok(c.id, "echo", "hello").strip() == "hello"
+    two = px.container(pod, "two", ["sleep", "3600"])
+    assert cp.ns_of(two.pid, "net") == cp.ns_of(c.pid, "net")
+    assert px.daemon.pid == daemon and not px.processes()
+    errs = px.stop_and_remove(pod)
+    assert errs == [], str(errs) + "\n" + px.lab.log_tail(100)
+    px.wait_gone(pod)

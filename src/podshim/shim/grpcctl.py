@@ -29,6 +29,8 @@ import grpc  # type: ignore[import-untyped,unused-ignore]
 from grpc import aio  # type: ignore[import-untyped,unused-ignore]
 
 log = logging.getLogger("podshim.grpcctl")
+# grpc's own debug lines (one per call) would drown a debug log
+logging.getLogger("grpc").setLevel(logging.INFO)
 
 #: gRPC metadata key of the containerd namespace of a call
 NAMESPACE_KEY = "containerd-namespace"

@@ -216,6 +216,9 @@ def _lock(home: str) -> IO[str] | None:
 
 def run(args: argparse.Namespace) -> int:
     """The ``podshim daemon`` command (see the module doc)."""
+    # before grpc is first imported: no fork handlers (the pods' forked children only
+    # make namespaces and exec; they never touch grpc)
+    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
     try:
         import grpc  # type: ignore[import-untyped,unused-ignore]  # noqa: F401
     except ImportError:

@@ -147,6 +147,23 @@ def test_containerd_call_order_drives_one_pod_and_its_tasks_join_it(tmp_path: Pa
     run(main)
 
 
+def test_shutdown_with_a_workload_left_forgets_its_record(tmp_path: Path) -> None:
+    """RemovePodSandbox with a container containerd did not delete first: the pod's
+    Shutdown deletes it, and its record goes too (no stale exit after a restart)."""
+
+    async def main() -> None:
+        lab = Lab(tmp_path / "home")
+        await lab.create()
+        await lab.ctl.Start(pb.ControllerStartRequest(sandbox_id=SID), NS)
+        wl = workload_bundle(tmp_path, "c1")
+        await lab.tasks.Create(shim_pb2.CreateTaskRequest(id="c1", bundle=str(wl)), cctx())
+        assert [r.id for r in lab.state.tasks()] == ["c1"]
+        await lab.ctl.Shutdown(pb.ControllerShutdownRequest(sandbox_id=SID), NS)
+        assert lab.state.tasks() == [] and lab.node.empty
+
+    run(main)
+
+
 def test_bad_input(tmp_path: Path) -> None:
     async def main() -> None:
         lab = Lab(tmp_path / "home")

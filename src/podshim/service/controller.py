@@ -252,9 +252,15 @@ class Controller:
             self._gone.add(key)
             return pb.ControllerShutdownResponse()
         pod = self._pod(ns, sid)
-        await pod.ShutdownSandbox(
-            shimpb.ShutdownSandboxRequest(sandbox_id=sid), self._cctx(ns, "Shutdown")
-        )
+        workloads = [tid for tid in pod.tasks.tasks if tid != sid]
+        try:
+            await pod.ShutdownSandbox(
+                shimpb.ShutdownSandboxRequest(sandbox_id=sid), self._cctx(ns, "Shutdown")
+            )
+        finally:  # the workloads containerd did not delete first are gone with the pod
+            for tid in workloads:
+                if tid not in pod.tasks.tasks:
+                    self.state.forget_task(ns, tid)
         svc = self.node.services.get(key)
         if svc is pod.tasks and svc.empty:
             del self.node.services[key]

@@ -36,6 +36,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 INIT_SRC = os.path.join("src", "podshim", "host", "namespaces", "podshim-init.c")
 INIT_REL = os.path.join("podshim", "host", "namespaces", "podshim-init")
 LAUNCHER_SRC = os.path.join("src", "podshim", "shim", "launcher.c")
+#: compiled with it (launcher.h is their shared header)
+LAUNCHER_EXTRA = tuple(
+    os.path.join("src", "podshim", "shim", f) for f in ("launcher_zygote.c", "launcher_sha256.c")
+)
 LAUNCHER = "containerd-shim-podshim-v1"
 
 
@@ -55,10 +59,13 @@ def compile_init(out: str) -> None:
 
 def compile_launcher(out: str) -> None:
     """Compile the launcher to ``out`` (mode 0755), static if the toolchain can."""
-    compile_c(LAUNCHER_SRC, out, "the shim launcher", f'-DPODSHIM_VERSION="{version()}"')
+    compile_c(
+        LAUNCHER_SRC, out, "the shim launcher", f'-DPODSHIM_VERSION="{version()}"',
+        extra=LAUNCHER_EXTRA,
+    )
 
 
-def compile_c(source: str, out: str, what: str, *defines: str) -> None:
+def compile_c(source: str, out: str, what: str, *defines: str, extra: tuple[str, ...] = ()) -> None:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc:
         raise SystemExit(
@@ -67,8 +74,8 @@ def compile_c(source: str, out: str, what: str, *defines: str) -> None:
         )
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     tmp = out + ".tmp"
-    src = os.path.join(HERE, source)
-    flags = ["-O2", "-Wall", "-Wextra", *defines, "-o", tmp, src]
+    srcs = [os.path.join(HERE, s) for s in (source, *extra)]
+    flags = ["-O2", "-Wall", "-Wextra", *defines, "-o", tmp, *srcs]
     static = subprocess.run([cc, "-static", *flags], stderr=subprocess.DEVNULL, check=False)
     if static.returncode != 0:
         subprocess.run([cc, *flags], check=True)

@@ -53,6 +53,9 @@ rm -f .venv/bin/podshim-init  # where older set-ups put it
 launcher_src=src/podshim/shim/launcher.c
 launcher_bin=.venv/bin/containerd-shim-podshim-v1
 if [ ! -x "$launcher_bin" ] || [ "$launcher_src" -nt "$launcher_bin" ] ||
+   [ src/podshim/shim/launcher_zygote.c -nt "$launcher_bin" ] ||
+   [ src/podshim/shim/launcher_sha256.c -nt "$launcher_bin" ] ||
+   [ src/podshim/shim/launcher.h -nt "$launcher_bin" ] ||
    [ src/podshim/__init__.py -nt "$launcher_bin" ] ||
    [ "$(head -c 4 "$launcher_bin")" != $'\x7fELF' ]; then
   .venv/bin/python setup.py compile-launcher "$launcher_bin"

@@ -52,7 +52,14 @@ from podshim_lab.cri.client import (
     api,
     resources,
 )
-from podshim_lab.procfs import ProcStat, descendants, process_table, read_stat
+from podshim_lab.procfs import (
+    ZYGOTE_COMM,
+    ProcStat,
+    descendants,
+    process_table,
+    read_stat,
+    without_zygotes,
+)
 
 if TYPE_CHECKING:
     from tests.integration.criprocs import alive, describe
@@ -250,11 +257,18 @@ class CriLab:
         return res.stdout
 
     def processes(self) -> list[ProcStat]:
-        """Every process below the lab's subreaper except containerd (zombies too)."""
+        """Every process below the lab's subreaper except containerd and podshim's zygote
+        (zombies too; the shims the zygote forked are in: see :meth:`zygotes`)."""
         pid = self.lab.subreaper_pid
         assert pid is not None
         me = self.lab.pid
-        return [s for s in descendants(pid) if s.pid != me]
+        return [s for s in without_zygotes(descendants(pid)) if s.pid != me]
+
+    def zygotes(self) -> list[ProcStat]:
+        """podshim's zygote below the lab (one per containerd at most): not a pod's."""
+        pid = self.lab.subreaper_pid
+        assert pid is not None
+        return [s for s in descendants(pid) if s.comm == ZYGOTE_COMM]
 
     def sandbox_pid(self, pod_id: str) -> int:
         pid = self.cri.pod_status(pod_id).pid

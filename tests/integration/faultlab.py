@@ -5,8 +5,8 @@ of podshim's host state in a private run directory, here a small tmpfs) with gat
 (:mod:`podshim_lab.gates`) in every place a fault is injected:
 
 * podshim's config names a :class:`~podshim_lab.gates.RuncGate` as its runtime;
-* a :class:`~podshim_lab.gates.ToolGate` for ``unshare`` (the namespaces host's start)
-  is first on containerd's PATH, so on every shim's;
+* a :class:`~podshim_lab.gates.PinGate` whose control directory every shim's namespace
+  maker honours (the namespaces host's start runs no program a script could stand in for);
 * containerd itself runs through a :class:`~podshim_lab.gates.ContainerdGate`;
 * the shims load :func:`podshim_lab.faults.shrink_event_queue` (armed for pods whose
   name starts with :data:`TINY_QUEUE`).
@@ -39,7 +39,7 @@ from podshim_lab import wait_for
 from podshim_lab.census import PodshimLab, netns_paths, shim_of, snapshot
 from podshim_lab.cri.client import ContainerInfo, CriClient, CriError, PodInfo, api
 from podshim_lab.faults import QUEUE_HOOK, queue_env
-from podshim_lab.gates import ContainerdGate, RuncGate, ToolGate
+from podshim_lab.gates import ContainerdGate, PinGate, RuncGate
 from podshim_lab.procfs import read_stat
 
 #: pods whose name starts with this have an event queue of :data:`TINY_QUEUE_LEN`
@@ -57,7 +57,7 @@ class FaultLab:
         self.lab = plab.lab
         self.gate_dir = gate_dir
         self.runc = RuncGate(gate_dir)
-        self.unshare = ToolGate(gate_dir / "path", "unshare")
+        self.pin = PinGate(gate_dir)
         self.containerd = ContainerdGate(gate_dir)
         self.cri = CriClient(self.lab.address)
         self.ids: list[str] = []
@@ -167,7 +167,7 @@ class FaultLab:
 
     def reset(self) -> list[str]:
         """Disarm the gates, remove every pod, check that nothing is left."""
-        for gate in (self.runc, self.unshare, self.containerd):
+        for gate in (self.runc, self.pin, self.containerd):
             gate.clear()
         self.plab.free_run_dir()
         errors = self.remove_all() if self.lab.running else ["containerd is not running"]
@@ -216,7 +216,7 @@ def open_fault_lab(**env: str) -> FaultLab:
     hooks = {"PODSHIM_HOOKS": QUEUE_HOOK, **queue_env(TINY_QUEUE, TINY_QUEUE_LEN)}
     plab = PodshimLab(
         config={"runtime": str(gate_dir / "runc-gate")},
-        extra_env={**hooks, **env},
+        extra_env={**hooks, PinGate.ENV: str(gate_dir / "pin.ctl"), **env},
         extra_path=[str(gate_dir / "path")],
         containerd_bin=str(gate_dir / "containerd-gate"),
         log_level="debug",
@@ -232,7 +232,7 @@ def open_fault_lab(**env: str) -> FaultLab:
 
 
 def _remove_gates(flab: FaultLab) -> None:
-    for gate in (flab.runc, flab.unshare, flab.containerd):
+    for gate in (flab.runc, flab.pin, flab.containerd):
         gate.remove()
     with contextlib.suppress(OSError):
         (flab.gate_dir / "path").rmdir()

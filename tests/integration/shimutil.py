@@ -39,7 +39,7 @@ from podshim.oci import ids as oci_ids
 from podshim.shim import paths as shim_paths
 from podshim_lab import Containerd, wait_for
 from podshim_lab.cleanup import mounts_under
-from podshim_lab.procfs import ProcStat, descendants, read_stat
+from podshim_lab.procfs import ZYGOTE_COMM, ProcStat, descendants, read_stat
 
 if TYPE_CHECKING:
     from tests.integration.matrix import matrix_version
@@ -353,13 +353,14 @@ def cmdline(pid: int) -> list[str]:
 
 
 def shim_daemons(lab: Containerd) -> dict[int, list[str]]:
-    """Live serving podshim daemons of ``lab`` (not ``start``/``delete`` runs): pid -> argv."""
+    """Live serving podshim daemons of ``lab`` (not ``start``/``delete`` runs, not the
+    zygote; a daemon the zygote forked keeps its argv, ``... zygote``): pid -> argv."""
     pid = lab.subreaper_pid
     if pid is None:
         return {}
     found: dict[int, list[str]] = {}
     for st in descendants(pid):
-        if st.state == "Z":
+        if st.state == "Z" or st.comm == ZYGOTE_COMM:
             continue
         argv = cmdline(st.pid)
         if not any(a.endswith(SHIM_BINARY) or a == "podshim.shim.main" for a in argv):

@@ -3,7 +3,7 @@
 The call is caught at an exact point, never by sleeping: a gate (:mod:`podshim_lab.gates`)
 standing in for runc blocks in the verb the test targets (``create`` and ``start`` of
 CRI's StartContainer, ``exec`` of ExecSync, ``delete`` after StopContainer), or the
-``unshare`` gate blocks in the sandbox's host start (RunPodSandbox). The blocked call's
+pin gate blocks the sandbox's host start (RunPodSandbox) in its forked namespace maker. The blocked call's
 parent is the shim that made it: the test SIGKILLs exactly that process, waits for the
 CRI call to return, and only then lets the blocked call go on, so the runtime call
 outlives its shim and containerd's cleanup (the worst order; a slow runc on a loaded node
@@ -90,9 +90,9 @@ def test_shim_sigkill_during_a_runtime_call(fault_lab: fl.FaultLab, verb: str) -
 def test_shim_sigkill_during_the_host_start(fault_lab: fl.FaultLab) -> None:
     flab = fault_lab
     config = flab.pod_config("kill-host", shared_pid=True)
-    flab.unshare.block("unshare", config.hostname)
+    flab.pin.block("pin", config.hostname)
     call = fl.in_thread(lambda: flab.run_pod(config))
-    blocked = flab.unshare.wait_blocked("unshare")
+    blocked = flab.pin.wait_blocked("pin")
     # the pins are named after the pod: <run dir>/pods/<instance>/k8s.io/<pod id>/<ns>
     pins = [a.split("=", 1)[1] for a in blocked.args if a.startswith("--") and "=" in a]
     assert pins, blocked.args
@@ -104,7 +104,7 @@ def test_shim_sigkill_during_the_host_start(fault_lab: fl.FaultLab) -> None:
     assert result != "ok", "RunPodSandbox succeeded although its shim was killed"
     assert pod not in {p.id for p in flab.cri.list_pods()}, "CRI kept the refused pod"
 
-    flab.unshare.release("unshare")  # unshare outlives its shim and the cleanup
+    flab.pin.release("pin")  # the namespace maker outlives its shim and the cleanup
     fl.wait_gone(blocked.pid)
     left = flab.wait_clean()
     assert not left, "\n".join(left) + "\n" + flab.lab.log_tail(40)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from podshim_lab import Containerd, WaitTimeout, wait_for
-from podshim_lab.procfs import descendants, read_stat
+from podshim_lab.procfs import descendants, read_stat, without_zygotes
 
 if TYPE_CHECKING:
     from tests.integration import shimutil as su
@@ -160,10 +160,11 @@ def snapshot(lab: Containerd, shim: int, group_ids: list[str]) -> Snapshot:
 
 
 def settled(lab: Containerd, shim: int, long_pid: int) -> bool:
-    """Only the shim and the long-lived container's init run below the lab."""
+    """Only the shim and the long-lived container's init run below the lab (and the
+    zygote that forked the shim)."""
     sub = lab.subreaper_pid
     assert sub is not None
-    others = {s.pid for s in descendants(sub)} - {lab.pid, shim, long_pid}
+    others = {s.pid for s in without_zygotes(descendants(sub))} - {lab.pid, shim, long_pid}
     return not others
 
 

@@ -1,4 +1,5 @@
-"""The zygote (opt-in): shims are forked from one pre-warmed parent per containerd, which
+"""The zygote (on by default in pod scope; these labs set it explicitly): shims are forked
+from one pre-warmed parent per containerd, which
 reaps them as they exit (woken by their pidfds) and exits once it has had no child for
 ``PODSHIM_ZYGOTE_IDLE`` seconds, not sooner; a ``start`` that gave up on a stopped zygote
 serves its socket alone, even after the zygote resumes."""

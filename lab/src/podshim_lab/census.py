@@ -29,10 +29,11 @@ from typing import Any
 
 from podshim import mountinfo
 from podshim.rundir import instance_key
+from podshim.shim.zygote import zygote_name
 from podshim_lab.cleanup import cgroup_dirs, is_under, unmount_under
 from podshim_lab.config import RuntimeHandler
 from podshim_lab.containerd import Containerd
-from podshim_lab.procfs import ProcStat, descendants, read_stat
+from podshim_lab.procfs import ZYGOTE_COMM, ProcStat, descendants, read_stat, without_zygotes
 
 __all__ = [
     "PODSHIM",
@@ -211,12 +212,20 @@ class PodshimLab:
             self.filler.unlink()
 
     def processes(self) -> list[ProcStat]:
-        """Every process below the lab's subreaper except containerd (zombies too)."""
+        """Every process below the lab's subreaper except containerd and podshim's zygote
+        (zombies too; the shims the zygote forked are in)."""
         sub = self.lab.subreaper_pid
         if sub is None:
             return []
         me = self.lab.pid
-        return [s for s in descendants(sub) if s.pid != me]
+        return [s for s in without_zygotes(descendants(sub)) if s.pid != me]
+
+    def zygote_files(self) -> list[str]:
+        """The socket of this containerd's zygote while one runs (it is no pod's)."""
+        sub = self.lab.subreaper_pid
+        if sub is None or not any(s.comm == ZYGOTE_COMM for s in descendants(sub)):
+            return []
+        return [str(self.run_dir / "z" / zygote_name(self.lab.address))]
 
 
 def run_dir_leftovers(run_dir: Path) -> list[str]:
@@ -259,7 +268,7 @@ def snapshot(plab: PodshimLab, ids: Iterable[str] = (), netns: Iterable[str] = (
     for stat in plab.processes():
         zombie = " zombie" if stat.state == "Z" else ""
         found.add(f"process {stat.pid} ({stat.comm}){zombie} started {stat.starttime}")
-    found |= set(run_dir_leftovers(plab.run_dir))
+    found |= set(run_dir_leftovers(plab.run_dir)) - {f"file {f}" for f in plab.zygote_files()}
     owned = [str(d) for d in lab.paths.owned_dirs()]
     mounts = mountinfo.read()
     found |= {f"mount {m.mountpoint}" for m in mounts if is_under(m.mountpoint, owned)}

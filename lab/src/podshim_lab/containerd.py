@@ -42,7 +42,13 @@ from podshim_lab.images import (
     build_pause_image,
 )
 from podshim_lab.poll import WaitTimeout, wait_for
-from podshim_lab.procfs import ProcStat, descendants, process_table
+from podshim_lab.procfs import (
+    ZYGOTE_COMM,
+    ProcStat,
+    descendants,
+    process_table,
+    without_zygotes,
+)
 from podshim_lab.subreaper import stop_supervisor
 
 __all__ = ["Containerd", "CtrError", "LabError"]
@@ -427,11 +433,19 @@ class Containerd:
 
     # -- processes -----------------------------------------------------------
     def descendants(self) -> list[tuple[int, str, str]]:
-        """``(pid, state, comm)`` of every process below the subreaper but containerd."""
+        """``(pid, state, comm)`` of every process below the subreaper but containerd and
+        podshim's zygote (:meth:`zygotes`; the shims it forked are in)."""
         if not self.running or self._proc is None:
             return []
         me = self.pid
-        return [(s.pid, s.state, s.comm) for s in descendants(self._proc.pid) if s.pid != me]
+        found = without_zygotes(descendants(self._proc.pid))
+        return [(s.pid, s.state, s.comm) for s in found if s.pid != me]
+
+    def zygotes(self) -> list[int]:
+        """pids of podshim's zygote below the subreaper (one per containerd at most)."""
+        if not self.running or self._proc is None:
+            return []
+        return [s.pid for s in descendants(self._proc.pid) if s.comm == ZYGOTE_COMM]
 
     # -- teardown ------------------------------------------------------------
     def _delete_tasks(self, budget: float) -> None:

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from podshim_lab.poll import wait_for
 
-__all__ = ["Blocked", "ContainerdGate", "Gate", "RuncGate", "ToolGate"]
+__all__ = ["Blocked", "ContainerdGate", "Gate", "PinGate", "RuncGate", "ToolGate"]
 
 #: how long a blocked call waits for its release at most (s)
 MAX_BLOCK = 300
@@ -213,6 +213,26 @@ class ToolGate(Gate):
     def __init__(self, directory: Path, tool: str) -> None:
         self.directory = directory
         super().__init__(directory, tool, tool, verb=tool)
+
+
+class PinGate(Gate):
+    """The namespaces host's start runs no program a script could stand in for: its
+    forked child (``podshim.host.namespaces.pin``) honours this control directory itself
+    when the shim's environment names it (:attr:`ENV`, give it to containerd). Verb
+    ``pin``; the announced arguments are ``--<namespace>=<pin file>...`` and the pod's
+    hostname, the child blocks with the namespaces pinned and the sysctls not written."""
+
+    ENV = "PODSHIM_PIN_GATE"
+
+    def __init__(self, directory: Path) -> None:  # no script: only the control directory
+        self.real = ""
+        self.ctl = directory / "pin.ctl"
+        self.ctl.mkdir(parents=True, exist_ok=True)
+        self.path = self.ctl
+
+    def remove(self) -> None:
+        self.clear()
+        shutil.rmtree(self.ctl, ignore_errors=True)
 
 
 class ContainerdGate(Gate):

@@ -12,7 +12,8 @@ override the runtime settings. Example (every key optional; these are the defaul
     log_level = "info"            # debug | info | warn | error (-debug forces debug)
     log_format = "text"           # text (logrus-like) | json
     default_host = "namespaces"   # pod host kind: namespaces | none | a registered plug-in
-    zygote = false                # fork shims from a pre-warmed parent (read by `start`)
+    zygote = true                 # pod scope: fork shims from a pre-warmed parent (read by
+                                  # `start`; false: each shim is a fresh Python process)
     shim_scope = "pod"            # "pod": one shim process per pod | "node": one resident
                                   # daemon per containerd serves every pod (read by `start`)
     shards = 1                    # node scope: spread pods over N daemons (1-64)
@@ -47,7 +48,7 @@ class Config:
     log_level: str = "info"
     log_format: str = "text"
     default_host: str = "namespaces"
-    zygote: bool = False
+    zygote: bool = True
     shim_scope: str = "pod"
     shards: int = 1
     idle_exit_seconds: float = 60.0

@@ -38,7 +38,6 @@ from podshim.jobs import JobGroup
 from podshim.linux.reaper import Reaper, set_child_subreaper
 from podshim.oci import bundle as files
 from podshim.oci import runc
-from podshim.service import sandbox_api
 from podshim.service.publisher import ForwardPublisher, publisher_from_env
 from podshim.service.router import NodeService
 from podshim.service.tasks import CreateObserver, TaskService
@@ -49,7 +48,7 @@ from podshim.shim.zygote import is_socket_file_of
 from podshim.task.contract import ShimContext
 from podshim.task.events import NullPublisher
 from podshim.ttrpc.server import Interceptor, Server
-from podshim.ttrpc.services import bind
+from podshim.ttrpc.services import ServiceBinding, bind
 
 log = logging.getLogger("podshim.daemon")
 
@@ -274,7 +273,11 @@ async def _serve_until_stopped(flags: Flags, crash: _Crash) -> None:
     diag = ShimDiag(service, tasks, address=flags.address, namespace=flags.namespace,
                     first_id=flags.id, socket_path=str(path))  # Diag service + registry entry
     interceptor: Interceptor | None = tracing.rpc_interceptor if tracing.enabled() else None
-    sandbox = sandbox_api.bindings(service, stop.set)  # containerd 2.x: sandboxer = "shim"
+    sandbox: list[ServiceBinding] = []
+    if not flags.node:  # containerd 2.x, sandboxer = "shim": a pod's own shim only
+        from podshim.service import sandbox_api  # the zygote preloads it
+
+        sandbox = sandbox_api.bindings(service, stop.set)
     server = Server([tasks, diag.binding, *sandbox], interceptor=interceptor)
     crash.server = server
     await server.serve(sock)

@@ -10,7 +10,9 @@
  *   start:  the group's shim already listens.  The group and the socket path are computed
  *           exactly as src/podshim/shim/paths.py and start.py do (pod scope; node scope
  *           only with a valid settings cache left by Python's start); when a connect to
- *           that socket succeeds, <bundle>/address is written and printed.
+ *           that socket succeeds, <bundle>/address is written and printed.  In pod
+ *           scope with the zygote on (the default) and a zygote listening, a new
+ *           group's daemon is forked by it (launcher_zygote.c) and printed the same way.
  *   delete: the shim marked the bundle `podshim-deleted` (nothing is left of the task) and
  *           no panic.log is there: print DeleteResponse{pid (init.pid), 137, now}.
  *
@@ -38,6 +40,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "launcher.h"
+
 #ifndef PODSHIM_VERSION
 #define PODSHIM_VERSION "" /* unknown: no node-scope fast path */
 #endif
@@ -49,67 +53,6 @@
 #define OPTIONS_TYPE "runtimeoptions.v1.Options"
 #define MAX_OPTIONS 65536 /* start.py reads the options with one os.read(0, 1 << 16) */
 #define MAX_SHARDS 64
-
-/* ---- SHA-256 (FIPS 180-4, section 6.2) ------------------------------------------- */
-
-static const uint32_t K[64] = {
-    0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4,
-    0xab1c5ed5, 0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe,
-    0x9bdc06a7, 0xc19bf174, 0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f,
-    0x4a7484aa, 0x5cb0a9dc, 0x76f988da, 0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7,
-    0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967, 0x27b70a85, 0x2e1b2138, 0x4d2c6dfc,
-    0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85, 0xa2bfe8a1, 0xa81a664b,
-    0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070, 0x19a4c116,
-    0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
-    0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7,
-    0xc67178f2};
-
-#define ROTR(x, n) (((x) >> (n)) | ((x) << (32 - (n))))
-
-static void sha256_block(uint32_t h[8], const unsigned char *p) {
-    uint32_t w[64], v[8];
-    for (int t = 0; t < 16; t++)
-        w[t] = (uint32_t)p[4 * t] << 24 | (uint32_t)p[4 * t + 1] << 16 |
-               (uint32_t)p[4 * t + 2] << 8 | p[4 * t + 3];
-    for (int t = 16; t < 64; t++) {
-        uint32_t s0 = ROTR(w[t - 15], 7) ^ ROTR(w[t - 15], 18) ^ (w[t - 15] >> 3);
-        uint32_t s1 = ROTR(w[t - 2], 17) ^ ROTR(w[t - 2], 19) ^ (w[t - 2] >> 10);
-        w[t] = s1 + w[t - 7] + s0 + w[t - 16];
-    }
-    memcpy(v, h, sizeof v);
-    for (int t = 0; t < 64; t++) {
-        uint32_t e = v[4], a = v[0];
-        uint32_t t1 = v[7] + (ROTR(e, 6) ^ ROTR(e, 11) ^ ROTR(e, 25)) +
-                      ((e & v[5]) ^ (~e & v[6])) + K[t] + w[t];
-        uint32_t t2 = (ROTR(a, 2) ^ ROTR(a, 13) ^ ROTR(a, 22)) +
-                      ((a & v[1]) ^ (a & v[2]) ^ (v[1] & v[2]));
-        memmove(v + 1, v, 7 * sizeof v[0]);
-        v[4] += t1;
-        v[0] = t1 + t2;
-    }
-    for (int i = 0; i < 8; i++)
-        h[i] += v[i];
-}
-
-/* Hex SHA-256 of data (out: 65 bytes), as rundir.digest computes it. */
-static void sha256_hex(const char *data, size_t len, char out[65]) {
-    uint32_t h[8] = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a,
-                     0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19};
-    unsigned char tail[128] = {0};
-    size_t full = len - len % 64, rest = len % 64;
-    for (size_t i = 0; i < full; i += 64)
-        sha256_block(h, (const unsigned char *)data + i);
-    memcpy(tail, data + full, rest);
-    tail[rest] = 0x80;
-    size_t n = rest < 56 ? 64 : 128; /* padding: 0x80, zeros, the bit length (64 bits) */
-    uint64_t bits = (uint64_t)len * 8;
-    for (int i = 0; i < 8; i++)
-        tail[n - 1 - i] = (unsigned char)(bits >> (8 * i));
-    for (size_t i = 0; i < n; i += 64)
-        sha256_block(h, tail + i);
-    for (int i = 0; i < 8; i++)
-        snprintf(out + 8 * i, 9, "%08x", h[i]);
-}
 
 /* ---- small helpers ---------------------------------------------------------------- */
 
@@ -187,7 +130,7 @@ static int write_all(int fd, const char *p, size_t n) {
 
 struct flags {
     const char *namespace, *id, *bundle, *address, *action;
-    int version;
+    int version, debug;
 };
 
 static int lower_in(const char *v, const char *const *set) {
@@ -215,6 +158,7 @@ static int parse_flags(int argc, char **argv, struct flags *f) {
         if ((len == 5 && !strncmp(name, "debug", 5)) || (len == 1 && name[0] == 'v')) {
             if (eq && !lower_in(eq + 1, bools)) return -1;
             if (name[0] == 'v') f->version = eq ? lower_in(eq + 1, trues) : 1;
+            else f->debug = eq ? lower_in(eq + 1, trues) : 1;
             continue;
         }
         int known = 0;
@@ -414,15 +358,28 @@ static int cached_shards(const char *run, const char *config) {
     return shards;
 }
 
-/* Pod scope unless the config names shim_scope (or escapes a key): 1 pod, 0 ask Python. */
-static int plainly_pod_scope(const char *config) {
+/* Pod scope unless the config names shim_scope (or escapes a key): 1 pod, 0 ask Python.
+ * *zygote: whether the config leaves `zygote` at its default (on). */
+static int plainly_pod_scope(const char *config, int *zygote) {
     size_t len;
     int err;
     char *text = slurp(config, &len, &err);
+    *zygote = 0;
     if (!text) return err != ENOMEM; /* unreadable: start.py reads no settings: pod */
     int pod = !memmem(text, len, "shim_scope", 10) && !memchr(text, '\\', len);
+    *zygote = pod && !memmem(text, len, "zygote", 6);
     free(text);
     return pod;
+}
+
+/* start.settings: the zygote forks a pod-scope daemon unless PODSHIM_ZYGOTE turns it
+ * off or the config names `zygote` (then Python reads it; an environment value that
+ * turns it on wins over the config). */
+static int zygote_wanted(int config_default) {
+    static const char *const on[] = {"1", "true", "yes", NULL};
+    const char *env = getenv("PODSHIM_ZYGOTE");
+    if (env && *env) return lower_in(env, on);
+    return config_default;
 }
 
 static int start(const struct flags *f, const char *opts, size_t opts_len) {
@@ -431,7 +388,7 @@ static int start(const struct flags *f, const char *opts, size_t opts_len) {
     const unsigned char *any, *value, *type, *cp;
     size_t any_len = opts_len, value_len, type_len, cp_len;
     const char *group, *run = getenv("PODSHIM_RUN_DIR");
-    int shards = 0;
+    int shards = 0, zygote = 1;
 
     if (!*f->id || !*f->namespace || !*f->address || !getcwd(cwd, sizeof cwd)) return -1;
     if (!str_ok(f->address) || !str_ok(f->namespace)) return -1;
@@ -455,7 +412,8 @@ static int start(const struct flags *f, const char *opts, size_t opts_len) {
     }
     if (!run || !*run) run = "/run/podshim";
     if (!ascii(run) || join(run_s, sizeof run_s, run, "s") < 0) return -1;
-    if (*config && (shards = cached_shards(run, config)) < 0 && !plainly_pod_scope(config))
+    if (*config && (shards = cached_shards(run, config)) < 0 &&
+        !plainly_pod_scope(config, &zygote))
         return -1;
     if (shards > 0) { /* node scope: start.node_key, one socket for all namespaces */
         unsigned shard = 0;
@@ -479,7 +437,19 @@ static int start(const struct flags *f, const char *opts, size_t opts_len) {
     if (s < 0) return -1;
     int up = connect(s, (struct sockaddr *)&sa, sizeof sa) == 0;
     close(s);
-    if (!up) return -1; /* no shim there yet: Python starts one */
+    if (!up) { /* no shim there yet: the zygote forks one (pod scope), else Python starts one */
+        char zpath[PATH_MAX]; /* zygote.zygote_path: keyed by address and version */
+        if (shards > 0 || !*PODSHIM_VERSION || !zygote_wanted(zygote) ||
+            snprintf(name, sizeof name, "%s//zygote-%s", f->address, PODSHIM_VERSION) >=
+                (int)sizeof name)
+            return -1;
+        sha256_hex(name, strlen(name), hex);
+        hex[40] = 0;
+        if (join(name, sizeof name, run, "z") < 0 || join(zpath, sizeof zpath, name, hex) < 0)
+            return -1;
+        struct zygote_ask ask = {zpath, sock, f->namespace, f->id, f->address, cwd, f->debug};
+        if (zygote_start(&ask) < 0) return -1;
+    }
     snprintf(addr, sizeof addr, "unix://%s", sock);
     if (join(path, sizeof path, cwd, "address") < 0) return -1;
     int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666);

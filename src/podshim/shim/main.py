@@ -7,9 +7,22 @@ only what each action needs, late (the function-level imports below are there fo
 
 from __future__ import annotations
 
+import os
 import sys
 
 from podshim.shim.flags import FlagError, parse
+
+
+def without_tls(environ: dict[str, str] | None = None) -> bool:
+    """Keep a serving process (daemon or zygote) from loading OpenSSL: the shim speaks no
+    TLS, but asyncio imports ``ssl`` if it can (~1.3 MB of private memory per process).
+    Not when any ``OTEL_*`` variable is set (tracing may export over HTTPS). True when
+    ``ssl`` is kept out."""
+    env = os.environ if environ is None else environ
+    if "ssl" in sys.modules or any(k.startswith("OTEL_") for k in env):
+        return False
+    sys.modules["ssl"] = None  # type: ignore[assignment]  # import ssl: ImportError
+    return True
 
 RUNTIME_TYPE = "io.containerd.podshim.v1"
 
@@ -39,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return delete(flags)
     if flags.action == "zygote":
+        without_tls()
         from podshim.shim.zygote_server import run
 
         return run(flags)
@@ -46,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         from podshim.shim.spawn import name_process
 
         name_process()  # a daemon started as `python -Pm podshim.shim.main` (self_command)
+        without_tls()
         from podshim.shim.daemon import serve
 
         return serve(flags)

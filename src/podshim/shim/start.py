@@ -154,7 +154,7 @@ def _varint(data: bytes, i: int) -> tuple[int, int]:
 class Settings:
     """What ``start`` reads from the podshim config (a plain class: start must be cheap)."""
 
-    def __init__(self, zygote: bool = False, scope: str = "pod", shards: int = 1) -> None:
+    def __init__(self, zygote: bool = True, scope: str = "pod", shards: int = 1) -> None:
         self.zygote = zygote
         self.scope = scope
         self.shards = shards
@@ -182,7 +182,7 @@ def settings(options: bytes) -> Settings:
             out.config_stat = stat
         except (OSError, tomllib.TOMLDecodeError):
             table = {}
-        out.zygote = table.get("zygote") is True
+        out.zygote = table.get("zygote", True) is True
         if table.get("shim_scope") == "node":
             out.scope = "node"
         shards = table.get("shards")
@@ -197,8 +197,9 @@ def settings(options: bytes) -> Settings:
 
 
 def zygote_enabled(options: bytes) -> bool:
-    """``PODSHIM_ZYGOTE=1`` in the environment, or ``zygote = true`` in the podshim
-    config named by ``runtimeoptions.v1.Options.config_path`` in the options Any."""
+    """Whether a pod-scope daemon is forked from the zygote: ``zygote`` of the podshim
+    config named by ``runtimeoptions.v1.Options.config_path`` in the options Any (on by
+    default), overridden by ``PODSHIM_ZYGOTE`` (1/true/yes or 0/false/no)."""
     return settings(options).zygote
 
 

@@ -7,7 +7,9 @@ imports, and keeps ~14 MB of private memory. Forked from one parent that has alr
 imported everything (and frozen its objects with ``gc.freeze()``), a daemon starts at
 once and shares those pages copy-on-write.
 
-* **One per containerd instance**: its socket is ``/run/podshim/z/<sha256(address)>``.
+* **One per containerd instance and podshim version**: its socket is
+  ``/run/podshim/z/<sha256(address//zygote-<version>)>`` (an upgraded podshim forks from
+  a zygote of its own; the old one leaves once idle).
   ``start`` spawns it on first use (detached, its own session, stdio on /dev/null, the
   environment containerd gave the shim) and asks it to fork a daemon, passing the
   listening socket with SCM_RIGHTS. Any failure falls back to spawning the daemon.
@@ -16,8 +18,9 @@ once and shares those pages copy-on-write.
   full shims in their own sessions and outlive it.
 * It is single-threaded (forking is safe), reaps its children, and counts as a shim
   process in every leak check and memory figure (comm ``podshim-zygote``).
-* Opt-in: ``zygote = true`` in the podshim config, or ``PODSHIM_ZYGOTE=1`` in
-  containerd's environment.
+* On by default in pod scope (the launcher, ``launcher_zygote.c``, asks it itself once
+  it listens; Python's ``start`` spawns it when none does): ``zygote = false`` in the
+  podshim config, or ``PODSHIM_ZYGOTE=0`` in containerd's environment, turns it off.
 
 **The exchange** (one connection per daemon): ``start`` sends one line of JSON (the
 fields of :data:`REQUEST_FIELDS`, ``"v": PROTOCOL``) in one message, with the listening
@@ -47,7 +50,7 @@ import stat
 import struct
 import time
 
-from podshim import rundir
+from podshim import __version__, rundir
 from podshim.shim.flags import Flags
 from podshim.shim.spawn import self_command, spawn_detached
 
@@ -73,8 +76,15 @@ TIMEOUT = 10.0
 SPAWN_WAIT = 5.0
 
 
+def zygote_name(address: str) -> str:
+    """The zygote's socket name: one per containerd address *and podshim version* (as a
+    node daemon's), so that after an upgrade new pods are forked from a zygote of the new
+    code while the old one idles out."""
+    return rundir.digest(f"{address}//zygote-{__version__}")[:40]
+
+
 def zygote_path(address: str) -> str:
-    return os.path.join(rundir.zygote_dir(), rundir.digest(address)[:40])
+    return os.path.join(rundir.zygote_dir(), zygote_name(address))
 
 
 # -- which file a listening socket is bound to (the zygote and the daemon check it) -----

@@ -99,7 +99,8 @@ def _preload() -> None:
     import podshim.api.cgroups.v1.metrics_pb2
     import podshim.api.cgroups.v2.metrics_pb2
     import podshim.cgroups.stats
-    import podshim.host.namespaces.host  # noqa: F401  (the default host kind, imported late)
+    import podshim.host.namespaces.host  # the default host kind, imported late
+    import podshim.service.sandbox_api  # noqa: F401  (pod scope's Sandbox service, imported late)
 
     gc.collect()
     gc.freeze()  # keep the GC from touching (and so copying) the parent's objects

@@ -18,7 +18,6 @@ import contextlib
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
@@ -310,7 +309,7 @@ class Container:
         unlink(pid_file)  # an earlier exec of the same id left it: never read it
         mark = self.ctx.reaper.mark()
         await p.io.open()
-        fd, spec_path = tempfile.mkstemp(prefix=f".{p.exec_id}-", suffix=".json", dir=self.bundle)
+        fd, spec_path = _new_file(self.bundle, f".{p.exec_id}-", ".json")
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(self.execs_spec[p.exec_id])
@@ -485,3 +484,14 @@ async def create_container(
     await c.create()
     return c
 
+
+def _new_file(directory: str, prefix: str, suffix: str) -> tuple[int, str]:
+    """A new file of a unique name in ``directory`` (mode 0600), open for writing:
+    ``tempfile.mkstemp`` without importing tempfile (and random, shutil, bz2, lzma)."""
+    for _ in range(100):
+        path = os.path.join(directory, f"{prefix}{os.urandom(6).hex()}{suffix}")
+        try:
+            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no unique name for {prefix}*{suffix} in {directory}")

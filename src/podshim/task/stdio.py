@@ -24,9 +24,7 @@ import logging
 import os
 import socket
 import struct
-import tempfile
 import termios
-from urllib.parse import urlparse
 
 from podshim import errors as errdefs
 from podshim import rundir
@@ -41,6 +39,8 @@ def fifo_path(uri: str) -> str:
     other schemes (``binary://``) are refused."""
     if "://" not in uri:
         return uri
+    from urllib.parse import urlparse  # only for URIs (urllib loads ipaddress: memory)
+
     u = urlparse(uri)
     if u.scheme in ("fifo", "file"):
         return u.path
@@ -248,6 +248,8 @@ class ProcessIO:
         self.child_fds = (fds[0], fds[1], fds[2])
 
     def _open_console_socket(self) -> None:
+        import tempfile  # only with a terminal
+
         self._console_dir = tempfile.mkdtemp(prefix="pty", dir=_console_base())
         path = os.path.join(self._console_dir, "c.sock")
         lst = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

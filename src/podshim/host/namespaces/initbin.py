@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import shutil
 import sys
 
 from podshim import errors as errdefs
@@ -31,7 +30,7 @@ def find_init_binary(explicit: str | None = None) -> str:
         raise errdefs.FailedPrecondition(f"podshim-init not found at {explicit}")
     if _executable(PACKAGED_INIT):
         return PACKAGED_INIT
-    found = shutil.which(INIT_NAME)
+    found = which(INIT_NAME)
     if found:
         return found
     beside = os.path.join(os.path.dirname(sys.executable), INIT_NAME)
@@ -44,8 +43,20 @@ def find_init_binary(explicit: str | None = None) -> str:
     )
 
 
+def which(name: str) -> str | None:
+    """The executable ``name`` on PATH (``shutil.which`` for a plain name, without
+    importing shutil, which loads bz2 and lzma)."""
+    if "/" in name:
+        return name if _executable(name) else None
+    for d in os.environ.get("PATH", os.defpath).split(os.pathsep):
+        path = os.path.join(d or ".", name)
+        if _executable(path):  # a file (not a directory) with x
+            return path
+    return None
+
+
 def tool(name: str, package: str = "util-linux") -> str:
-    found = shutil.which(name)
+    found = which(name)
     if not found:
         raise errdefs.FailedPrecondition(f"{name} not found on PATH ({package} is needed)")
     return found

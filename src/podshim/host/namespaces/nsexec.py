@@ -47,7 +47,6 @@ import contextlib
 import fcntl
 import logging
 import os
-import shutil
 import signal
 import struct
 import sys
@@ -58,6 +57,7 @@ from typing import Any, Protocol
 from podshim import errors as errdefs
 from podshim.host.control import ExecControl
 from podshim.host.namespaces.execcg import ExecCgroup, ExecCgroups
+from podshim.host.namespaces.initbin import which
 from podshim.linux.reaper import Reaper, Result, pidfd_unreaped
 from podshim.task.stdio import ProcessIO, Pump, fifo_path
 
@@ -133,7 +133,7 @@ async def exec_in_host(
     if not args:
         raise errdefs.InvalidArgument(f"{control.what}: no command")
     env = _environment(control.env, terminal, control.what)
-    nsenter = shutil.which("nsenter") if target.namespaces else ""
+    nsenter = which("nsenter") if target.namespaces else ""
     if nsenter is None:
         raise errdefs.FailedPrecondition("nsenter not found on PATH (util-linux is needed)")
     command = [nsenter, *(f"{f}={p}" for f, p in target.namespaces), "--"] if nsenter else []

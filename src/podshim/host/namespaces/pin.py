@@ -1,6 +1,8 @@
 """Make a pod's namespaces in a forked child: no program is executed per pod.
 
-The child (``os.fork`` of the shim; the shim runs no other threads) calls
+The child (``os.fork`` of the shim; the shim runs no other threads) first closes every
+fd it inherited but its report pipe (a shim killed meanwhile must drop its connections at
+once), then calls
 ``unshare(2)`` for the namespaces the pod gets of its own, sets the hostname, brings up
 ``lo`` in a network namespace it made, bind-mounts each new namespace onto its pin file
 (in the shim's own mount namespace, as ``unshare --net=<file>`` does), then joins the
@@ -26,6 +28,14 @@ from podshim.linux.reaper import Reaper
 
 #: first byte of the child's error line: which step failed
 _PIN, _SYSCTL = b"p", b"s"
+#: tests only: a gate control directory (``podshim_lab.gates.PinGate``); the child, once
+#: the namespaces are pinned and before the sysctls, honours its ``block.pin`` arm as a
+#: gate script does, so a fault test can catch a pod's host start half-way
+GATE_ENV = "PODSHIM_PIN_GATE"
+#: above any fd the shim has open (close_range(2) makes closing them cheap)
+_MAX_FD = 1 << 20
+#: how long a gated child waits for its release at most (s)
+GATE_MAX_BLOCK = 300.0
 
 
 @dataclass(frozen=True)
@@ -61,6 +71,9 @@ def _work(want: Namespaces, report: int) -> None:
             ns.loopback_up()
         for t, pin in want.pins.items():
             mount.mount("", f"/proc/self/ns/{ns.KINDS[t][1]}", pin, ["bind"])
+        gate = os.environ.get(GATE_ENV)
+        if gate:
+            _gate(gate, [f"--{t}={p}" for t, p in want.pins.items()] + [want.hostname])
         step = _SYSCTL
         if want.netns and any(t == "network" for _, _, t in want.sysctls):
             key = "(join the pod network namespace)"
@@ -78,11 +91,43 @@ def _work(want: Namespaces, report: int) -> None:
         raise
 
 
+def _gate(ctl: str, args: list[str]) -> None:
+    """The gate protocol of ``podshim_lab.gates`` for verb ``pin`` (tests only)."""
+    import time
+
+    arm = os.path.join(ctl, "block.pin")
+    try:
+        with open(arm) as f:
+            target = f.read()
+    except OSError:
+        return
+    me = os.getpid()
+    if target != "*" and target not in args:
+        return
+    try:
+        os.rename(arm, os.path.join(ctl, f"claimed.pin.{me}"))
+    except OSError:
+        return  # another call claimed it
+    tmp = os.path.join(ctl, f".blocked.pin.{me}")
+    with open(tmp, "w") as f:
+        f.write(f"{me} {os.getppid()} {' '.join(args)}\n")
+    os.rename(tmp, os.path.join(ctl, "blocked.pin"))
+    deadline = time.monotonic() + GATE_MAX_BLOCK
+    while not os.path.exists(os.path.join(ctl, "release.pin")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with contextlib.suppress(OSError):
+        os.unlink(os.path.join(ctl, f"claimed.pin.{me}"))
+
+
 def _child(want: Namespaces, report: int) -> NoReturn:
     code = 1
     try:
         with contextlib.suppress(ValueError, OSError):
             signal.set_wakeup_fd(-1)  # the shim's event loop keeps its own
+        # hold nothing of the shim's (its sockets: a shim killed while this child runs
+        # must drop containerd's connection at once), only the report pipe
+        os.closerange(3, report)
+        os.closerange(report + 1, _MAX_FD)
         _work(want, report)
         code = 0
     finally:

@@ -5,3 +5,5 @@ path (which runs for every pod and container) pays only for what it uses.
 """
 
 __version__ = "0.1.0"
+#: podshim's runtime type for containerd (the shim binary's name derives from it)
+RUNTIME_TYPE = "io.containerd.podshim.v1"

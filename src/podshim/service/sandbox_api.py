@@ -44,6 +44,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from podshim import RUNTIME_TYPE
 from podshim import errors as errdefs
 from podshim.api.runtime.sandbox.v1 import sandbox_pb2 as pb
 from podshim.api.task.v2 import shim_pb2
@@ -217,7 +218,7 @@ class SandboxService:
         info: dict[str, Any] = {
             "pid": sb.sandbox.pid,
             "processStatus": state.status.name.lower(),
-            "runtimeType": "io.containerd.podshim.v1",
+            "runtimeType": RUNTIME_TYPE,
             "sandboxer": "shim",
             "host": {"kind": sb.pod.host.kind, "initPid": sb.pod.host.init_pid},
             "runtimeSpec": sb.pod.spec,

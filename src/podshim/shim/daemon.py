@@ -31,7 +31,7 @@ import signal
 import socket
 from collections.abc import Callable
 
-from podshim import logs, rundir, tracing
+from podshim import RUNTIME_TYPE, logs, rundir, tracing
 from podshim.api.task.v2 import shim_pb2
 from podshim.diag.shim import ShimDiag
 from podshim.jobs import JobGroup
@@ -316,7 +316,7 @@ def serve(flags: Flags) -> int:
         _log_to(os.path.join(home, NODE_LOG), os.O_WRONLY | os.O_APPEND | os.O_CREAT)
     else:
         _log_to(os.path.join(home, files.LOG_FIFO), os.O_WRONLY | os.O_NONBLOCK)
-    logs.setup(2, "info", {"runtime": "io.containerd.podshim.v1"}, debug=flags.debug)
+    logs.setup(2, "info", {"runtime": RUNTIME_TYPE}, debug=flags.debug)
     tracing.init_from_env("containerd-shim-podshim-v1")  # after a zygote's fork: it threads
     crash = _Crash(home)
     try:

@@ -28,13 +28,12 @@ from typing import BinaryIO
 from google.protobuf import any_pb2
 from google.protobuf.message import DecodeError
 
-from podshim import __version__
+from podshim import RUNTIME_TYPE, __version__
 from podshim import errors as errdefs
 from podshim.api.types import introspection_pb2
 from podshim.oci import runc
 from podshim.service import config
 from podshim.shim.flags import Flags
-from podshim.shim.main import RUNTIME_TYPE
 
 #: the type URL containerd registers for runtime-spec's ``features.Features`` (typeurl:
 #: a Go type that is no protobuf travels as JSON)

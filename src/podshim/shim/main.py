@@ -24,7 +24,6 @@ def without_tls(environ: dict[str, str] | None = None) -> bool:
     sys.modules["ssl"] = None  # type: ignore[assignment]  # import ssl: ImportError
     return True
 
-RUNTIME_TYPE = "io.containerd.podshim.v1"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"containerd-shim-podshim-v1: {exc}", file=sys.stderr)
         return 2
     if flags.version:
-        from podshim import __version__
+        from podshim import RUNTIME_TYPE, __version__
 
         print(f"containerd-shim-podshim-v1:\n  Version: {__version__}\n  Runtime: {RUNTIME_TYPE}")
         return 0

@@ -43,7 +43,7 @@ import sys
 import time
 from typing import IO, Any
 
-from podshim import logs, rundir
+from podshim import RUNTIME_TYPE, logs, rundir
 from podshim.api.events import task_pb2 as ev
 from podshim.jobs import JobGroup
 from podshim.linux.reaper import Reaper, set_child_subreaper
@@ -236,7 +236,7 @@ def run(args: argparse.Namespace) -> int:
         fd = os.open(args.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         os.dup2(fd, 2)
         os.close(fd)
-    logs.setup(2, "info", {"runtime": "io.containerd.podshim.v1"}, debug=args.debug)
+    logs.setup(2, "info", {"runtime": RUNTIME_TYPE}, debug=args.debug)
     try:
         cfg = load_file(args.config) if args.config else Config()
     except Exception as exc:

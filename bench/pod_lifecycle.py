@@ -1,5 +1,5 @@
-"""Pod lifecycle through CRI: runc.v2, podshim (pod and node scope) and a do-nothing shim
-on one private containerd.
+"""Pod lifecycle through CRI: runc.v2, podshim (pod and node scope; on containerd 2.x also
+its two Sandbox API front doors) and a do-nothing shim on one private containerd.
 
 Every runtime is a CRI handler of the same private containerd (:mod:`podshim_lab`; the
 columns are listed in :mod:`podbench.lab`); their pods are interleaved so the machine's
@@ -29,10 +29,17 @@ column failed a step (the table says which; the others are still measured).
 podshim's node scope is selected by ``shim_scope = "node"`` in its ConfigPath TOML; where
 podshim does not implement it yet, the ``node`` column simply runs with the key set.
 
-Usage (root): ``.venv/bin/python bench/pod_lifecycle.py [--runs 3] [--runtimes
-runc,pod,node,null] [--networks pod,host] [--pods 20] [--bursts 10,30] [--quick]
-[--pss-counts 1,10,20,50,100] [--podshim-set zygote=true] [--json] [--json-out FILE]
-[--plot out.png]``.
+``--containerd 1.6|1.7|2.1`` (default 1.6, the system package) chooses the containerd
+that every column runs on. On 2.x two more columns: ``sb`` (``sandboxer = "shim"``: CRI
+drives the pod through the ttrpc Sandbox service of the pod's shim) and ``proxy`` (the
+proxy plugin: the resident ``podshim daemon``, started by the bench before containerd and
+stopped after it, serves the sandbox Controller and Task v3 for every pod; its PSS is the
+column's). ``pod`` on 2.x is the default ``podsandbox`` sandboxer (podshim's sandbox task).
+
+Usage (root): ``.venv/bin/python bench/pod_lifecycle.py [--runs 3] [--containerd 2.1]
+[--runtimes runc,pod,node,null,sb,proxy] [--networks pod,host] [--pods 20]
+[--bursts 10,30] [--quick] [--pss-counts 1,10,20,50,100] [--podshim-set zygote=true]
+[--json] [--json-out FILE] [--plot out.png]``.
 """
 
 from __future__ import annotations
@@ -46,7 +53,15 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from podbench.lab import COLUMNS, DEFAULT_COLUMNS, Bench, open_bench, parse_setting
+from podbench.lab import (
+    COLUMNS,
+    CONTAINERDS,
+    DEFAULT_COLUMNS,
+    V2_COLUMNS,
+    Bench,
+    open_bench,
+    parse_setting,
+)
 from podbench.phases import Driver, Errors, burst, pss_ramp, rotated, sequential
 from podbench.report import Json, ratios, render, summarize
 
@@ -58,6 +73,8 @@ COLUMN_HELP = {
     "node": "podshim, shim_scope=node",
     "null": "do-nothing shim, node scope",
     "null-pod": "do-nothing shim, one daemon per pod",
+    "sb": 'podshim, sandboxer="shim" (ttrpc Sandbox service)',
+    "proxy": "podshim daemon, proxy-plugin sandboxer (Task v3)",
 }
 FULL_COUNTS = (1, 10, 20, 50, 100)
 QUICK_COUNTS = (1, 10, 20)
@@ -146,6 +163,8 @@ def _no_nan(value: Any) -> Any:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=1, help="interleaved runs; medians (default 1)")
+    ap.add_argument("--containerd", choices=CONTAINERDS, default="1.6",
+                    help="the containerd build every column runs on (default 1.6)")  # fmt: skip
     ap.add_argument("--runtimes", type=_names(COLUMNS), default=list(DEFAULT_COLUMNS),
                     help=f"columns, from {','.join(COLUMNS)} (default {','.join(DEFAULT_COLUMNS)})")  # fmt: skip
     ap.add_argument("--networks", type=_names(("pod", "host")), default=["pod", "host"])
@@ -155,7 +174,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--pss-counts", type=_ints, default=None, help="pods up for PSS")
     ap.add_argument("--quick", action="store_true", help="PSS at 1,10,20 pods only")
     ap.add_argument("--podshim-set", action="append", default=[], metavar="KEY=VALUE",
-                    help="a key of both podshim columns' config TOML (repeatable)")  # fmt: skip
+                    help="a key of the podshim columns' config TOML, the proxy daemon's "
+                    "too, not sb's (repeatable)")  # fmt: skip
     ap.add_argument("--log-level", default="warn", help="containerd's log level")
     ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
     ap.add_argument("--json-out", metavar="FILE", help="also write the JSON there")
@@ -170,6 +190,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         ns.settings = dict(parse_setting(s) for s in ns.podshim_set)
     except ValueError as exc:
         ap.error(str(exc))
+    v2_only = [c for c in ns.runtimes if c in V2_COLUMNS]
+    if v2_only and not ns.containerd.startswith("2."):
+        ap.error(f"{','.join(v2_only)}: containerd 2.x only (--containerd 2.1)")
     if "runc" not in ns.runtimes:
         ns.runtimes.insert(0, "runc")  # the reference of every ratio
     return ns
@@ -185,15 +208,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs: list[Json] = []
     started = time.monotonic()
     with (
-        open_bench(ns.runtimes, ns.settings, ns.log_level) as bench,
+        open_bench(ns.runtimes, ns.settings, ns.log_level, ns.containerd) as bench,
         CriClient(bench.lab.address, timeout=60) as cri,
     ):
+        containerd_version = bench.lab_version()
         for run in range(ns.runs):
             runs.append(one_run(bench, cri, ns, run, errors))
     summary = summarize(runs, ns.runtimes)
     rat = ratios(summary, ns.runtimes)
     meta: Json = {
         "runs": ns.runs,
+        "containerd": containerd_version,
         "columns": ns.runtimes,
         "column_help": COLUMN_HELP,
         "networks": ns.networks,
@@ -215,7 +240,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             summary,
             ns.runtimes,
             ns.plot,
-            f"{ns.runs} run(s), {os.cpu_count()} CPUs, load {loadavg}",
+            f"containerd {containerd_version}, {ns.runs} run(s), {os.cpu_count()} CPUs, "
+            f"load {loadavg}",
         )
         log(f"plot written to {ns.plot}")
     doc = {"meta": meta, "summary": summary, "ratios_to_runc": rat, "runs": runs}

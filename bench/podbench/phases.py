@@ -235,7 +235,7 @@ def pss_ramp(driver: Driver, column: str, counts: Sequence[int]) -> dict[int, Fo
                     raise failure
                 refs = [driver.with_pid(r) if not r.pid else r for r in refs]
                 workloads = {r.pid for r in refs}
-                out[target] = settle(partial(footprint, driver.bench.lab, column, workloads))
+                out[target] = settle(partial(footprint, driver.bench, column, workloads))
     finally:
         driver.down_all([r.pod for r in refs])
     return out

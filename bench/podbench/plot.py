@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from podbench.report import NETWORK_NAMES, Json
 
 COLORS = {"runc": "black", "pod": "tab:blue", "node": "tab:green", "null": "tab:gray",
-          "null-pod": "tab:orange"}  # fmt: skip
+          "null-pod": "tab:orange", "sb": "tab:purple", "proxy": "tab:red"}  # fmt: skip
 
 
 def plot(summary: Json, columns: Sequence[str], path: str, title: str) -> None:

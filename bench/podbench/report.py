@@ -135,7 +135,8 @@ def render(
         lines.append(f"{label:<22}" + "".join(f"{x:>{width}}" for x in cells))
 
     lines = [
-        f"pod lifecycle through CRI on one private containerd; columns interleaved; "
+        f"pod lifecycle through CRI on one private containerd {meta.get('containerd', '')}; "
+        f"columns interleaved; "
         f"medians of {meta['runs']} run(s); load average {meta['loadavg']} (1/5/15 min, "
         f"before; the machine may be shared)",
     ]

@@ -15,7 +15,8 @@ from podshim.admin.errors import AdminError
 
 @dataclass(frozen=True)
 class Change:
-    """One change: ``dir`` (create), ``file`` (write ``data``), ``symlink`` (to
+    """One change: ``dir`` (create), ``file`` or ``unit`` (a systemd unit: write
+    ``data``), ``symlink`` (to
     ``target``), ``edit`` (containerd's main config from ``old`` to ``data``, adding the
     imports ``entry``, backed up to ``backup``)."""
 
@@ -33,8 +34,8 @@ class Change:
             return f"create directory {self.path}"
         if self.kind == "symlink":
             return f"link {self.path} -> {self.target}"
-        if self.kind == "file":
-            head = f"write {self.path}"
+        if self.kind in ("file", "unit"):
+            head = f"write {'systemd unit ' if self.kind == 'unit' else ''}{self.path}"
             if not verbose:
                 return head
             return head + ":\n" + _indent(self.data.decode())
@@ -65,9 +66,9 @@ def _do(change: Change) -> mf.Entry:
         os.symlink(change.target, tmp)
         os.replace(tmp, change.path)
         return mf.Entry("symlink", change.path, target=change.target)
-    if change.kind == "file":
+    if change.kind in ("file", "unit"):
         mf.write_atomic(change.path, change.data, 0o644)
-        return mf.Entry("file", change.path, sha256=mf.sha256(change.data))
+        return mf.Entry(change.kind, change.path, sha256=mf.sha256(change.data))
     if change.kind == "edit":
         mf.write_atomic(change.backup, change.old, 0o600, like=change.path)
         current = mf.file_sha256(change.path)
@@ -93,7 +94,7 @@ def _undo(change: Change, before: mf.Entry | None) -> None:
         os.unlink(change.path)
         if before is not None:
             os.symlink(before.target, change.path)
-    elif change.kind == "file":
+    elif change.kind in ("file", "unit"):
         if before is not None:  # an earlier install's file, rewritten: put it back
             mf.write_atomic(change.path, change.old, 0o644)
         else:

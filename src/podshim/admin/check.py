@@ -18,9 +18,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from podshim import __version__
-from podshim.admin import ctdconfig
+from podshim.admin import ctdconfig, service
 from podshim.admin.errors import AdminError
-from podshim.admin.install import HANDLERS
+from podshim.admin.install import HANDLERS, SANDBOX_HANDLER
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 DEFAULT_ADDRESS = "/run/containerd/containerd.sock"
@@ -186,10 +186,11 @@ def check_cri(t: Target, binary: ctdconfig.ContainerdBinary | None) -> Result:
     return Result("CRI plugin", WARN, "not loaded", f"enable it in {t.config}")
 
 
-def _dumped_runtimes(binary: ctdconfig.ContainerdBinary, config: str) -> dict[str, Any]:
+def _dumped(binary: ctdconfig.ContainerdBinary, config: str) -> tuple[dict[str, Any], Any]:
+    """The runtimes and the ``proxy_plugins`` of containerd's effective config."""
     table = tomllib.loads(ctdconfig.dump(binary.path, config))
     version = table.get("version", 2)
-    return ctdconfig.runtimes_of(table, 3 if version == 3 else 2)
+    return ctdconfig.runtimes_of(table, 3 if version == 3 else 2), table.get("proxy_plugins")
 
 
 def _find_shim(t: Target, binary: ctdconfig.ContainerdBinary | None) -> str | None:
@@ -227,11 +228,12 @@ def check_handlers(t: Target, binary: ctdconfig.ContainerdBinary | None) -> list
     if binary is None:
         return [Result("handlers", WARN, "cannot tell: no containerd binary")]
     try:
-        runtimes = _dumped_runtimes(binary, t.config)
+        runtimes, proxies = _dumped(binary, t.config)
     except (AdminError, tomllib.TOMLDecodeError) as exc:
         return [Result("handlers", WARN, f"cannot read {t.config}: {exc}", "fix the config")]
     out = []
-    for handler in HANDLERS:
+    wanted = [*HANDLERS, *([SANDBOX_HANDLER] if binary.version[0] >= 2 else [])]
+    for handler in wanted:
         name = f"handler {handler}"
         spec = runtimes.get(handler)
         if not isinstance(spec, dict):
@@ -247,8 +249,26 @@ def check_handlers(t: Target, binary: ctdconfig.ContainerdBinary | None) -> list
                 )
             )
             continue
+        sandboxer = spec.get("sandboxer")
+        if isinstance(sandboxer, str) and sandboxer not in ("", "podsandbox", "shim"):
+            plugins = proxies if isinstance(proxies, dict) else {}
+            out.append(_proxy_reachable(name, sandboxer, plugins.get(sandboxer)))
+            continue
         out.append(_reachable(name, spec, t, binary))
     return out
+
+
+def _proxy_reachable(name: str, plugin: str, spec: Any) -> Result:
+    """A handler whose sandboxer is a proxy plugin: its daemon accepts connections."""
+    address = spec.get("address") if isinstance(spec, dict) else None
+    if not address or spec.get("type") not in service.SANDBOX_TYPES:
+        hint = "podshim install again (it declares [proxy_plugins.podshim])"
+        return Result(name, WARN, f"sandboxer {plugin!r} is no sandbox proxy plugin", hint)
+    why = service.reachable(str(address))
+    if why is None:
+        return Result(name, OK, f"registered, proxy plugin {plugin}, daemon serving {address}")
+    detail = f"registered (proxy plugin {plugin}), nothing serves {address} ({why})"
+    return Result(name, WARN, detail, service.start_hint(str(address)))
 
 
 def _started_at(pid: int) -> float | None:

@@ -11,7 +11,7 @@ import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from podshim.admin.install import Options
+    from podshim.admin.install import Options, Plan
 
 DEFAULT_ADDRESS = "/run/containerd/containerd.sock"
 
@@ -29,6 +29,8 @@ PATH_OPTIONS = {
     "podshim_config_dir": "--podshim-config-dir",
     "state_dir": "--state-dir",
     "dropin": "--dropin",
+    "unit_dir": "--unit-dir",
+    "daemon_socket": "--daemon-socket",
 }
 
 
@@ -48,6 +50,16 @@ def _path_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--dropin", help="containerd drop-in to write (default: <config dir>/conf.d/podshim.toml)"
+    )
+    p.add_argument(
+        "--unit-dir",
+        help="containerd 2.x: where the podshim daemon's systemd unit goes "
+        "(default: /etc/systemd/system)",
+    )
+    p.add_argument(
+        "--daemon-socket",
+        help="containerd 2.x: the proxy plugin's address, the podshim daemon's --socket "
+        "(default: /run/podshim/sandbox.sock)",
     )
 
 
@@ -80,6 +92,8 @@ def _options(args: argparse.Namespace) -> Options:
         podshim_dir=args.podshim_config_dir,
         state_dir=args.state_dir,
         dropin=args.dropin,
+        unit_dir=args.unit_dir,
+        daemon_socket=args.daemon_socket,
     )
 
 
@@ -103,6 +117,35 @@ def restart_containerd(restart: bool, dry_run: bool) -> int:
     return 0
 
 
+def start_daemon(p: Plan, restart: bool) -> int:
+    """containerd 2.x: start the daemon's unit through systemd (``restart``) before
+    containerd restarts, or say how to."""
+    from podshim.admin import service
+
+    name = os.path.basename(p.unit)
+    written = [c for c in p.changes if c.kind == "unit"]
+    if not restart or not service.systemd_running():
+        command = " ".join(p.daemon)
+        _print(
+            f"the proxy plugin's daemon must serve before containerd starts: systemctl "
+            f"daemon-reload && systemctl enable --now {name} (without systemd, run it under "
+            f"your service manager, started before containerd: {command})"
+        )
+        return 0
+    for args in (["daemon-reload"], ["enable", "--now", name]):
+        failed = service.systemctl(*args)
+        if failed is not None:
+            print(f"podshim: systemctl {' '.join(args)} failed: {failed}", file=sys.stderr)
+            return 1
+        _print(f"systemctl {' '.join(args)}")
+    if any(c.old for c in written):
+        _print(
+            f"note: a running {name} keeps its old command line until it restarts; "
+            "restarting it ends every pod on podshim-node: drain the node first"
+        )
+    return 0
+
+
 def run_install(args: argparse.Namespace) -> int:
     from podshim.admin import install
     from podshim.admin.errors import AdminError
@@ -115,6 +158,10 @@ def run_install(args: argparse.Namespace) -> int:
         return 1
     if not p.changes:
         return 0
+    if p.unit and not args.dry_run:
+        code = start_daemon(p, args.restart)
+        if code != 0:
+            return code
     return restart_containerd(args.restart, args.dry_run)
 
 

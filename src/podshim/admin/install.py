@@ -9,6 +9,12 @@ What it changes (every path below the ``--root`` prefix, ``/`` by default):
 * ``/etc/containerd/conf.d/podshim.toml``: the drop-in with the handlers ``podshim`` and
   ``podshim-node`` (on containerd 1.6/1.7 with a copy of the CRI plugin's section: see
   :mod:`podshim.admin.ctdconfig`);
+* on containerd 2.x also the handler ``podshim-sb`` (``sandboxer = "shim"``), and
+  ``podshim-node`` is the proxy plugin ``podshim`` (``sandboxer = "podshim"``, in the
+  drop-in too) served by ``podshim daemon``, whose config is ``/etc/podshim/daemon.toml``
+  and whose systemd unit is ``/etc/systemd/system/podshim-daemon.service`` (``--unit-dir``;
+  see :mod:`podshim.admin.service`); without grpcio (the daemon's) ``podshim-node``
+  stays the ``shim_scope = "node"`` shim of 1.6/1.7;
 * ``/etc/containerd/config.toml`` (``--config``): only the drop-in is added to its
   ``imports``, after a backup next to it (``config.toml.before-podshim``);
 * ``/var/lib/podshim/install-manifest.json`` (``--state-dir``): the record of all that,
@@ -30,21 +36,48 @@ from dataclasses import dataclass
 from typing import Any
 
 from podshim import __version__
-from podshim.admin import ctdconfig, tomledit
+from podshim.admin import ctdconfig, service, tomledit
 from podshim.admin import manifest as mf
 from podshim.admin.changes import Change
 from podshim.admin.errors import AdminError
 
-#: the CRI handlers install adds: name -> podshim config file name
+#: the CRI handlers install adds on 1.6/1.7: name -> podshim config file name
 HANDLERS = {"podshim": "config.toml", "podshim-node": "node.toml"}
-_CONFIG_TEXT = {
+#: containerd 2.x: the handler of the shim's Sandbox API (no options table: 2.1's CRI
+#: then fails StartContainer), and the daemon's config for the proxy-plugin handler
+SANDBOX_HANDLER = "podshim-sb"
+NODE_HANDLER = "podshim-node"
+DAEMON_CONFIG = "daemon.toml"
+_CONFIG_TEXT: dict[str, tuple[str, str | None]] = {
     "config.toml": ('shim_scope = "pod"\n', "pod"),
     "node.toml": ('shim_scope = "node"\n', "node"),
+    DAEMON_CONFIG: ("", None),  # the daemon is resident: shim_scope does not apply
 }
 _CONFIG_HEADER = (
     "podshim's config for the CRI handler {handler} (ConfigPath); every key: README,\n"
     '"Configuration". podshim install keeps this file if you edit it.'
 )
+_DAEMON_HEADER = (
+    "podshim's config for the pods of the CRI handler {handler}: the --config of\n"
+    'podshim daemon (the proxy plugin\'s controller); every key: README, "Configuration"\n'
+    "(shim_scope, shards, zygote and idle_exit_seconds do not apply). podshim install\n"
+    "keeps this file if you edit it; restart the daemon to load it (it ends its pods)."
+)
+
+
+def handlers(binary: ctdconfig.ContainerdBinary, proxy: bool) -> dict[str, str | None]:
+    """The CRI handlers install adds for ``binary``: name -> podshim config file name
+    (``None``: the handler has no options table). ``proxy``: ``podshim-node`` is the
+    proxy plugin (2.x with grpcio), its config the daemon's."""
+    if binary.version[0] < 2:
+        return dict(HANDLERS)
+    return {
+        "podshim": "config.toml",
+        NODE_HANDLER: DAEMON_CONFIG if proxy else "node.toml",
+        SANDBOX_HANDLER: None,
+    }
+
+
 _DROPIN_HEADER = (
     "podshim's CRI runtime handlers, imported by {config}.\n"
     "{extra}podshim uninstall removes this file; edit containerd's own config instead."
@@ -67,10 +100,17 @@ class Options:
     state_dir: str
     dropin: str
     shim: str
+    #: containerd 2.x: the systemd unit directory and the daemon's controller socket
+    unit_dir: str = "/etc/systemd/system"
+    daemon_socket: str = service.DEFAULT_SOCKET
 
     @property
     def manifest(self) -> str:
         return os.path.join(self.state_dir, mf.NAME)
+
+    @property
+    def unit(self) -> str:
+        return os.path.join(self.unit_dir, service.UNIT)
 
     @property
     def link(self) -> str:
@@ -96,6 +136,8 @@ def options(
     state_dir: str | None = None,
     dropin: str | None = None,
     shim: str | None = None,
+    unit_dir: str | None = None,
+    daemon_socket: str | None = None,
 ) -> Options:
     """:class:`Options` from the command line's values (``None``: the default, below
     ``root``)."""
@@ -116,6 +158,10 @@ def options(
             else os.path.join(os.path.dirname(cfg), "conf.d", "podshim.toml")
         ),
         shim=shim or shim_source(),
+        unit_dir=os.path.abspath(unit_dir) if unit_dir else under("/etc/systemd/system"),
+        daemon_socket=(
+            os.path.abspath(daemon_socket) if daemon_socket else under(service.DEFAULT_SOCKET)
+        ),
     )
 
 
@@ -127,6 +173,10 @@ class Plan:
     manifest: mf.Manifest
     notes: list[str]
     binary: ctdconfig.ContainerdBinary
+    #: containerd 2.x with grpcio: the daemon's systemd unit (path), else "", and the
+    #: daemon's command line (its ExecStart)
+    unit: str = ""
+    daemon: tuple[str, ...] = ()
 
 
 def require_root(dry_run: bool, what: str) -> None:
@@ -149,7 +199,7 @@ def plan(opts: Options) -> Plan:
         )
     old, table = ctdconfig.read(opts.config)
     version = ctdconfig.config_version(opts.config, table, binary)
-    ctdconfig.dump(binary.path, opts.config)  # containerd itself must accept the file
+    dumped = ctdconfig.dump(binary.path, opts.config)  # containerd must accept the file
     manifest = mf.load(opts.manifest)
     if manifest is not None and manifest.containerd_config != opts.config:
         raise AdminError(
@@ -165,29 +215,47 @@ def plan(opts: Options) -> Plan:
         )
     notes: list[str] = []
     changes: list[Change] = []
-    for directory in (opts.state_dir, opts.bin_dir, opts.podshim_dir, os.path.dirname(opts.dropin)):
+    proxy = binary.version[0] >= 2 and service.has_grpc()
+    if binary.version[0] >= 2 and not proxy:
+        notes.append(
+            f'no grpcio for {sys.executable}: {NODE_HANDLER} is the shim_scope = "node" '
+            "shim, not the proxy plugin (pip install grpcio, then podshim install again)"
+        )
+    wanted = handlers(binary, proxy)
+    dirs = [opts.state_dir, opts.bin_dir, opts.podshim_dir, os.path.dirname(opts.dropin)]
+    for directory in dirs + ([opts.unit_dir] if proxy else []):
         changes += [c for c in _mkdirs(directory) if c not in changes]
     files = [(opts.config, table)] + [
         (name, sub)
         for name, sub in ctdconfig.imported_files(opts.config, table)
         if name != opts.dropin
     ]
-    _check_handlers(files, version)
-    config_paths = {}
-    for handler, name in HANDLERS.items():
-        path = os.path.join(opts.podshim_dir, name)
+    _check_handlers(files, version, wanted)
+    if proxy:
+        service.check_plugin_name(files, opts.daemon_socket)
+    config_paths: dict[str, str | None] = {}
+    for handler, name in wanted.items():
+        path = os.path.join(opts.podshim_dir, name) if name else None
         config_paths[handler] = path
-        changes += _podshim_config(path, handler, manifest, notes)
+        if path is not None:
+            changes += _podshim_config(path, handler, manifest, notes)
     changes += _link(opts, manifest)
-    dropin = _dropin(opts, binary, version, files, config_paths).encode()
+    dropin = _dropin(opts, binary, version, files, config_paths, proxy).encode()
     changes += _owned_file(opts.dropin, dropin, manifest)
+    unit, argv = "", []
+    if proxy:
+        unit = opts.unit
+        config = config_paths[NODE_HANDLER]
+        assert config is not None
+        argv = service.daemon_argv(service.grpc_address(dumped), opts.daemon_socket, config)
+        changes += _owned_file(unit, service.unit_text(argv).encode(), manifest, kind="unit")
     changes += _edit(opts, old, table, binary)
     if binary.version < (1, 7, 0) and opts.bin_dir != "/usr/local/bin":
         notes.append(
             f"containerd {binary.short} looks for {ctdconfig.SHIM_BINARY} on its PATH only: "
             f"put {opts.bin_dir} on containerd's PATH"
         )
-    return Plan(changes, manifest, notes, binary)
+    return Plan(changes, manifest, notes, binary, unit, tuple(argv))
 
 
 def _mkdirs(directory: str) -> list[Change]:
@@ -200,10 +268,12 @@ def _mkdirs(directory: str) -> list[Change]:
     return [Change("dir", d) for d in reversed(missing)]
 
 
-def _check_handlers(files: list[tuple[str, dict[str, Any]]], version: int) -> None:
+def _check_handlers(
+    files: list[tuple[str, dict[str, Any]]], version: int, wanted: dict[str, str | None]
+) -> None:
     for name, table in files:
         for handler, spec in ctdconfig.runtimes_of(table, version).items():
-            if handler not in HANDLERS or not isinstance(spec, dict):
+            if handler not in wanted or not isinstance(spec, dict):
                 continue
             rtype = spec.get("runtime_type")
             if rtype != ctdconfig.RUNTIME_TYPE:
@@ -213,13 +283,14 @@ def _check_handlers(files: list[tuple[str, dict[str, Any]]], version: int) -> No
                 )
 
 
-def _owned_file(path: str, data: bytes, manifest: mf.Manifest) -> list[Change]:
-    """Write ``path`` unless it holds ``data``; refuse one podshim did not write."""
+def _owned_file(path: str, data: bytes, manifest: mf.Manifest, kind: str = "file") -> list[Change]:
+    """Write ``path`` unless it holds ``data``; refuse one podshim did not write
+    (``kind``: ``file``, or ``unit`` for a systemd unit)."""
     current = mf.file_sha256(path)
     if current == mf.sha256(data):
         return []
     if os.path.lexists(path):
-        mine = manifest.find("file", path)
+        mine = manifest.find(kind, path)
         if mine is None or current is None:
             raise AdminError(f"{path} exists and podshim install did not write it: move it away")
         if mine.sha256 != current:
@@ -228,8 +299,8 @@ def _owned_file(path: str, data: bytes, manifest: mf.Manifest) -> list[Change]:
                 "(or run podshim uninstall) and install again"
             )
         with open(path, "rb") as f:
-            return [Change("file", path, data, old=f.read())]
-    return [Change("file", path, data)]
+            return [Change(kind, path, data, old=f.read())]
+    return [Change(kind, path, data)]
 
 
 def _podshim_config(
@@ -237,7 +308,8 @@ def _podshim_config(
 ) -> list[Change]:
     name = os.path.basename(path)
     body, scope = _CONFIG_TEXT[name]
-    data = (tomledit.render(_CONFIG_HEADER.format(handler=handler), {}) + body).encode()
+    header = _DAEMON_HEADER if name == DAEMON_CONFIG else _CONFIG_HEADER
+    data = (tomledit.render(header.format(handler=handler), {}) + body).encode()
     mine = manifest.find("file", path)
     if os.path.lexists(path) and (mine is None or mine.sha256 != mf.file_sha256(path)):
         from podshim.errors import ShimError
@@ -247,7 +319,7 @@ def _podshim_config(
             cfg = podshim_config.load_file(path)
         except ShimError as exc:
             raise AdminError(f"{exc} (fix it or move it away)") from None
-        if cfg.shim_scope != scope:
+        if scope is not None and cfg.shim_scope != scope:
             raise AdminError(
                 f"{path} has shim_scope {cfg.shim_scope!r}, the handler {handler} needs "
                 f"{scope!r}: fix it or move it away"
@@ -270,15 +342,27 @@ def _link(opts: Options, manifest: mf.Manifest) -> list[Change]:
 
 
 def handler_tables(
-    binary: ctdconfig.ContainerdBinary, opts: Options, config_paths: dict[str, str]
+    binary: ctdconfig.ContainerdBinary,
+    opts: Options,
+    config_paths: dict[str, str | None],
+    proxy: bool = False,
 ) -> dict[str, Any]:
-    """The ``containerd.runtimes`` entries install adds."""
+    """The ``containerd.runtimes`` entries install adds (``config_paths`` from
+    :func:`handlers`; ``proxy``: ``podshim-node`` is the proxy plugin)."""
     out: dict[str, Any] = {}
     for handler, path in config_paths.items():
         spec: dict[str, Any] = {"runtime_type": ctdconfig.RUNTIME_TYPE}
+        if proxy and handler == NODE_HANDLER:
+            # the daemon serves the pods: no shim is run, no options (its --config)
+            spec["sandboxer"] = service.PLUGIN
+            out[handler] = spec
+            continue
         if binary.version >= (1, 7, 0):  # 1.6 ignores it and looks on its PATH only
             spec["runtime_path"] = opts.link
-        spec["options"] = {"ConfigPath": path}
+        if handler == SANDBOX_HANDLER:
+            spec["sandboxer"] = "shim"
+        if path is not None:
+            spec["options"] = {"ConfigPath": path}
         out[handler] = spec
     return out
 
@@ -288,7 +372,8 @@ def _dropin(
     binary: ctdconfig.ContainerdBinary,
     version: int,
     files: list[tuple[str, dict[str, Any]]],
-    config_paths: dict[str, str],
+    config_paths: dict[str, str | None],
+    proxy: bool,
 ) -> str:
     plugin = ctdconfig.cri_plugin(version)
     extra = ""
@@ -298,11 +383,13 @@ def _dropin(
         source = found[0] if found else "containerd's defaults (no file sets it)"
         section = copy.deepcopy(found[1]) if found else {}
         extra = _COPY_NOTE.format(version=binary.short, source=source)
-    section = tomledit.merge(
-        section, {"containerd": {"runtimes": handler_tables(binary, opts, config_paths)}}
-    )
+    runtimes = handler_tables(binary, opts, config_paths, proxy)
+    section = tomledit.merge(section, {"containerd": {"runtimes": runtimes}})
     header = _DROPIN_HEADER.format(config=opts.config, extra=extra)
-    return tomledit.render(header, {"version": version, "plugins": {plugin: section}})
+    table: dict[str, Any] = {"version": version, "plugins": {plugin: section}}
+    if proxy:
+        table["proxy_plugins"] = service.plugin_table(opts.daemon_socket)
+    return tomledit.render(header, table)
 
 
 def _glob_match(pattern: str, path: str) -> bool:

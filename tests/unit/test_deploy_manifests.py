@@ -1,8 +1,8 @@
 """``deploy/``: every manifest validates strictly against the Kubernetes API schema
 (``kubernetes-validate --strict``, its bundled schemas, offline: an unknown field is an
 error), and the manifests agree with podshim: the RuntimeClasses' handlers are the ones
-``podshim install`` registers (plus ``podshim-sb``), their node selector is the label the
-installer sets, and the DaemonSets' command lines are ones ``podshim node-install`` parses,
+``podshim install`` registers (``podshim-sb`` on containerd 2.x only), their node
+selectors are the labels the installer sets, and the DaemonSets' command lines are ones ``podshim node-install`` parses,
 running the bundle where the Containerfile puts it.
 """
 
@@ -19,6 +19,7 @@ import yaml
 
 from podshim import cli
 from podshim.admin import install, node
+from podshim.admin.ctdconfig import ContainerdBinary
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 MANIFESTS = sorted(DEPLOY.glob("*.yaml"))
@@ -69,10 +70,18 @@ def test_the_validation_rejects_an_unknown_field(tmp_path: Path) -> None:
 
 def test_runtimeclasses_name_podshims_handlers() -> None:
     classes = {d["metadata"]["name"]: d for d in _kind("RuntimeClass")}
-    assert {d["handler"] for d in classes.values()} == {*install.HANDLERS, "podshim-sb"}
+    v1 = ContainerdBinary("containerd", (1, 7, 24), "")
+    v2 = ContainerdBinary("containerd", (2, 1, 9), "")
+    registered = {*install.handlers(v1, proxy=False), *install.handlers(v2, proxy=True)}
+    assert {d["handler"] for d in classes.values()} == registered
+    only_2x = set(install.handlers(v2, proxy=True)) - set(install.handlers(v1, proxy=False))
+    assert only_2x == {install.SANDBOX_HANDLER}
     for name, rc in classes.items():
         assert rc["handler"] == name
-        assert rc["scheduling"]["nodeSelector"][node.LABEL] == "true", name
+        selector = rc["scheduling"]["nodeSelector"]
+        assert selector[node.LABEL] == "true", name
+        # the installer sets this label where the host's check found podshim-sb
+        assert (selector.get(node.SANDBOX_LABEL) == "true") is (name in only_2x), name
         fixed = rc["overhead"]["podFixed"]
         assert set(fixed) == {"cpu", "memory"} and re.fullmatch(r"\d+Mi", fixed["memory"])
     # a node daemon serves many pods: its per-pod overhead is below a pod shim's

@@ -166,3 +166,19 @@ def test_in_cluster_needs_a_pod(monkeypatch: pytest.MonkeyPatch, tmp_path: Path)
     monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
     with pytest.raises(AdminError, match="no service account token"):
         kubeapi.Api.in_cluster(str(tmp_path))
+
+
+LABELS = ("podshim.io/installed", "podshim.io/sandbox-api")
+
+
+def test_the_sandbox_api_label_follows_the_hosts_check(api: kubeapi.Api) -> None:
+    base = [{"name": "handler podshim", "status": "ok", "detail": "", "hint": ""}]
+    sb = {"name": node.SANDBOX_CHECK, "status": "ok", "detail": "", "hint": ""}
+    assert node.node_labels([*base, sb]) == {LABELS[0]: "true", LABELS[1]: "true"}
+    # 1.6/1.7 (no such handler), or registered but not runnable: the label goes
+    assert node.node_labels(base) == {LABELS[0]: "true", LABELS[1]: None}
+    assert node.node_labels([*base, {**sb, "status": "warn"}])[LABELS[1]] is None
+    kubeapi.label_node_with("node-1", node.node_labels([*base, sb]), api)
+    ((_, _, _, body),) = _Api.calls
+    assert body == {"metadata": {"labels": {LABELS[0]: "true", LABELS[1]: "true"}}}
+

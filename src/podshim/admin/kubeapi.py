@@ -50,8 +50,13 @@ class Api:
 def label_node(name: str, key: str, value: str | None, api: Api | None = None) -> None:
     """Set ``key=value`` on node ``name`` (``value`` None: remove the label) with a JSON
     merge patch."""
+    label_node_with(name, {key: value}, api)
+
+
+def label_node_with(name: str, labels: dict[str, str | None], api: Api | None = None) -> None:
+    """Set (``None``: remove) several labels of node ``name`` in one JSON merge patch."""
     api = api or Api.in_cluster()
-    body = json.dumps({"metadata": {"labels": {key: value}}}).encode()
+    body = json.dumps({"metadata": {"labels": labels}}).encode()
     req = urllib.request.Request(
         f"{api.base_url}/api/v1/nodes/{urllib.parse.quote(name, safe='')}",
         data=body,

@@ -16,7 +16,10 @@ the host's bin dir into the image would dangle on the host, so install:
    whose glibc is older than the bundle's);
 4. removes older version directories no process runs from (a pod-scope shim keeps running
    its version's code until its pod ends; a node daemon of an old version drains);
-5. labels the node (``--label-node``) so RuntimeClasses schedule onto it only now.
+5. labels the node (``--label-node``) so RuntimeClasses schedule onto it only now:
+   ``podshim.io/installed=true``, and ``podshim.io/sandbox-api=true`` where the host's
+   check found the handler ``podshim-sb`` registered and runnable (containerd 2.x; the
+   label is removed elsewhere, e.g. after a downgrade to 1.7).
 
 ``--cleanup`` reverses it: the label, the copied ``podshim uninstall`` (from the copy's
 manifest), then the whole ``<prefix>``.
@@ -40,6 +43,9 @@ CURRENT = "current"
 #: in ``<prefix>``: the parent directories install created for it (cleanup removes them)
 CREATED = ".podshim-created-dirs.json"
 LABEL = "podshim.io/installed"
+#: containerd 2.x: the handler podshim-sb (the shim's Sandbox API) is registered
+SANDBOX_LABEL = "podshim.io/sandbox-api"
+SANDBOX_CHECK = "handler podshim-sb"
 #: the host's usual command directories, added to the host commands' PATH
 HOST_PATH = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
 
@@ -210,6 +216,34 @@ def prune(opts: NodeOptions, keep: str, report: Callable[[str], None]) -> None:
         report(f"removed {os.path.join(opts.prefix, name)} (no process runs from it)")
 
 
+def host_check(
+    opts: NodeOptions, podshim: str, report: Callable[[str], None]
+) -> tuple[bool, list[dict[str, str]]]:
+    """The host's ``podshim check --json``, reported a line each: (passed, results)."""
+    res = _run_host(opts, [podshim, "check", "--address", opts.address, "--json"], _quiet)
+    try:
+        results = [dict(r) for r in json.loads(res.stdout)]
+    except (ValueError, TypeError):
+        results = []
+        for line in (res.stdout + res.stderr).splitlines():
+            report(f"  {line}")
+    for r in results:
+        hint = f"  -> {r.get('hint')}" if r.get("hint") and r.get("status") != "ok" else ""
+        report(f"  [{r.get('status', '?'):>4}] {r.get('name')}: {r.get('detail')}{hint}")
+    return res.returncode == 0, results
+
+
+def node_labels(results: list[dict[str, str]]) -> dict[str, str | None]:
+    """The node's labels from the host's check: installed, and the Sandbox API handler
+    where it is registered and runnable (``None``: remove the label)."""
+    sandbox = any(r.get("name") == SANDBOX_CHECK and r.get("status") == "ok" for r in results)
+    return {LABEL: "true", SANDBOX_LABEL: "true" if sandbox else None}
+
+
+def _quiet(line: str) -> None:
+    pass
+
+
 def install(opts: NodeOptions, report: Callable[[str], None]) -> int:
     """Copy, install, check, prune, label; 0, or 1 with what failed reported."""
     version = bundle_info(opts.bundle)["podshim"]
@@ -221,8 +255,9 @@ def install(opts: NodeOptions, report: Callable[[str], None]) -> int:
     report("on the host: " + " ".join(argv))
     if _run_host(opts, argv, report).returncode != 0:
         raise AdminError(f"{podshim} install failed on the host (see above)")
-    report(f"on the host: {podshim} check --address {opts.address}")
-    if _run_host(opts, [podshim, "check", "--address", opts.address], report).returncode != 0:
+    report(f"on the host: {podshim} check --address {opts.address} --json")
+    ok, results = host_check(opts, podshim, report)
+    if not ok:
         report("podshim check failed on the host: undoing the install")
         _run_host(opts, [podshim, "uninstall", *opts.install_args], report)
         raise AdminError("podshim cannot run pods on this host (see podshim check above)")
@@ -230,8 +265,10 @@ def install(opts: NodeOptions, report: Callable[[str], None]) -> int:
     if opts.label_node:
         from podshim.admin import kubeapi
 
-        kubeapi.label_node(opts.label_node, LABEL, "true")
-        report(f"labelled node {opts.label_node} {LABEL}=true")
+        labels = node_labels(results)
+        kubeapi.label_node_with(opts.label_node, labels)
+        shown = ", ".join(f"{k}={v}" if v else f"{k} removed" for k, v in labels.items())
+        report(f"labelled node {opts.label_node}: {shown}")
     report(f"podshim {version} is installed on this node")
     return 0
 
@@ -244,8 +281,8 @@ def cleanup(opts: NodeOptions, report: Callable[[str], None]) -> int:
     if opts.label_node:
         from podshim.admin import kubeapi
 
-        kubeapi.label_node(opts.label_node, LABEL, None)
-        report(f"removed the label {LABEL} from node {opts.label_node}")
+        kubeapi.label_node_with(opts.label_node, {LABEL: None, SANDBOX_LABEL: None})
+        report(f"removed the labels {LABEL}, {SANDBOX_LABEL} from node {opts.label_node}")
     local = opts.local(opts.prefix)
     current = os.path.join(local, CURRENT)
     if os.path.isdir(current):

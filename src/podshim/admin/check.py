@@ -267,6 +267,8 @@ def _proxy_reachable(name: str, plugin: str, spec: Any) -> Result:
     why = service.reachable(str(address))
     if why is None:
         return Result(name, OK, f"registered, proxy plugin {plugin}, daemon serving {address}")
+    if os.geteuid() != 0:  # the socket is root's (0600)
+        return Result(name, WARN, f"cannot connect to {address} ({why})", "run as root")
     detail = f"registered (proxy plugin {plugin}), nothing serves {address} ({why})"
     return Result(name, WARN, detail, service.start_hint(str(address)))
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import subprocess
@@ -116,7 +117,10 @@ class UnitDaemon:
     """``podshim daemon`` run from the ExecStart line of install's unit (no systemd here)."""
 
     def __init__(self, unit: Path, log: Path) -> None:
-        self.argv = service.exec_start(unit.read_text())
+        text = unit.read_text()
+        self.argv = service.exec_start(text)
+        (post,) = [ln for ln in text.splitlines() if ln.startswith("ExecStartPost=")]
+        self.post = shlex.split(post.removeprefix("ExecStartPost="))
         assert self.argv[1:4] == ["-m", "podshim.cli", "daemon"], self.argv
         self.socket = self.argv[self.argv.index("--socket") + 1]
         self.log = log
@@ -128,6 +132,9 @@ class UnitDaemon:
                 self.argv, stdin=subprocess.DEVNULL, stderr=log, start_new_session=True
             )
         proc = self.proc
+        # as systemd: the unit counts as started (containerd may start) once this ends
+        subprocess.run(self.post, check=True, timeout=cu.DEADLINE)
+        assert proc.poll() is None, self.tail()
         wait_for(
             lambda: service.reachable(self.socket) is None,
             timeout=cu.DEADLINE,

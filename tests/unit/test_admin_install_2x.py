@@ -79,6 +79,8 @@ def test_2x_adds_podshim_sb_the_proxy_plugin_and_the_daemons_unit(tmp_path: Path
     assert text.startswith("# written by podshim install\n")
     assert "\nBefore=containerd.service\n" in text and "\nKillMode=process\n" in text
     assert "\nWantedBy=containerd.service\n" in text
+    # started means serving: containerd (ordered after) starts once the socket is there
+    assert f"\nExecStartPost=/bin/sh -c 'until test -S {opts.daemon_socket}; do" in text
     argv = [sys.executable, "-m", "podshim.cli", "daemon", "--address", ADDRESS,
             "--socket", opts.daemon_socket, "--config", daemon_cfg]  # fmt: skip
     assert service.exec_start(text) == argv

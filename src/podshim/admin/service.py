@@ -13,7 +13,9 @@ containerd 2.x reaches a sandbox controller through ``[proxy_plugins.<name>] typ
   not serving then leaves those pods in state UNKNOWN with no exit monitor. So the
   daemon's unit is ordered ``Before=containerd.service`` (and wanted by it), and nothing
   ties it to containerd's restarts: restarting the daemon ends every pod it holds (its
-  next start reports them lost), restarting containerd does not.
+  next start reports them lost), restarting containerd does not. The daemon does not
+  notify systemd when it serves, so the unit's ``ExecStartPost`` waits for its socket
+  (``/run`` is a tmpfs: no stale socket at boot) before containerd may start.
 """
 
 from __future__ import annotations
@@ -56,6 +58,9 @@ After=local-fs.target
 
 [Service]
 ExecStart={exec_start}
+# started means serving (the daemon does not notify): containerd waits for this line
+ExecStartPost=/bin/sh -c 'until test -S {socket}; do sleep 0.1; done'
+TimeoutStartSec=120
 Restart=always
 RestartSec=2
 # the pods' processes are children of the daemon: a stop must not kill them
@@ -129,7 +134,8 @@ def unit_text(argv: list[str]) -> str:
                 f"{arg!r} cannot go into a systemd unit as it is (spaces, %, $, quotes): "
                 "choose a plainer path"
             )
-    return _UNIT_TEXT.format(plugin=PLUGIN, exec_start=" ".join(argv))
+    socket_path = argv[argv.index("--socket") + 1]
+    return _UNIT_TEXT.format(plugin=PLUGIN, exec_start=" ".join(argv), socket=socket_path)
 
 
 def exec_start(text: str) -> list[str]:

@@ -50,8 +50,11 @@ def shim_processes(lab: Containerd) -> list[tuple[int, str]]:
     out = []
     for st in descendants(lab.subreaper_pid or -1):
         if st.pid != lab.pid and st.state != "Z":
-            argv = Path(f"/proc/{st.pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-            out.append((st.pid, argv))
+            try:
+                raw = Path(f"/proc/{st.pid}/cmdline").read_bytes()
+            except OSError:  # it exited since the listing
+                continue
+            out.append((st.pid, raw.replace(b"\0", b" ").decode()))
     return out
 
 

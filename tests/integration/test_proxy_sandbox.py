@@ -78,10 +78,24 @@ class Daemon:
         argv = [sys.executable, "-m", "podshim.cli", "daemon", "--address", self.lab.address,
                 "--socket", str(self.socket), "--config", str(self.config),
                 "--log", str(self.log), "--debug"]  # fmt: skip
+        try:  # the log is appended to: only this run's lines say it serves
+            offset = self.log.stat().st_size
+        except FileNotFoundError:
+            offset = 0
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, start_new_session=True)
         proc = self.proc
+
+        def serving() -> bool:
+            try:
+                with self.log.open("rb") as f:
+                    f.seek(offset)
+                    new = f.read().decode(errors="replace")
+            except FileNotFoundError:
+                return False
+            return self.socket.is_socket() and "serving the sandbox controller" in new
+
         wait_for(
-            lambda: self.socket.is_socket() and "serving the sandbox controller" in self.tail(),
+            serving,
             timeout=cu.DEADLINE,
             interval=0.1,
             message=lambda: f"the daemon to serve (exit {proc.poll()})\n{self.tail()}",

@@ -70,7 +70,7 @@ DELETE_TIMEOUT = 60.0
 TASK_SOCKET = "task.sock"
 GRPC_SOCKET = "grpc.sock"
 LOCK = "daemon.lock"
-NEEDS_GRPC = "podshim daemon needs grpcio (pip install grpcio)"
+NEEDS_GRPC = "podshim daemon needs grpcio: pip install 'podshim[daemon]' (or grpcio)"
 
 
 def default_socket() -> str:

@@ -10,15 +10,15 @@ checks:
   zombies included, below the lab; files and mounts in podshim's run directory: shim
   sockets, diag registry entries, namespace pins, runtime state; bundles; network
   namespaces; cgroups);
-* fds and private memory (USS) of the long-lived processes (the sentinel's shim, the zygote with
-  ``--zygote``) and containerd's fds are flat within :class:`podshim_lab.churn.Bounds`;
+* fds and private memory (USS) of the long-lived processes (the sentinel's shim, the zygote
+  unless ``--no-zygote``) and containerd's fds are flat within :class:`podshim_lab.churn.Bounds`;
 * after the sentinel is removed and the lab closed, nothing at all is left.
 
 Prints the timings and the figures, then ``churn: OK`` or every problem (exit 1).
 The integration test ``tests/integration/test_churn.py`` runs the same with
 ``PODSHIM_CHURN_CYCLES`` (default 100) cycles.
 
-Usage: ``.venv/bin/python bench/churn.py [--cycles 1000] [--parallel 4] [--zygote]`` (root).
+Usage: ``.venv/bin/python bench/churn.py [--cycles 1000] [--parallel 4] [--no-zygote]`` (root).
 """
 
 from __future__ import annotations
@@ -40,10 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cycles", type=int, default=1000)
     parser.add_argument("--parallel", type=int, default=4)
-    parser.add_argument("--zygote", action="store_true", help="fork shims from the zygote")
+    parser.add_argument(
+        "--no-zygote", action="store_true", help="spawn each shim (the zygote is the default)"
+    )
     args = parser.parse_args(argv)
 
-    config = {"zygote": True} if args.zygote else {}
+    config = {"zygote": False} if args.no_zygote else {}
     plab = PodshimLab(config=config)
     plab.start()
     problems: list[str] = []

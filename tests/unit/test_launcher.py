@@ -50,8 +50,7 @@ if mark:  # record how the launcher ran us, and stop there
         stdin = b""
     with open(mark, "a") as f:
         f.write(json.dumps({{"argv": sys.argv[1:], "cwd": os.getcwd(), "stdin": stdin.hex(),
-                            "env": os.environ.get("LAUNCHER_TEST_ENV"),
-                            "zygote": os.environ.get("PODSHIM_ZYGOTE")}}) + "\\n")
+                            "env": os.environ.get("LAUNCHER_TEST_ENV")}}) + "\\n")
     sys.exit(0)
 from podshim.shim.main import main
 sys.exit(main())
@@ -104,9 +103,6 @@ class Shim:
             return []
         runs = [json.loads(line) for line in self.mark.read_text().splitlines()]
         self.mark.unlink()
-        for run in runs:  # PODSHIM_ZYGOTE only when the launcher (or the test) set it
-            if run.get("zygote") is None:
-                run.pop("zygote", None)
         return runs
 
 

@@ -12,7 +12,6 @@ from typing import Any
 import pytest
 
 from podshim import errors as errdefs
-from podshim.host.namespaces import pin
 from podshim.linux.reaper import Reaper
 
 from .test_nshost_live import Env, env, ino, mounts_under, read  # noqa: F401 (fixture)
@@ -102,43 +101,6 @@ def test_a_sysctl_the_kernel_refuses_is_invalid_argument_and_leaves_nothing(
             # CRI's network namespace is not ours: it stays, untouched
             assert os.path.exists(env.netns_path)
         finally:
-            await host.close()
-            r.stop()
-
-    asyncio.run(main())
-
-
-def test_a_cancelled_create_kills_the_namespace_maker(
-    env: Env,  # noqa: F811
-    tmp_path_factory: pytest.TempPathFactory,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """The caller gave up (containerd's deadline): the child is killed before the
-    teardown, never left mounting onto pins being removed."""
-    ctl = tmp_path_factory.mktemp("pin-gate")
-    (ctl / "block.pin").write_text("*")
-    monkeypatch.setenv(pin.GATE_ENV, str(ctl))
-
-    async def main() -> None:
-        r = CountingReaper()
-        r.start()
-        host = env.host(r, own_netns_spec(env))
-        try:
-            create = asyncio.ensure_future(host.create())
-            blocked = ctl / "blocked.pin"
-            for _ in range(400):
-                if blocked.exists():
-                    break
-                await asyncio.sleep(0.025)
-            child = int(blocked.read_text().split()[0])
-            create.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await create
-            assert not os.path.exists(f"/proc/{child}"), "the child outlived the cancel"
-            await host.close()
-            env.assert_nothing_left()
-        finally:
-            (ctl / "release.pin").touch()
             await host.close()
             r.stop()
 

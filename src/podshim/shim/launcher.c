@@ -448,9 +448,7 @@ static int start(const struct flags *f, const char *opts, size_t opts_len) {
         if (join(name, sizeof name, run, "z") < 0 || join(zpath, sizeof zpath, name, hex) < 0)
             return -1;
         struct zygote_ask ask = {zpath, sock, f->namespace, f->id, f->address, cwd, f->debug};
-        int got = zygote_start(&ask);
-        if (got == ZYGOTE_FAILED) setenv("PODSHIM_ZYGOTE", "0", 1); /* Python: no second wait */
-        if (got < 0) return -1;
+        if (zygote_start(&ask) < 0) return -1;
     }
     snprintf(addr, sizeof addr, "unix://%s", sock);
     if (join(path, sizeof path, cwd, "address") < 0) return -1;

@@ -18,12 +18,8 @@ struct zygote_ask {
     int debug;
 };
 
-/* zygote_start's answers besides 0 (the daemon is committed to serve); nothing is left
- * behind either way and Python's start does the work: */
-#define ZYGOTE_NONE -1   /* no zygote listens (Python spawns one), or a file is in the way */
-#define ZYGOTE_FAILED -2 /* the zygote did not serve in time or refused: not asked again */
-
-/* Listen at ask->socket and have the zygote fork the daemon serving it. */
+/* Listen at ask->socket and have the zygote fork the daemon serving it: 0 once the
+ * daemon is committed to serve; -1 (nothing left behind) when Python must do it. */
 int zygote_start(const struct zygote_ask *ask);
 
 #endif

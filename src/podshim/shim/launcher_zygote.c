@@ -20,7 +20,6 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
-#include <sys/time.h>
 #include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
@@ -138,17 +137,17 @@ static int read_line(int c, char *buf, size_t size, double deadline) {
         double left = deadline - now();
         if (left <= 0) return -1;
         struct pollfd p = {.fd = c, .events = POLLIN};
-        int r = poll(&p, 1, left > 3600 ? 3600000 : (int)(left * 1000) + 1);
+        int r = poll(&p, 1, (int)(left * 1000) + 1);
         if (r < 0 && errno == EINTR) continue;
         if (r <= 0) return -1;
         ssize_t got = read(c, buf + n, size - 1 - n);
         if (got < 0 && errno == EINTR) continue;
-        if (got <= 0) return -1; /* EOF before the newline: not an answer */
+        if (got <= 0) break;
         n += (size_t)got;
         buf[n] = 0;
     }
     buf[n] = 0;
-    return memchr(buf, '\n', n) ? (int)n : -1;
+    return (int)n;
 }
 
 /* The daemon's pid from the zygote's answer; -1 for an error or anything unexpected. */
@@ -178,27 +177,20 @@ int zygote_start(const struct zygote_ask *a) {
     struct stat linked;
     struct sockaddr_un za = {.sun_family = AF_UNIX};
     int len = request(line, sizeof line, a);
-    if (len < 0 || strlen(a->zygote) >= sizeof za.sun_path) return ZYGOTE_NONE;
+    if (len < 0 || strlen(a->zygote) >= sizeof za.sun_path) return -1;
     memcpy(za.sun_path, a->zygote, strlen(a->zygote) + 1);
 
-    double wait = timeout(), deadline = now() + wait;
     int c = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (c < 0) return ZYGOTE_NONE;
-    /* a unix connect honours the send timeout: a zygote whose backlog is full (stopped,
-     * swapping) must not hold a pod's start longer than the exchange's deadline */
-    struct timeval tv = {.tv_sec = (time_t)(wait > 3600 ? 3600 : wait)};
-    tv.tv_usec = (suseconds_t)((wait - (double)tv.tv_sec) * 1e6);
-    if (wait > 3600) tv.tv_usec = 0;
-    setsockopt(c, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
-    if (connect(c, (struct sockaddr *)&za, sizeof za) < 0) {
-        int gone = errno == ENOENT || errno == ECONNREFUSED;
+    if (c < 0) return -1;
+    if (connect(c, (struct sockaddr *)&za, sizeof za) < 0) { /* no zygote: Python spawns it */
         close(c);
-        return gone ? ZYGOTE_NONE : ZYGOTE_FAILED; /* none: Python spawns one */
+        return -1;
     }
+    double deadline = now() + timeout();
     int s = listen_at(a->socket, &linked);
     if (s < 0) {
         close(c);
-        return ZYGOTE_NONE; /* a socket file is there: Python sorts it out */
+        return -1;
     }
     union {
         char buf[CMSG_SPACE(sizeof(int))];
@@ -221,7 +213,7 @@ int zygote_start(const struct zygote_ask *a) {
         /* not committed: a forked daemon that never gets the go never serves */
         close(c);
         unlisten(s, a->socket, &linked);
-        return ZYGOTE_FAILED;
+        return -1;
     }
     close(c);
     close(s); /* the daemon holds its own copy */

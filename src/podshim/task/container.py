@@ -309,9 +309,8 @@ class Container:
         unlink(pid_file)  # an earlier exec of the same id left it: never read it
         mark = self.ctx.reaper.mark()
         await p.io.open()
-        spec_path = ""
-        try:  # a spec file that cannot be made (ENOSPC, EMFILE) undoes the open stdio too
-            fd, spec_path = _new_file(self.bundle, f".{p.exec_id}-", ".json")
+        fd, spec_path = _new_file(self.bundle, f".{p.exec_id}-", ".json")
+        try:
             with os.fdopen(fd, "wb") as f:
                 f.write(self.execs_spec[p.exec_id])
             await self.runc.exec(self.id, spec_path, pid_file, p.io.child_fds, p.io.console_socket)
@@ -321,9 +320,8 @@ class Container:
             await self._undo(self._undo_exec(p, pid_file, mark), "undoExec")
             raise
         finally:
-            if spec_path:
-                with contextlib.suppress(OSError):
-                    os.unlink(spec_path)
+            with contextlib.suppress(OSError):
+                os.unlink(spec_path)
         p.machine.fire(Verb.START)
         p.monitor = self.jobs.spawn(self._monitor(p), f"waitExit:{self.id}:{p.exec_id}")
         self.ctx.publisher.publish(

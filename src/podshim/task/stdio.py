@@ -253,10 +253,10 @@ class ProcessIO:
         self._console_dir = tempfile.mkdtemp(prefix="pty", dir=_console_base())
         path = os.path.join(self._console_dir, "c.sock")
         lst = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._console_listener = lst  # closed by close() whatever fails below
         lst.bind(path)
         lst.listen(1)
         lst.setblocking(False)
+        self._console_listener = lst
         self.console_socket = path
         devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
         self._child_ends.append(devnull)
@@ -304,7 +304,6 @@ class ProcessIO:
         if self._console_dir is not None:
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join(self._console_dir, "c.sock"))
-            with contextlib.suppress(OSError):  # also when the socket was never bound
                 os.rmdir(self._console_dir)
             self._console_dir = None
 

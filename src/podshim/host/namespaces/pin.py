@@ -1,8 +1,7 @@
 """Make a pod's namespaces in a forked child: no program is executed per pod.
 
-The child (``os.fork`` of the shim: only the forking thread goes on in it; the shim's
-other threads, a tracing exporter's or ``podshim daemon``'s grpc ones, are not there and
-nothing of theirs is used) first closes every fd it inherited but its report pipe (a shim killed meanwhile must drop its connections at
+The child (``os.fork`` of the shim; the shim runs no other threads) first closes every
+fd it inherited but its report pipe (a shim killed meanwhile must drop its connections at
 once), then calls
 ``unshare(2)`` for the namespaces the pod gets of its own, sets the hostname, brings up
 ``lo`` in a network namespace it made, bind-mounts each new namespace onto its pin file
@@ -16,9 +15,7 @@ pin files it was given are unmounted and removed by the host's teardown).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import gc
 import os
 import signal
 from collections.abc import Mapping, Sequence
@@ -35,6 +32,8 @@ _PIN, _SYSCTL = b"p", b"s"
 #: the namespaces are pinned and before the sysctls, honours its ``block.pin`` arm as a
 #: gate script does, so a fault test can catch a pod's host start half-way
 GATE_ENV = "PODSHIM_PIN_GATE"
+#: above any fd the shim has open (close_range(2) makes closing them cheap)
+_MAX_FD = 1 << 20
 #: how long a gated child waits for its release at most (s)
 GATE_MAX_BLOCK = 300.0
 
@@ -120,28 +119,15 @@ def _gate(ctl: str, args: list[str]) -> None:
         os.unlink(os.path.join(ctl, f"claimed.pin.{me}"))
 
 
-def _close_inherited(keep: int) -> None:
-    """Close every fd but 0-2 and ``keep``: the ones open, listed, not a range up to a
-    million (``close_range(2)`` is missing on older kernels, and a loop over 1M fds costs
-    half a second)."""
-    for name in os.listdir("/proc/self/fd"):  # the listing's own fd is closed here too
-        fd = int(name)
-        if fd > 2 and fd != keep:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-
-
 def _child(want: Namespaces, report: int) -> NoReturn:
     code = 1
     try:
-        gc.disable()  # no finalizer of the shim's objects may run here (on reused fds)
-        for sig in (signal.SIGTERM, signal.SIGINT):  # asyncio's handlers are no-ops here
-            signal.signal(sig, signal.SIG_DFL)
         with contextlib.suppress(ValueError, OSError):
             signal.set_wakeup_fd(-1)  # the shim's event loop keeps its own
         # hold nothing of the shim's (its sockets: a shim killed while this child runs
         # must drop containerd's connection at once), only the report pipe
-        _close_inherited(report)
+        os.closerange(3, report)
+        os.closerange(report + 1, _MAX_FD)
         _work(want, report)
         code = 0
     finally:
@@ -174,17 +160,7 @@ async def make(reaper: Reaper, want: Namespaces) -> None:
             _child(want, w)
         os.close(w)
         w = -1
-        exited = reaper.watch(pid, since)
-        try:
-            ex = await asyncio.shield(exited)
-        except asyncio.CancelledError:
-            # the caller gave up: the child must not go on mounting onto pins that the
-            # caller's teardown removes; the pid is ours until the reap resolves the watch
-            if not exited.done():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            await asyncio.wait([exited])
-            raise
+        ex = await reaper.watch(pid, since)
         report = _read_report(r)
     finally:
         os.close(r)

@@ -24,13 +24,14 @@ import tomllib
 from dataclasses import dataclass
 from typing import Any
 
+from podshim import RUNTIME_TYPE as PODSHIM_RUNTIME_TYPE
 from podshim.admin.errors import AdminError
 
 #: the CRI plugin of a ``version = 2`` file, and the runtime half of it in ``version = 3``
 CRI_V2 = "io.containerd.grpc.v1.cri"
 CRI_RUNTIME_V3 = "io.containerd.cri.v1.runtime"
 #: podshim's runtime type (containerd runs ``containerd-shim-podshim-v1`` for it)
-RUNTIME_TYPE = "io.containerd.podshim.v1"
+RUNTIME_TYPE = PODSHIM_RUNTIME_TYPE  # the one definition: podshim.RUNTIME_TYPE
 SHIM_BINARY = "containerd-shim-podshim-v1"
 
 _VERSION = re.compile(r"\sv?(\d+)\.(\d+)\.(\d+)")

@@ -36,8 +36,13 @@ proxy plugin: the resident ``podshim daemon``, started by the bench before conta
 stopped after it, serves the sandbox Controller and Task v3 for every pod; its PSS is the
 column's). ``pod`` on 2.x is the default ``podsandbox`` sandboxer (podshim's sandbox task).
 
+``vm`` (``default_host = "uvm"``, after ``podshim uvm prepare``): a utility VM per pod.
+A VM pod costs ~100 MB, so measure it with small counts, e.g. ``--runtimes runc,vm
+--networks pod --bursts "" --pss-counts 1,5 --pods 10``; its ``create_start`` is the
+time from RunPodSandbox's return to the first container running.
+
 Usage (root): ``.venv/bin/python bench/pod_lifecycle.py [--runs 3] [--containerd 2.1]
-[--runtimes runc,pod,node,null,sb,proxy] [--networks pod,host] [--pods 20]
+[--runtimes runc,pod,node,null,sb,proxy,vm] [--networks pod,host] [--pods 20]
 [--bursts 10,30] [--quick] [--pss-counts 1,10,20,50,100] [--podshim-set zygote=true]
 [--json] [--json-out FILE] [--plot out.png]``.
 """
@@ -75,6 +80,7 @@ COLUMN_HELP = {
     "null-pod": "do-nothing shim, one daemon per pod",
     "sb": 'podshim, sandboxer="shim" (ttrpc Sandbox service)',
     "proxy": "podshim daemon, proxy-plugin sandboxer (Task v3)",
+    "vm": "podshim, default_host=uvm (a QEMU utility VM per pod)",
 }
 FULL_COUNTS = (1, 10, 20, 50, 100)
 QUICK_COUNTS = (1, 10, 20)

@@ -16,6 +16,9 @@ sb         ``podshim-sb``         podshim, ``sandboxer = "shim"``: CRI drives th
 proxy      ``podshim-proxy``      podshim, ``sandboxer`` = the proxy plugin served by the
                                   resident ``podshim daemon`` (Task v3, no process per
                                   pod; 2.x only; :mod:`podbench.proxy`)
+vm         ``podshim-vm``         podshim, ``default_host = "uvm"``: one QEMU utility VM
+                                  per pod, containers in the guest (needs ``podshim uvm
+                                  prepare``); its footprint is the shim's plus QEMU's
 =========  =====================  =====================================================
 
 ``containerd`` chooses the containerd build (``1.6``, the system package, by default;
@@ -57,7 +60,7 @@ from podshim_lab import Containerd, RuntimeHandler
 from podshim_lab.cleanup import unmount_under
 from podshim_lab.procfs import process_table
 
-COLUMNS = ("runc", "pod", "node", "null", "null-pod", "sb", "proxy")
+COLUMNS = ("runc", "pod", "node", "null", "null-pod", "sb", "proxy", "vm")
 DEFAULT_COLUMNS = ("runc", "pod", "node", "null")
 #: the columns of containerd 2.x's Sandbox API (a ``sandboxer`` other than podsandbox)
 V2_COLUMNS = ("sb", "proxy")
@@ -70,9 +73,12 @@ HANDLERS = {
     "null-pod": "null-pod",
     "sb": "podshim-sb",
     "proxy": "podshim-proxy",
+    "vm": "podshim-vm",
 }
 #: the column whose processes a column's own are counted as (same binary and zygote)
-_SAME_PROCESSES = {"sb": "pod"}
+_SAME_PROCESSES = {"sb": "pod", "vm": "pod"}
+#: columns whose containers run in a VM: their pids are the guest's, not this machine's
+GUEST_PIDS = frozenset({"vm"})
 PODSHIM_RUNTIME = "io.containerd.podshim.v1"
 PODSHIM_BINARY = "containerd-shim-podshim-v1"
 
@@ -144,11 +150,13 @@ def open_bench(
     nullshim.install(str(bin_dir))
     runtimes: dict[str, RuntimeHandler] = {}
     configs: dict[str, Path] = {}
-    for column, scope in (("pod", "pod"), ("node", "node")):
+    for column, scope in (("pod", "pod"), ("node", "node"), ("vm", "vm")):
         config = run_dir / f"podshim-{scope}.toml"
         table: dict[str, str | int | bool] = dict(podshim_settings)
         if scope == "node":
             table["shim_scope"] = "node"
+        if scope == "vm":
+            table["default_host"] = "uvm"
         config.write_text(f"# podshim, {scope} scope (bench)\n" + _toml(table))
         configs[column] = config
         runtimes[HANDLERS[column]] = RuntimeHandler(PODSHIM_RUNTIME, {"ConfigPath": str(config)})
@@ -242,8 +250,11 @@ class Footprint:
 def footprint(bench: Bench, column: str, workloads: set[int]) -> Footprint:
     """Sum the PSS of ``column``'s runtime processes (zombies and ``workloads`` left out;
     a workload pid that is itself a direct child of the subreaper is the do-nothing
-    shim's daemon, which reports its own pid for every task, so it stays in)."""
+    shim's daemon, which reports its own pid for every task, so it stays in; a VM
+    column's workload pids are the guest's: none is left out, QEMU counts)."""
     lab = bench.lab
+    if column in GUEST_PIDS:
+        workloads = set()
     table = process_table()
     root = lab.subreaper_pid
     children: dict[int, list[int]] = {}

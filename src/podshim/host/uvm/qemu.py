@@ -1,0 +1,177 @@
+"""The QEMU command line of a utility VM, and where its image and accelerator come from.
+
+One VM per pod: QEMU's ``microvm`` machine without ACPI (no PCI, no firmware tables: the
+fastest boot), the guest kernel booted directly (PVH), the prepared initramfs, and only
+virtio-mmio devices, which microvm lists on the kernel command line for the guest:
+
+* a virtio-serial port named :data:`agentapi.PORT_NAME` on a unix socket QEMU serves
+  (``server=on,wait=off``): the agent's ttrpc channel;
+* the pod's share directory over 9p (tag :data:`agentapi.SHARE_TAG`, ``multidevs=remap``
+  so inode numbers of the host's different file systems stay unique in the guest);
+* a tap device (made beforehand in the pod's network namespace) as the guest's eth0;
+* the serial console into a file, which boot errors quote.
+
+The accelerator is KVM only if ``podshim uvm prepare``'s boot probe recorded that a VM
+booted with it (:func:`accel`): on machines whose ``/dev/kvm`` cannot run an ordinary
+guest kernel (kvm-pvm) opening it succeeds, booting does not. Otherwise TCG.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+
+from podshim import errors as errdefs
+from podshim.host.uvm import agentapi
+from podshim.host.uvm.guest import ACCEL, DEFAULT_DIR, INITRD, KERNEL, PREPARE_COMMAND
+
+__all__ = [
+    "BASE_CMDLINE",
+    "QEMU",
+    "QEMU_PACKAGE",
+    "VmConfig",
+    "accel",
+    "image_paths",
+    "qemu_argv",
+    "qemu_binary",
+]
+
+QEMU = "qemu-system-x86_64"
+QEMU_PACKAGE = "qemu-system-x86"
+#: the guest kernel's fixed arguments. quiet: the serial console is slow under TCG.
+#: reboot=t + QEMU's -no-reboot: the agent's reboot() ends QEMU; panic=-1: so does a
+#: panic. lapic_timer_period: QEMU's APIC bus runs at 1 GHz, 1e9 / HZ (250) ticks per
+#: jiffy; presetting it skips the ~0.1 s calibration (a patch of the guest kernel).
+BASE_CMDLINE = (
+    "console=ttyS0",
+    "quiet",
+    "reboot=t",
+    "panic=-1",
+    "lapic_timer_period=4000000",
+)
+
+
+@dataclass(frozen=True)
+class VmConfig:
+    """One VM: image, channels, size, devices."""
+
+    kernel: str
+    initrd: str
+    #: the unix socket QEMU listens on for the agent's virtio-serial port
+    agent_socket: str
+    #: the guest's serial console (a file QEMU writes)
+    console_log: str
+    memory_mb: int = 256
+    cpus: int = 1
+    #: "tcg" or "kvm"
+    accel: str = "tcg"
+    #: shared into the guest over 9p, tag agentapi.SHARE_TAG
+    share_dir: str | None = None
+    #: an existing tap device (QEMU runs in its network namespace) and the guest's MAC
+    tap: str | None = None
+    mac: str | None = None
+    #: extra kernel arguments: ip=..., podshim.hostname=...
+    cmdline: tuple[str, ...] = ()
+    #: TCG's translation cache size (QEMU's default grows with guest RAM)
+    tb_size_mb: int | None = None
+
+
+def qemu_binary() -> str:
+    """The path of ``qemu-system-x86_64``, or FailedPrecondition naming its package."""
+    found = shutil.which(QEMU)
+    if found is None:
+        raise errdefs.FailedPrecondition(
+            f"{QEMU} not found: apt-get install --no-install-recommends {QEMU_PACKAGE}"
+        )
+    return found
+
+
+def _accel_arg(cfg: VmConfig) -> str:
+    if cfg.accel == "kvm":
+        return "kvm"
+    if cfg.accel != "tcg":
+        raise errdefs.InvalidArgument(f"accelerator {cfg.accel!r}: want 'tcg' or 'kvm'")
+    if cfg.tb_size_mb is not None:
+        return f"tcg,tb-size={cfg.tb_size_mb}"
+    return "tcg"
+
+
+def _no_commas(what: str, value: str) -> str:
+    # QEMU's option syntax escapes "," as ",,"; a path with one is refused instead
+    if "," in value:
+        raise errdefs.InvalidArgument(f"{what} {value!r}: a comma cannot be passed to QEMU")
+    return value
+
+
+def qemu_argv(cfg: VmConfig, binary: str | None = None) -> list[str]:
+    """The full QEMU argv for ``cfg`` (``binary`` defaults to :func:`qemu_binary`)."""
+    if cfg.memory_mb <= 0 or cfg.cpus <= 0:
+        raise errdefs.InvalidArgument(f"VM size {cfg.memory_mb} MB, {cfg.cpus} CPUs")
+    if (cfg.tap is None) != (cfg.mac is None):
+        raise errdefs.InvalidArgument("a VM network needs both a tap device and a MAC")
+    cmdline = [*BASE_CMDLINE, *cfg.cmdline]
+    for arg in cmdline:
+        if not arg or any(c.isspace() for c in arg):
+            raise errdefs.InvalidArgument(f"kernel argument {arg!r}: empty or with a space")
+    argv = [
+        binary or qemu_binary(),
+        "-M", "microvm,acpi=off",
+        "-accel", _accel_arg(cfg),
+        *(("-cpu", "host") if cfg.accel == "kvm" else ()),
+        "-smp", str(cfg.cpus),
+        "-m", str(cfg.memory_mb),
+        "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+        "-kernel", _no_commas("kernel", cfg.kernel),
+        "-initrd", _no_commas("initrd", cfg.initrd),
+        "-append", " ".join(cmdline),
+        "-serial", "file:" + _no_commas("console log", cfg.console_log),
+        "-chardev",
+        f"socket,id=agent,path={_no_commas('agent socket', cfg.agent_socket)},"
+        "server=on,wait=off",
+        "-device", "virtio-serial-device",
+        "-device", f"virtserialport,chardev=agent,name={agentapi.PORT_NAME}",
+    ]  # fmt: skip
+    if cfg.share_dir is not None:
+        argv += [
+            "-fsdev",
+            f"local,id=share,path={_no_commas('share dir', cfg.share_dir)},"
+            "security_model=none,multidevs=remap",
+            "-device", f"virtio-9p-device,fsdev=share,mount_tag={agentapi.SHARE_TAG}",
+        ]  # fmt: skip
+    if cfg.tap is not None and cfg.mac is not None:
+        argv += [
+            "-netdev",
+            f"tap,id=n0,ifname={_no_commas('tap', cfg.tap)},script=no,downscript=no",
+            "-device", f"virtio-net-device,netdev=n0,mac={_no_commas('mac', cfg.mac)}",
+        ]  # fmt: skip
+    return argv
+
+
+def image_paths(directory: str = DEFAULT_DIR) -> tuple[str, str]:
+    """The prepared kernel and initrd, or FailedPrecondition naming the command."""
+    kernel = os.path.join(directory, KERNEL)
+    initrd = os.path.join(directory, INITRD)
+    missing = [p for p in (kernel, initrd) if not os.path.isfile(p)]
+    if missing:
+        raise errdefs.FailedPrecondition(
+            f"the utility VM image is not prepared ({', '.join(missing)} missing): "
+            f"run `{PREPARE_COMMAND}`"
+        )
+    return kernel, initrd
+
+
+def read_accel(directory: str = DEFAULT_DIR) -> dict[str, object]:
+    """The boot probe's record (accel.json), or an empty dict when there is none."""
+    try:
+        with open(os.path.join(directory, ACCEL), encoding="utf-8") as f:
+            found = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def accel(directory: str = DEFAULT_DIR) -> str:
+    """``"kvm"`` when the recorded boot probe booted a VM with KVM, else ``"tcg"``."""
+    return "kvm" if read_accel(directory).get("accel") == "kvm" else "tcg"

@@ -1,0 +1,152 @@
+/* PID 1 in the guest: the boot steps before serving, and finding the host channel. */
+#include "agent.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <net/if.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mount.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#define GUEST_SHARE "/run/podshim/share"
+#define GUEST_SHM "/run/podshim/shm"
+#define SHARE_TAG "podshim"
+#define PORT_NAME "podshim.agent"
+
+static void do_mount(const char *src, const char *dst, const char *type, unsigned long flags,
+		     const char *data)
+{
+	mkdir(dst, 0755);
+	if (mount(src, dst, type, flags, data) && errno != EBUSY)
+		logmsg(3, "mount %s on %s: %s", type ? type : src, dst, strerror(errno));
+}
+
+/* The initramfs root is "rootfs", which pivot_root cannot leave: put a bind mount of it
+ * in its place (rbind onto a directory, move that onto /, chroot). */
+static void leave_rootfs(void)
+{
+	mkdir("/root", 0700);
+	if (mount("/", "/root", NULL, MS_BIND | MS_REC, NULL) || chdir("/root") ||
+	    mount(".", "/", NULL, MS_MOVE, NULL) || chroot(".") || chdir("/"))
+		logmsg(3, "moving the root off rootfs: %s", strerror(errno));
+}
+
+static void cgroups(void)
+{
+	const char *ctl = "/sys/fs/cgroup/cgroup.subtree_control";
+	int fd = open(ctl, O_WRONLY | O_CLOEXEC);
+	static const char all[] = "+cpuset +cpu +io +memory +pids";
+	if (fd >= 0 && write(fd, all, sizeof(all) - 1) < 0) {
+		/* one is missing from the kernel: enable those that are there */
+		static const char *const one[] = {"+cpuset", "+cpu", "+io", "+memory", "+pids"};
+		for (size_t i = 0; i < sizeof(one) / sizeof(one[0]); i++)
+			if (write(fd, one[i], strlen(one[i])) < 0)
+				logmsg(4, "cgroup controller %s: %s", one[i] + 1, strerror(errno));
+	}
+	if (fd >= 0)
+		close(fd);
+}
+
+static void hostname(void)
+{
+	struct buf cmd = {0};
+	if (read_file_into("/proc/cmdline", &cmd, 8192) == 0) {
+		buf_append(&cmd, "", 1);
+		for (char *tok = strtok((char *)BUF_DATA(&cmd), " \n"); tok; tok = strtok(NULL, " \n"))
+			if (!strncmp(tok, "podshim.hostname=", 17) && sethostname(tok + 17, strlen(tok + 17)))
+				logmsg(3, "sethostname %s: %s", tok + 17, strerror(errno));
+	}
+	buf_free(&cmd);
+}
+
+static void loopback_up(void)
+{
+	struct ifreq ifr = {0};
+	int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	strcpy(ifr.ifr_name, "lo");
+	if (s < 0 || ioctl(s, SIOCGIFFLAGS, &ifr) ||
+	    (ifr.ifr_flags |= IFF_UP, ioctl(s, SIOCSIFFLAGS, &ifr)))
+		logmsg(3, "lo up: %s", strerror(errno));
+	if (s >= 0)
+		close(s);
+}
+
+void boot(void)
+{
+	leave_rootfs();
+	do_mount("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755");
+	log_open_kmsg();
+	do_mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+	do_mount("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+	do_mount("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC,
+		 "newinstance,ptmxmode=0666,mode=0620,gid=5");
+	unlink("/dev/ptmx");
+	if (symlink("pts/ptmx", "/dev/ptmx"))
+		logmsg(3, "/dev/ptmx: %s", strerror(errno));
+	do_mount("shm", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777");
+	do_mount("run", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755");
+	do_mount("tmp", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777");
+	do_mount("cgroup2", "/sys/fs/cgroup", "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+	cgroups();
+	mkdirs("/run/podshim", 0755);
+	do_mount("shm", GUEST_SHM, "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777");
+	mkdir(GUEST_SHARE, 0755);
+	if (mount(SHARE_TAG, GUEST_SHARE, "9p", 0,
+		  "trans=virtio,version=9p2000.L,msize=262144,access=any"))
+		logmsg(4, "no pod share at %s: %s (going on without it)", GUEST_SHARE,
+		       strerror(errno));
+	mkdir("/run/runc", 0700);
+	loopback_up();
+	hostname();
+}
+
+static int find_port(char *dev, size_t len)
+{
+	DIR *d = opendir("/sys/class/virtio-ports");
+	struct dirent *e;
+	int found = 0;
+	while (d && !found && (e = readdir(d))) {
+		if (e->d_name[0] == '.')
+			continue;
+		char path[300];
+		struct buf name = {0};
+		snprintf(path, sizeof(path), "/sys/class/virtio-ports/%s/name", e->d_name);
+		if (!read_file_into(path, &name, 64) && name.len >= strlen(PORT_NAME) &&
+		    !memcmp(BUF_DATA(&name), PORT_NAME, strlen(PORT_NAME)) &&
+		    (name.len == strlen(PORT_NAME) || BUF_DATA(&name)[strlen(PORT_NAME)] == '\n')) {
+			snprintf(dev, len, "/dev/%s", e->d_name);
+			found = 1;
+		}
+		buf_free(&name);
+	}
+	if (d)
+		closedir(d);
+	return found;
+}
+
+/* The virtio-serial port named PORT_NAME; its name comes from the host a little after
+ * the device, so look again (every 5 ms) for up to 10 s. */
+int open_port(void)
+{
+	char dev[300];
+	int64_t end = now_ms() + 10000;
+	for (;;) {
+		if (find_port(dev, sizeof(dev))) {
+			int fd = open(dev, O_RDWR | O_CLOEXEC | O_NONBLOCK | O_NOCTTY);
+			if (fd >= 0)
+				return fd;
+			if (errno != ENOENT)
+				logmsg(3, "open %s: %s", dev, strerror(errno));
+		}
+		if (now_ms() > end)
+			return -1;
+		struct timespec ts = {0, 5000000};
+		nanosleep(&ts, NULL);
+	}
+}

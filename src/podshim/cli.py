@@ -12,6 +12,7 @@ runs, so ``podshim --help`` (and every other subcommand) stays fast.
   same from a Kubernetes DaemonSet's container (``deploy/``).
 * ``podshim daemon``: the resident sandbox controller of a containerd 2.x proxy plugin
   (``podshim.shim.proxyd``).
+* ``podshim uvm prepare``: build the utility VM's guest image (``podshim.host.uvm.guest``).
 * ``podshim version``: print podshim's version.
 """
 
@@ -100,6 +101,18 @@ def _admin_configure(name: str) -> Callable[[argparse.ArgumentParser], None]:
         setup(p)
 
     return configure
+
+
+def _uvm(args: argparse.Namespace) -> int:
+    from podshim.host.uvm.guest import command
+
+    return command.run(args)
+
+
+def _uvm_configure(p: argparse.ArgumentParser) -> None:
+    from podshim.host.uvm.guest import command  # standard library only at import
+
+    command.configure(p)
 
 
 def _daemon(args: argparse.Namespace) -> int:
@@ -208,6 +221,17 @@ COMMANDS: tuple[Command, ...] = (
             "reported. Idempotent."
         ),
         configure=_admin_configure("uninstall"),
+    ),
+    Command(
+        "uvm",
+        "the utility VM of VM pods: prepare its guest image",
+        _uvm,
+        description=(
+            "podshim uvm prepare: build the guest kernel (from Debian's linux-source-6.1, "
+            "once, ~4 min on 2 cores) and initramfs of VM pods into /var/lib/podshim/uvm "
+            "and probe whether KVM can boot it (else TCG). Does nothing when current."
+        ),
+        configure=_uvm_configure,
     ),
     Command("version", "print podshim's version", _version),
 )

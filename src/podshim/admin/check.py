@@ -481,6 +481,14 @@ def check_init() -> Result:
     return Result("podshim-init", OK, path)
 
 
+def check_uvm(directory: str | None = None) -> Result:
+    """The utility VM of VM pods (its image, the accelerator): warn, never fail."""
+    from podshim.host.uvm.guest.status import image_status
+
+    ready, detail, hint = image_status(directory) if directory else image_status()
+    return Result("utility VM", OK if ready else WARN, detail, hint)
+
+
 def run_all(t: Target) -> list[Result]:
     results, binary = check_containerd(t)
     results.append(check_cri(t, binary))
@@ -493,5 +501,6 @@ def run_all(t: Target) -> list[Result]:
     results += check_cgroups()
     results += check_kernel()
     results.append(check_init())
+    results.append(check_uvm())
     results.append(Result("podshim", OK, __version__))
     return results

@@ -1,0 +1,132 @@
+"""``podshim uvm prepare``: make the guest image current, then probe the accelerator.
+
+Nothing happens (in well under a second) when ``vmlinux``, ``initrd`` and ``accel.json``
+exist and the manifest's inputs are the current ones. Otherwise only what is stale is
+rebuilt: the kernel (minutes) when its fragment, patches or source changed, the initrd
+(a second) when the agent's sources, runc or podshim changed. After a rebuild the image
+is booted once with TCG (it must reach the agent: a broken image fails here, not in a pod)
+and once with KVM if ``/dev/kvm`` is there, with a short deadline; ``accel.json``
+records which accelerator VM pods use. One ``prepare`` at a time per directory (a lock).
+"""
+
+from __future__ import annotations
+
+import datetime
+import fcntl
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+
+from podshim import errors as errdefs
+from podshim.host.uvm import guest
+from podshim.host.uvm.guest import initramfs, kernel, manifest, probe
+
+__all__ = ["KVM_PROBE_TIMEOUT", "TCG_PROBE_TIMEOUT", "prepare", "probe_accel"]
+
+#: the agent must answer a KVM boot this fast (TCG boots in ~0.5 s here)
+KVM_PROBE_TIMEOUT = 5.0
+#: the TCG boot that checks the image (generous: the machine may be loaded)
+TCG_PROBE_TIMEOUT = 30.0
+
+Log = Callable[[str], None]
+
+
+def _stderr(line: str) -> None:
+    print(f"podshim uvm prepare: {line}", file=sys.stderr, flush=True)
+
+
+def _build_agent(out: str) -> None:
+    try:
+        from podshim.host.uvm import agentbuild
+    except ImportError as e:  # not in this version of podshim yet
+        raise errdefs.FailedPrecondition(f"the guest agent's builder is missing: {e}") from e
+    agentbuild.build_agent(out)
+
+
+def _write_json(path: str, value: dict[str, object]) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def probe_accel(directory: str, log: Log) -> dict[str, object]:
+    """Boot the image (TCG, then KVM if there is a /dev/kvm) and record accel.json.
+
+    Internal (with the console's end) when even TCG does not reach the agent.
+    """
+    vmlinux = os.path.join(directory, guest.KERNEL)
+    initrd = os.path.join(directory, guest.INITRD)
+    tcg = probe.boot_probe(vmlinux, initrd, "tcg", TCG_PROBE_TIMEOUT)
+    now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    record: dict[str, object] = {"probed": now}
+    if not tcg.ok:
+        record.update(accel="tcg", why=f"the image does not boot: {tcg.why}", tcg_ok=False)
+        _write_json(os.path.join(directory, guest.ACCEL), record)
+        raise errdefs.Internal(f"the guest image does not reach its agent: {tcg.why}")
+    log(f"TCG boot: the agent answered after {tcg.seconds:.2f} s (guest kernel {tcg.kernel})")
+    record.update(tcg_ok=True, tcg_boot_s=round(tcg.seconds, 3), guest_kernel=tcg.kernel)
+    unusable = probe.kvm_usable_device()
+    if unusable is not None:
+        record.update(accel="tcg", why=unusable)
+    else:
+        kvm = probe.boot_probe(vmlinux, initrd, "kvm", KVM_PROBE_TIMEOUT)
+        if kvm.ok:
+            record.update(accel="kvm", why="a KVM boot reached the agent", kvm_boot_s=kvm.seconds)
+        else:
+            record.update(accel="tcg", why=f"/dev/kvm cannot boot the guest: {kvm.why}")
+    log(f"accelerator: {record['accel']} ({record['why'][:200]})")  # type: ignore[index]
+    _write_json(os.path.join(directory, guest.ACCEL), record)
+    return record
+
+
+def prepare(
+    directory: str = guest.DEFAULT_DIR,
+    *,
+    force: bool = False,
+    do_probe: bool = True,
+    log: Log = _stderr,
+) -> bool:
+    """Make the image in ``directory`` current; True when something was (re)built."""
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _prepare_locked(directory, force, do_probe, log)
+
+
+def _prepare_locked(directory: str, force: bool, do_probe: bool, log: Log) -> bool:
+    kin = manifest.kernel_inputs()
+    iin = manifest.initrd_inputs(initramfs.RUNC)
+    kernel_ok = not force and manifest.current(directory, "kernel", kin)
+    initrd_ok = not force and manifest.current(directory, "initrd", iin)
+    accel_path = os.path.join(directory, guest.ACCEL)
+    if kernel_ok and initrd_ok and (os.path.exists(accel_path) or not do_probe):
+        log(f"the image in {directory} is current: nothing to do")
+        return False
+    record = manifest.read(directory)
+    if not kernel_ok or not initrd_ok:
+        try:
+            os.unlink(accel_path)  # the probe's verdict was about the old image
+        except FileNotFoundError:
+            pass
+    if not kernel_ok:
+        start = time.monotonic()
+        kernel.build_kernel(os.path.join(directory, guest.KERNEL), directory, log=log)
+        log(f"guest kernel built in {time.monotonic() - start:.0f} s")
+        record["kernel"] = kin
+        manifest.write(directory, record)
+    if not initrd_ok:
+        with tempfile.TemporaryDirectory(prefix="podshim-agent-") as tmp:
+            agent = os.path.join(tmp, "init")
+            _build_agent(agent)
+            size = initramfs.build_initrd(os.path.join(directory, guest.INITRD), agent)
+        log(f"initrd written ({size // 1024} KiB)")
+        record["initrd"] = iin
+        manifest.write(directory, record)
+    if do_probe:
+        probe_accel(directory, log)
+    return True

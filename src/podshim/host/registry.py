@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 BUILTIN = {
     "none": "podshim.host.none",
     "namespaces": "podshim.host.namespaces",
+    "uvm": "podshim.host.uvm",
 }
 ENTRY_POINT_GROUP = "podshim.hosts"
 

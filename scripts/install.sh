@@ -7,7 +7,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PKGS=(containerd runc crun busybox-static containernetworking-plugins iproute2 util-linux
-      hostname python3-venv gcc libc6-dev)
+      hostname python3-venv gcc libc6-dev
+      # VM pods (host kind uvm): QEMU, and what `podshim uvm prepare` builds the guest
+      # kernel from (the kernel source tarball and its build tools)
+      qemu-system-x86 linux-source-6.1 build-essential flex bison bc libelf-dev libssl-dev)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -64,3 +67,10 @@ fi
 # containerd 1.7 and 2.1 for the tests' version matrix, unpacked (not installed) into
 # /var/cache/podshim-containerd; a no-op once there
 bash scripts/fetch_containerd.sh
+
+# the utility VM's guest image (kernel + initramfs) in /var/lib/podshim/uvm: built once on
+# a fresh machine (the kernel: ~4-7 min on 2 cores), a no-op (<1 s) while it is current.
+# A failure does not stop the set-up (only VM pods need the image); the VM tests report it.
+if ! .venv/bin/podshim uvm prepare; then
+  echo "install.sh: podshim uvm prepare failed: VM pods will not work (see above)" >&2
+fi

@@ -28,7 +28,7 @@ from podshim import errors as errdefs
 from podshim.api.cgroups.v2 import metrics_pb2 as v2pb
 from podshim.cgroups import stats as cgstats
 from podshim.host.control import ExecControl
-from podshim.host.uvm import config, qemu, state, vmops
+from podshim.host.uvm import KIND, config, qemu, state, vmops
 from podshim.host.uvm.host import UvmHost
 from podshim.linux.reaper import Reaper
 
@@ -272,5 +272,26 @@ def test_guest_that_dies_at_boot(pod_net: PodNet) -> None:
             await host.create()
         assert "Kernel panic" in str(err.value), str(err.value)
         assert leftovers(pod_net, host.run_dir, 0, 0) == []
+
+    run(go)
+
+
+def test_crash_cleanup_without_the_shim(pod_net: PodNet) -> None:
+    """The ``delete`` action's cleanup, from the run directory's record alone (the host
+    object does nothing meanwhile, as a dead shim would)."""
+
+    async def go(reaper: Reaper) -> None:
+        host = UvmHost("vmpod4", "default", vm_spec(pod_net), reaper, settings())
+        await host.create()
+        pid, run_dir = host.init_pid, host.run_dir
+        start = state.read_record(run_dir).start  # type: ignore[union-attr]
+        await host.share(BUSYBOX, "/bin/busybox", True)
+        assert vmops.mounts_under(run_dir)
+        assert "tap0" in in_ns(pod_net, "ip", "link")
+        assert KIND.cleanup("default", "vmpod4", {}) == []  # synchronous, as `delete` runs it
+        assert leftovers(pod_net, run_dir, pid, start) == []
+        assert await asyncio.wait_for(host.wait(), 30) == 137
+        await host.close()  # the shim's own close after that finds nothing to do
+        assert KIND.cleanup("default", "vmpod4", {}) == []
 
     run(go)

@@ -133,3 +133,25 @@ def test_accel(tmp_path: Path) -> None:
     assert qemu.accel(str(tmp_path)) == "tcg"
     (tmp_path / "accel.json").write_text(json.dumps({"accel": "kvm", "why": "booted"}))
     assert qemu.accel(str(tmp_path)) == "kvm"
+
+
+def test_q35_for_a_stock_kernel() -> None:
+    argv = qemu.qemu_argv(
+        _cfg(machine="q35", share_dir="/s", tap="tap0", mac="02:00:00:00:00:01"),
+        binary="/bin/qemu",
+    )
+    assert _opt(argv, "-M") == ["q35"]
+    devices = _opt(argv, "-device")
+    assert devices[0] == "virtio-serial-pci"
+    assert f"virtio-9p-pci,fsdev=share,mount_tag={agentapi.SHARE_TAG}" in devices
+    assert "virtio-net-pci,netdev=n0,mac=02:00:00:00:00:01" in devices
+    with pytest.raises(errdefs.InvalidArgument):
+        qemu.qemu_argv(_cfg(machine="pc"), binary="/bin/qemu")
+
+
+def test_machine(tmp_path: Path) -> None:
+    assert qemu.machine(str(tmp_path)) == "microvm"
+    (tmp_path / "accel.json").write_text(json.dumps({"accel": "tcg", "machine": "q35"}))
+    assert qemu.machine(str(tmp_path)) == "q35"
+    (tmp_path / "accel.json").write_text(json.dumps({"accel": "tcg", "machine": "isapc"}))
+    assert qemu.machine(str(tmp_path)) == "microvm"

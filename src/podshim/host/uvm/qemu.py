@@ -34,12 +34,14 @@ __all__ = [
     "VmConfig",
     "accel",
     "image_paths",
+    "machine",
     "qemu_argv",
     "qemu_binary",
 ]
 
 QEMU = "qemu-system-x86_64"
 QEMU_PACKAGE = "qemu-system-x86"
+MACHINES = ("microvm", "q35")
 #: the guest kernel's fixed arguments. quiet: the serial console is slow under TCG.
 #: reboot=t + QEMU's -no-reboot: the agent's reboot() ends QEMU; panic=-1: so does a
 #: panic. lapic_timer_period: QEMU's APIC bus runs at 1 GHz, 1e9 / HZ (250) ticks per
@@ -76,6 +78,9 @@ class VmConfig:
     cmdline: tuple[str, ...] = ()
     #: TCG's translation cache size (QEMU's default grows with guest RAM)
     tb_size_mb: int | None = None
+    #: "microvm" (podshim's kernel), or "q35" for a stock kernel (``prepare
+    #: --stock-kernel``: Debian's cannot find virtio-mmio devices without ACPI)
+    machine: str = "microvm"
 
 
 def qemu_binary() -> str:
@@ -115,9 +120,12 @@ def qemu_argv(cfg: VmConfig, binary: str | None = None) -> list[str]:
     for arg in cmdline:
         if not arg or any(c.isspace() for c in arg):
             raise errdefs.InvalidArgument(f"kernel argument {arg!r}: empty or with a space")
+    if cfg.machine not in MACHINES:
+        raise errdefs.InvalidArgument(f"machine {cfg.machine!r}: want one of {MACHINES}")
+    bus = "device" if cfg.machine == "microvm" else "pci"  # virtio-mmio or virtio-pci
     argv = [
         binary or qemu_binary(),
-        "-M", "microvm,acpi=off",
+        "-M", "microvm,acpi=off" if cfg.machine == "microvm" else cfg.machine,
         "-accel", _accel_arg(cfg),
         *(("-cpu", "host") if cfg.accel == "kvm" else ()),
         "-smp", str(cfg.cpus),
@@ -130,7 +138,7 @@ def qemu_argv(cfg: VmConfig, binary: str | None = None) -> list[str]:
         "-chardev",
         f"socket,id=agent,path={_no_commas('agent socket', cfg.agent_socket)},"
         "server=on,wait=off",
-        "-device", "virtio-serial-device",
+        "-device", f"virtio-serial-{bus}",
         "-device", f"virtserialport,chardev=agent,name={agentapi.PORT_NAME}",
     ]  # fmt: skip
     if cfg.share_dir is not None:
@@ -138,13 +146,13 @@ def qemu_argv(cfg: VmConfig, binary: str | None = None) -> list[str]:
             "-fsdev",
             f"local,id=share,path={_no_commas('share dir', cfg.share_dir)},"
             "security_model=none,multidevs=remap",
-            "-device", f"virtio-9p-device,fsdev=share,mount_tag={agentapi.SHARE_TAG}",
+            "-device", f"virtio-9p-{bus},fsdev=share,mount_tag={agentapi.SHARE_TAG}",
         ]  # fmt: skip
     if cfg.tap is not None and cfg.mac is not None:
         argv += [
             "-netdev",
             f"tap,id=n0,ifname={_no_commas('tap', cfg.tap)},script=no,downscript=no",
-            "-device", f"virtio-net-device,netdev=n0,mac={_no_commas('mac', cfg.mac)}",
+            "-device", f"virtio-net-{bus},netdev=n0,mac={_no_commas('mac', cfg.mac)}",
         ]  # fmt: skip
     return argv
 
@@ -175,3 +183,9 @@ def read_accel(directory: str = DEFAULT_DIR) -> dict[str, object]:
 def accel(directory: str = DEFAULT_DIR) -> str:
     """``"kvm"`` when the recorded boot probe booted a VM with KVM, else ``"tcg"``."""
     return "kvm" if read_accel(directory).get("accel") == "kvm" else "tcg"
+
+
+def machine(directory: str = DEFAULT_DIR) -> str:
+    """The machine type the prepared image boots on (``"q35"`` for a stock kernel)."""
+    found = read_accel(directory).get("machine")
+    return found if isinstance(found, str) and found in MACHINES else "microvm"

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -247,6 +249,8 @@ def test_lifecycle_record_wait_close(run_root: Path, tmp_path: Path) -> None:
         os.kill(pid, signal.SIGKILL)  # host death
         assert await asyncio.wait_for(waiter, 30) == 137
         assert host.init_pid == 0
+        with pytest.raises(errdefs.Unavailable, match="VM of pod p1 is gone"):
+            await host.agent.write_file("/x", b"")  # never dialled again
         await host.close()
         await host.close()  # idempotent
         assert not os.path.exists(host.run_dir) and agent.closed
@@ -306,9 +310,18 @@ def test_qemu_exits_before_the_agent(run_root: Path, tmp_path: Path) -> None:
     run(go)
 
 
-def test_long_run_dir_reaches_the_socket_through_a_descriptor(
-    run_root: Path, tmp_path: Path
+def test_long_run_dir_reaches_the_socket_through_a_short_alias(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    short = tempfile.mkdtemp(prefix="psu-", dir="/tmp")  # the aliases' base: short
+    monkeypatch.setenv("PODSHIM_RUN_DIR", short)
+    try:
+        _long_run_dir(tmp_path)
+    finally:
+        shutil.rmtree(short)
+
+
+def _long_run_dir(tmp_path: Path) -> None:
     paths: list[str] = []
 
     async def go(reaper: Reaper) -> None:
@@ -318,9 +331,11 @@ def test_long_run_dir_reaches_the_socket_through_a_descriptor(
                        agent_factory=factory(FakeAgent(), paths),
                        argv_factory=fake_qemu("import time; time.sleep(600)"))  # fmt: skip
         await host.create()
-        assert len(paths[0]) <= state.SOCKET_PATH_MAX
-        assert os.path.realpath(os.path.dirname(paths[0])) == long_dir
+        link = state.alias("default", "p1")
+        assert paths == [os.path.join(link, state.AGENT_SOCKET)]
+        assert len(paths[0]) <= state.SOCKET_PATH_MAX and os.readlink(link) == long_dir
         await host.close()
+        assert not os.path.lexists(link) and not os.path.exists(long_dir)
 
     run(go)
 

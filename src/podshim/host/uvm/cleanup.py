@@ -52,6 +52,7 @@ def cleanup_vm(namespace: str, pod_id: str, run_dir: str | None = None) -> list[
     directory = run_dir or state.run_dir(namespace, pod_id)
     try:
         if not os.path.isdir(directory):
+            state.remove_alias(directory, state.alias(namespace, pod_id))
             return []
         rec = state.read_record(directory) or state.Record()
         problems = kill_qemu(directory, rec)
@@ -68,6 +69,8 @@ def cleanup_vm(namespace: str, pod_id: str, run_dir: str | None = None) -> list[
         from podshim.host.uvm.vmops import remove_run_dir
 
         problems += remove_run_dir(directory, keep=bool(problems))
+        if not problems:
+            state.remove_alias(directory, state.alias(namespace, pod_id))
         if problems:
             with contextlib.suppress(OSError):
                 state.write_record(directory, rec)

@@ -29,7 +29,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from google.protobuf import any_pb2
 
@@ -83,6 +83,25 @@ def tail(path: str, limit: int = TAIL_BYTES) -> str:
     return data.decode(errors="replace").strip()
 
 
+class _LiveAgent:
+    """The agent of a VM while it lives (see :attr:`UvmHost.agent`)."""
+
+    def __init__(self, agent: AgentApi, host: UvmHost) -> None:
+        self._agent, self._host = agent, host
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._agent, name)
+        if name == "close" or not callable(attr):
+            return attr
+
+        async def call(*args: Any, **kw: Any) -> Any:
+            if self._host.vm_gone:
+                raise errdefs.Unavailable(f"the VM of pod {self._host.pod_id} is gone")
+            return await attr(*args, **kw)
+
+        return call
+
+
 class UvmHost:
     """A pod's utility VM (see the module docstring)."""
 
@@ -112,7 +131,9 @@ class UvmHost:
         self._plan: VmPlan | None = None
         self._record = state.Record()
         self._made_dir = False
-        self._dir_fd = -1
+        self._alias = ""
+        #: QEMU exited or the host is closing: the agent is never reached again
+        self._gone = False
         self._qemu: Child | None = None
         self._agent: AgentApi | None = None
         self._dead: asyncio.Future[int] | None = None
@@ -132,12 +153,17 @@ class UvmHost:
 
     @property
     def agent(self) -> AgentApi:
-        """The guest agent; FailedPrecondition unless the VM runs."""
+        """The guest agent (FailedPrecondition unless the VM runs), guarded: once QEMU
+        has exited every call fails with Unavailable at once, without dialling."""
         if self.life.state is not HostState.READY or self._agent is None:
             raise errdefs.FailedPrecondition(
                 f"VM host of pod {self.pod_id} is {self.life.state.value}: no VM to reach"
             )
-        return self._agent
+        return cast(AgentApi, _LiveAgent(self._agent, self))
+
+    @property
+    def vm_gone(self) -> bool:
+        return self._gone
 
     def _validate(self) -> tuple[VmPlan, str, str, str, str]:
         self.settings.check()
@@ -251,9 +277,15 @@ class UvmHost:
         path = os.path.join(self.run_dir, state.AGENT_SOCKET)
         if len(path) <= state.SOCKET_PATH_MAX:
             return path
-        # too long for sun_path: reach it through a descriptor of the run directory
-        self._dir_fd = os.open(self.run_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        return f"/proc/self/fd/{self._dir_fd}/{state.AGENT_SOCKET}"
+        # too long for sun_path: through the pod's short alias of the run directory
+        # (never a /proc/self/fd path: once closed, its number may name another pod's)
+        link = state.alias(self.namespace, self.pod_id)
+        path = os.path.join(link, state.AGENT_SOCKET)
+        if len(path) > state.SOCKET_PATH_MAX:
+            raise errdefs.FailedPrecondition(f"agent socket path {path} is too long")
+        state.make_alias(self.run_dir, link)
+        self._alias = link
+        return path
 
     async def _ping(self, agent: AgentApi, started: float, deadline_s: float) -> None:
         """Ask the agent until it answers, QEMU exits or the deadline passes."""
@@ -316,6 +348,7 @@ class UvmHost:
         ex = fut.result()
         level = logging.INFO if self.closing.is_set() else logging.WARNING
         log.log(level, "pod %s: QEMU %d exited %d", self.pod_id, ex.pid, ex.status)
+        self._gone = True
         self._resolve_dead(ex.status)
 
     @property
@@ -378,13 +411,14 @@ class UvmHost:
 
     async def _teardown(self, graceful: bool) -> list[str]:
         """Undo what create() made, as far as it goes; returns what is left."""
+        self._gone = True
         problems = await self._stop_qemu(graceful)
         if self._agent is not None:
             with contextlib.suppress(Exception):
                 await self._agent.close()
-        if self._dir_fd >= 0:
-            os.close(self._dir_fd)
-            self._dir_fd = -1
+        if self._alias:
+            state.remove_alias(self.run_dir, self._alias)
+            self._alias = ""
         if not self._made_dir:
             return problems
         rec = self._record

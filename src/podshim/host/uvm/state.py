@@ -10,8 +10,9 @@
   that very process (pid, start time and a command line naming this directory all
   match: a reused pid is never killed) and removes only what the record names;
 * ``agent.sock`` (QEMU's end of the agent's virtio-serial port; QEMU runs in this
-  directory and is given the relative name: the full path can exceed a unix socket
-  path's 108 bytes), ``console.log`` (the guest's console), ``qemu.log`` (QEMU's own
+  directory and is given the relative name; the host connects through the full path,
+  or through ``<uvm root>/s/<digest of namespace/pod id>``, a symlink to the run
+  directory, when that path is too long for a unix socket), ``console.log`` (the guest's console), ``qemu.log`` (QEMU's own
   stderr);
 * ``share/``: the 9p root shared into the guest, with the host's bind mounts below it.
 
@@ -37,6 +38,10 @@ SHARE = "share"
 SHARES = "shares"
 #: a unix socket path's room (sun_path is 108 bytes with its NUL)
 SOCKET_PATH_MAX = 107
+#: below the uvm root: short aliases (symlinks) of run directories whose agent socket
+#: path would not fit in sun_path (a containerd instance key, a namespace and a 64-hex
+#: pod id make it ~117 bytes)
+ALIASES = "s"
 
 
 def uvm_root() -> str:
@@ -48,6 +53,24 @@ def uvm_root() -> str:
 
 def run_dir(namespace: str, pod_id: str) -> str:
     return os.path.join(uvm_root(), namespace, pod_id)
+
+
+def alias(namespace: str, pod_id: str) -> str:
+    """The pod's short alias of its run directory (a symlink while the VM runs)."""
+    return os.path.join(uvm_root(), ALIASES, rundir.digest(f"{namespace}/{pod_id}")[:24])
+
+
+def make_alias(directory: str, link: str) -> None:
+    os.makedirs(os.path.dirname(link), mode=0o711, exist_ok=True)
+    remove_alias(directory, link)
+    os.symlink(directory, link)
+
+
+def remove_alias(directory: str, link: str) -> None:
+    """Remove ``link`` if it is this run directory's alias (never another's)."""
+    with contextlib.suppress(OSError):
+        if os.readlink(link) == directory:
+            os.unlink(link)
 
 
 @dataclass(slots=True)

@@ -51,7 +51,7 @@ class PodNet:
 @pytest.fixture
 def pod_net() -> Iterator[PodNet]:
     """A network namespace as CNI leaves it: eth0 (a veth whose peer is on this machine
-    with .1 of a /30) holds .2, default route via .1."""
+    with .1 of a /30) holds .2, default route via .1, MTU 1400 (an overlay's)."""
     need_image()
     tag = secrets.token_hex(3)
     name, peer = f"psuvm-{tag}", f"psv{tag}"
@@ -64,7 +64,7 @@ def pod_net() -> Iterator[PodNet]:
             ["ip", "addr", "add", f"{host_ip}/30", "dev", peer],
             ["ip", "link", "set", peer, "up"],
             ["ip", "-n", name, "addr", "add", f"{pod_ip}/30", "dev", "eth0"],
-            ["ip", "-n", name, "link", "set", "eth0", "up"],
+            ["ip", "-n", name, "link", "set", "eth0", "up", "mtu", "1400"],
             ["ip", "-n", name, "route", "add", "default", "via", host_ip],
         ]
         for cmd in cmds:
@@ -174,6 +174,7 @@ def test_vm_pod(pod_net: PodNet, tmp_path: Path) -> None:
             assert pod_net.pod_ip in (await agent.read_file("/proc/net/fib_trie")).decode()
             assert (await agent.read_file("/proc/sys/kernel/hostname")).strip() == b"vm-pod"
             assert (await agent.read_file("/proc/sys/net/ipv4/ip_forward")).strip() == b"1"
+            assert (await agent.read_file("/sys/class/net/eth0/mtu")).strip() == b"1400"
             # a file and a directory shared in; exec in the VM through FIFOs
             await host.share(BUSYBOX, "/bin/busybox", True)
             await host.share(str(data), "/mnt/data", True)

@@ -55,7 +55,7 @@ def pod_net() -> Iterator[PodNet]:
     need_image()
     tag = secrets.token_hex(3)
     name, peer = f"psuvm-{tag}", f"psv{tag}"
-    a, b = secrets.randbelow(200) + 20, secrets.randbelow(64) * 4
+    a, b = secrets.randbelow(50) + 200, secrets.randbelow(64) * 4  # not the labs' 10.88
     host_ip, pod_ip = f"10.{a}.{b}.1", f"10.{a}.{b}.2"
     subprocess.run(["ip", "netns", "add", name], check=True)
     try:

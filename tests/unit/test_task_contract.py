@@ -1,7 +1,9 @@
 """The Task contract (``podshim.task.contract.Task``), run against every kind of task: the
-in-memory FakeTask, the pod SandboxTask, and the Container with a fake OCI driver that
-runs real processes (their exits come through the reaper). The Container with runc
-passes the same points through containerd in tests/integration (test_shim_*)."""
+in-memory FakeTask, the pod SandboxTask, the Container with a fake OCI driver that
+runs real processes (their exits come through the reaper), and the utility VM's
+GuestContainer with the fake guest agent (real runc on the host; root only). The
+Container with runc passes the same points through containerd in tests/integration
+(test_shim_*), the GuestContainer in a real VM in test_uvm_cri."""
 
 from __future__ import annotations
 
@@ -26,6 +28,8 @@ from tests.unit.fakes import RecordingPublisher
 
 from .fakeoci import fake_oci_factory
 from .fakes import FakeHost, FakeTask
+from .uvmfakes import SKIP as GUEST_SKIP
+from .uvmfakes import Bed
 
 
 async def make(kind: str) -> Any:
@@ -33,6 +37,8 @@ async def make(kind: str) -> Any:
         return FakeTask("t1")
     if kind == "container":
         return await make_container()
+    if kind == "guest":
+        return await make_guest()
 
     async def no_workloads(sig: int) -> None:
         return None
@@ -46,12 +52,33 @@ async def make(kind: str) -> Any:
     return t
 
 
+_BEDS: list[Bed] = []
+
+
 def run(fn: Callable[[], Awaitable[None]]) -> None:
-    asyncio.run(asyncio.wait_for(fn(), 30))
+    async def main() -> None:
+        try:
+            await asyncio.wait_for(fn(), 60)
+        finally:
+            while _BEDS:
+                bed = _BEDS.pop()
+                await bed.cleanup()
+                shutil.rmtree(bed.tmp, ignore_errors=True)
+
+    asyncio.run(main())
 
 
-KINDS = ["fake", "sandbox", "container"]
+KINDS = ["fake", "sandbox", "container", "guest"]
 _BUNDLES: list[str] = []
+
+
+async def make_guest() -> Any:
+    if GUEST_SKIP:
+        pytest.skip(GUEST_SKIP)
+    bed = Bed(tempfile.mkdtemp(prefix="podshim-contract-guest-"))
+    _BEDS.append(bed)
+    bed.start()
+    return await bed.create(bed.request("t1", ["sleep", "1000"]))
 
 
 @pytest.fixture(autouse=True)

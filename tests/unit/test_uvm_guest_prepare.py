@@ -61,8 +61,10 @@ def builds(monkeypatch: pytest.MonkeyPatch) -> Recorder:
         Path(out).write_bytes(b"initrd")
         return 6
 
-    def boot_probe(k: str, i: str, accel: str, timeout: float) -> probe.BootResult:
-        rec.calls.append(f"probe-{accel}")
+    def boot_probe(
+        k: str, i: str, accel: str, timeout: float, machine: str = "microvm"
+    ) -> probe.BootResult:
+        rec.calls.append(f"probe-{accel}" + ("" if machine == "microvm" else f"-{machine}"))
         if accel == "kvm":
             return probe.BootResult(False, timeout, "kvm: did not answer")
         return probe.BootResult(True, 0.5, kernel="6.1.0-test")
@@ -129,7 +131,7 @@ def test_force_rebuilds_all(tmp_path: Path, inputs: Path, builds: Recorder) -> N
 def test_broken_image_fails_and_says_why(
     tmp_path: Path, inputs: Path, builds: Recorder, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def no_boot(k: str, i: str, accel: str, timeout: float) -> probe.BootResult:
+    def no_boot(k: str, i: str, accel: str, timeout: float, **kw: object) -> probe.BootResult:
         return probe.BootResult(False, timeout, "tcg: deadline; console: Kernel panic")
 
     monkeypatch.setattr(probe, "boot_probe", no_boot)
@@ -143,7 +145,7 @@ def test_kvm_that_boots_is_chosen(
     tmp_path: Path, inputs: Path, builds: Recorder, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(
-        probe, "boot_probe", lambda k, i, accel, timeout: probe.BootResult(True, 0.2)
+        probe, "boot_probe", lambda k, i, accel, timeout, **kw: probe.BootResult(True, 0.2)
     )
     _prepare(tmp_path / "img")
     assert json.loads((tmp_path / "img/accel.json").read_text())["accel"] == "kvm"

@@ -30,9 +30,11 @@ from typing import BinaryIO
 
 from podshim import errors as errdefs
 
-__all__ = ["DIRS", "RUNC", "Archive", "build_initrd", "shared_libraries"]
+__all__ = ["DIRS", "LOADED_AGENT", "RUNC", "Archive", "build_initrd", "shared_libraries"]
 
 RUNC = "/usr/sbin/runc"
+#: where the agent is when a module loader is /init (the stock kernel's image)
+LOADED_AGENT = "/sbin/podshim-agent"
 #: directories of the guest's root (mount points of the agent and the usual ones)
 DIRS = (
     "/dev", "/etc", "/mnt", "/proc", "/root", "/run", "/sys", "/tmp",
@@ -230,12 +232,20 @@ def shared_libraries(binary: str) -> list[str]:
 
 
 def build_initrd(
-    out: str, agent: str, runc: str = RUNC, extra: Iterable[tuple[str, str]] = ()
+    out: str,
+    agent: str,
+    runc: str = RUNC,
+    extra: Iterable[tuple[str, str]] = (),
+    *,
+    loader: str | None = None,
+    files: Iterable[tuple[str, bytes]] = (),
 ) -> int:
     """Write the guest initramfs to ``out`` (atomically); returns its size.
 
     ``agent`` becomes ``/init``; ``runc`` goes to :data:`RUNC` with its libraries;
-    ``extra`` is (guest path, host file) pairs, e.g. kernel modules.
+    ``extra`` is (guest path, host file) pairs, e.g. kernel modules, ``files`` (guest
+    path, contents) pairs. With a ``loader`` (the stock kernel's module loader), that is
+    ``/init`` and the agent is :data:`LOADED_AGENT`, which the loader execs.
     """
     if not os.path.isfile(runc):
         raise errdefs.FailedPrecondition(f"{runc} not found: apt-get install runc")
@@ -244,7 +254,11 @@ def build_initrd(
     a.directory("/var/tmp", 0o1777)
     for d in DIRS:
         a.directory(d)
-    a.host_file("/init", agent, mode=0o755)
+    if loader is None:
+        a.host_file("/init", agent, mode=0o755)
+    else:
+        a.host_file("/init", loader, mode=0o755)
+        a.host_file(LOADED_AGENT, agent, mode=0o755)
     a.host_file(RUNC, runc, mode=0o755)
     for lib in shared_libraries(runc):
         a.host_path(lib)
@@ -252,6 +266,8 @@ def build_initrd(
     a.file("/etc/group", GROUP)
     for guest, host in extra:
         a.host_file(guest, host)
+    for guest, data in files:
+        a.file(guest, data)
     tmp = f"{out}.tmp.{os.getpid()}"
     try:
         with open(tmp, "wb") as f:

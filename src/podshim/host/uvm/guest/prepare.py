@@ -15,6 +15,7 @@ import datetime
 import fcntl
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -22,14 +23,15 @@ from collections.abc import Callable
 
 from podshim import errors as errdefs
 from podshim.host.uvm import guest
-from podshim.host.uvm.guest import initramfs, kernel, manifest, probe
+from podshim.host.uvm.guest import initramfs, kernel, manifest, probe, stock
 
 __all__ = ["KVM_PROBE_TIMEOUT", "TCG_PROBE_TIMEOUT", "prepare", "probe_accel"]
 
 #: the agent must answer a KVM boot this fast (TCG boots in ~0.5 s here)
 KVM_PROBE_TIMEOUT = 5.0
-#: the TCG boot that checks the image (generous: the machine may be loaded)
-TCG_PROBE_TIMEOUT = 30.0
+#: the TCG boot that checks the image (generous: the machine may be loaded, and a stock
+#: kernel takes seconds)
+TCG_PROBE_TIMEOUT = 60.0
 
 Log = Callable[[str], None]
 
@@ -54,16 +56,16 @@ def _write_json(path: str, value: dict[str, object]) -> None:
     os.replace(tmp, path)
 
 
-def probe_accel(directory: str, log: Log) -> dict[str, object]:
+def probe_accel(directory: str, log: Log, machine: str = "microvm") -> dict[str, object]:
     """Boot the image (TCG, then KVM if there is a /dev/kvm) and record accel.json.
 
     Internal (with the console's end) when even TCG does not reach the agent.
     """
     vmlinux = os.path.join(directory, guest.KERNEL)
     initrd = os.path.join(directory, guest.INITRD)
-    tcg = probe.boot_probe(vmlinux, initrd, "tcg", TCG_PROBE_TIMEOUT)
+    tcg = probe.boot_probe(vmlinux, initrd, "tcg", TCG_PROBE_TIMEOUT, machine=machine)
     now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-    record: dict[str, object] = {"probed": now}
+    record: dict[str, object] = {"probed": now, "machine": machine}
     if not tcg.ok:
         record.update(accel="tcg", why=f"the image does not boot: {tcg.why}", tcg_ok=False)
         _write_json(os.path.join(directory, guest.ACCEL), record)
@@ -74,7 +76,7 @@ def probe_accel(directory: str, log: Log) -> dict[str, object]:
     if unusable is not None:
         record.update(accel="tcg", why=unusable)
     else:
-        kvm = probe.boot_probe(vmlinux, initrd, "kvm", KVM_PROBE_TIMEOUT)
+        kvm = probe.boot_probe(vmlinux, initrd, "kvm", KVM_PROBE_TIMEOUT, machine=machine)
         if kvm.ok:
             record.update(accel="kvm", why="a KVM boot reached the agent", kvm_boot_s=kvm.seconds)
         else:
@@ -89,18 +91,39 @@ def prepare(
     *,
     force: bool = False,
     do_probe: bool = True,
+    stock_kernel: bool = False,
     log: Log = _stderr,
 ) -> bool:
-    """Make the image in ``directory`` current; True when something was (re)built."""
+    """Make the image in ``directory`` current; True when something was (re)built.
+    ``stock_kernel``: Debian's kernel and its modules (:mod:`.stock`) instead of ours."""
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        return _prepare_locked(directory, force, do_probe, log)
+        return _prepare_locked(directory, force, do_probe, stock_kernel, log)
 
 
-def _prepare_locked(directory: str, force: bool, do_probe: bool, log: Log) -> bool:
-    kin = manifest.kernel_inputs()
-    iin = manifest.initrd_inputs(initramfs.RUNC)
+def _copy(src: str, dst: str) -> None:
+    tmp = f"{dst}.tmp.{os.getpid()}"
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def _prepare_locked(
+    directory: str, force: bool, do_probe: bool, stock_kernel: bool, log: Log
+) -> bool:
+    sk = stock.fetch(directory, log) if stock_kernel else None
+    modules = stock.module_order(sk.modules) if sk else []
+    if sk is None:
+        kin = manifest.kernel_inputs()
+        iin = manifest.initrd_inputs(initramfs.RUNC)
+    else:
+        kin = manifest.stock_kernel_inputs(sk.vmlinuz)
+        extra = {
+            "release": sk.release,
+            "modules": modules,
+            "modload": manifest.sha256_file(stock.LOADER_SOURCE),
+        }
+        iin = manifest.initrd_inputs(initramfs.RUNC, extra)
     kernel_ok = not force and manifest.current(directory, "kernel", kin)
     initrd_ok = not force and manifest.current(directory, "initrd", iin)
     accel_path = os.path.join(directory, guest.ACCEL)
@@ -114,19 +137,39 @@ def _prepare_locked(directory: str, force: bool, do_probe: bool, log: Log) -> bo
         except FileNotFoundError:
             pass
     if not kernel_ok:
-        start = time.monotonic()
-        kernel.build_kernel(os.path.join(directory, guest.KERNEL), directory, log=log)
-        log(f"guest kernel built in {time.monotonic() - start:.0f} s")
+        out = os.path.join(directory, guest.KERNEL)
+        if sk is not None:
+            _copy(sk.vmlinuz, out)
+            log(f"guest kernel: Debian's {sk.release}")
+        else:
+            start = time.monotonic()
+            kernel.build_kernel(out, directory, log=log)
+            log(f"guest kernel built in {time.monotonic() - start:.0f} s")
         record["kernel"] = kin
         manifest.write(directory, record)
     if not initrd_ok:
         with tempfile.TemporaryDirectory(prefix="podshim-agent-") as tmp:
             agent = os.path.join(tmp, "init")
             _build_agent(agent)
-            size = initramfs.build_initrd(os.path.join(directory, guest.INITRD), agent)
+            out = os.path.join(directory, guest.INITRD)
+            if sk is None:
+                size = initramfs.build_initrd(out, agent)
+            else:
+                loader = os.path.join(tmp, "modload")
+                stock.build_loader(loader)
+                where = f"/usr/lib/modules/{sk.release}"
+                size = initramfs.build_initrd(
+                    out,
+                    agent,
+                    extra=[(f"{where}/{m}", os.path.join(sk.modules, m)) for m in modules],
+                    loader=loader,
+                    files=[
+                        (stock.MODULE_LIST, "".join(f"{where}/{m}\n" for m in modules).encode())
+                    ],
+                )
         log(f"initrd written ({size // 1024} KiB)")
         record["initrd"] = iin
         manifest.write(directory, record)
     if do_probe:
-        probe_accel(directory, log)
+        probe_accel(directory, log, "microvm" if sk is None else "q35")
     return True

@@ -103,6 +103,7 @@ def boot_probe(
     *,
     memory_mb: int = PROBE_MEMORY_MB,
     cmdline: tuple[str, ...] = (),
+    machine: str = "microvm",
 ) -> BootResult:
     """Boot ``kernel`` + ``initrd`` with ``accel`` and wait up to ``timeout`` s for Ping."""
     run = tempfile.mkdtemp(prefix="podshim-uvm-probe-")
@@ -115,6 +116,7 @@ def boot_probe(
         memory_mb=memory_mb,
         accel=accel,
         cmdline=cmdline,
+        machine=machine,
     )
     start = time.monotonic()
     proc = subprocess.Popen(

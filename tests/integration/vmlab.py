@@ -114,6 +114,7 @@ def open_vm_lab(home: Path) -> Iterator[VmLab]:
             VM: RuntimeHandler(cu.PODSHIM_RUNTIME, {"ConfigPath": str(config.with_name("uvm.toml"))}),
         },
         extra_path=[cu.BIN_DIR],
+        cni_portmap=True,  # the host reaches pod IPs (the portmap chain's masquerade)
     )
     root = lab.state / "podshim-runc"
     cu.podshim_config(config, root)

@@ -299,6 +299,9 @@ def test_a_cancelled_create_leaves_nothing(bed: Bed, after: str) -> None:
 
     async def main() -> None:
         out = bed.fifo("out")
+        gate = bed.agent.gates["c1/create"] = asyncio.Event()  # runc create's end waits
+        if after == "spawn":
+            gate.set()
         task = asyncio.ensure_future(bed.create(bed.request("c1", ["sleep", "1000"],
                                                             stdout=out)))  # fmt: skip
         while ("spawn", "c1/create") not in bed.agent.calls:
@@ -307,6 +310,7 @@ def test_a_cancelled_create_leaves_nothing(bed: Bed, after: str) -> None:
             while not os.path.exists(os.path.join(bed.share, "c1", "init.pid")):
                 await asyncio.sleep(0.001)
         task.cancel()
+        asyncio.get_running_loop().call_later(0.05, gate.set)
         with pytest.raises(asyncio.CancelledError):
             await task
         assert bed.leftovers() == [] and bed.topics() == []
@@ -358,5 +362,31 @@ def test_fail_reports_every_process_exited_and_kills_them(bed: Bed) -> None:
         await c.delete("e1")
         await c.delete("")
         assert bed.leftovers() == []
+
+    run(bed, main)
+
+
+def test_after_the_vm_died_delete_needs_no_agent_and_leaves_nothing_on_the_host(bed: Bed) -> None:
+    """The host's death: the agent is gone (every call Unavailable), the pod fails the
+    container; Delete of the exec and the init still succeed and remove the share's
+    mounts and directory."""
+
+    async def main() -> None:
+        c = await bed.create(bed.request("c1", ["sleep", "1000"]))
+        await c.start("")
+        await c.exec(ExecRequest("e1", False, "", "", "", process_spec(["sleep", "1000"])))
+        await c.start("e1")
+        await bed.agent.shutdown()  # the VM's processes end with it...
+        await bed.agent.close()  # ...and so does the channel
+        c.fail(errdefs.Unavailable("the VM of pod p is gone"))
+        assert (await c.wait("")).status == 255
+        with pytest.raises(errdefs.Unavailable):
+            await bed.agent.ping()  # the agent is really gone
+        await c.delete("e1")
+        _, ex = await c.delete("")
+        assert ex.status == 255
+        # runc's state, cgroups and keys went with the VM (here the host's: cleanup)
+        assert [x for x in bed.leftovers() if x.startswith("share/")] == []
+        assert bed.topics()[-1] == "/tasks/delete"
 
     run(bed, main)

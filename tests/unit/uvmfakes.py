@@ -89,6 +89,8 @@ class FakeAgent:
         self.closed = False
         #: spawn raises this once when set (tests of failures)
         self.fail_spawn: errdefs.ShimError | None = None
+        #: wait(key) answers only once the key's event here is set (tests of races)
+        self.gates: dict[str, asyncio.Event] = {}
         self._watches: set[asyncio.Future[None]] = set()
 
     def _check(self) -> None:
@@ -238,7 +240,11 @@ class FakeAgent:
     async def wait(self, key: str) -> int:
         k = self._key(key)
         assert k.child is not None
-        return (await asyncio.shield(k.child.exited)).status
+        status = (await asyncio.shield(k.child.exited)).status
+        gate = self.gates.get(key)
+        if gate is not None:
+            await gate.wait()
+        return status
 
     async def wait_pid(self, pid: int) -> int:
         self._check()

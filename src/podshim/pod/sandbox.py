@@ -297,7 +297,8 @@ class SandboxTask:
     async def stats(self) -> any_pb2.Any:
         """The pod's metrics: the sum over its cgroups (the host's own metrics, else the
         sandbox cgroup if it exists, plus every workload container's cgroup that is not
-        inside the sandbox cgroup) in the host's cgroup version; an empty Metrics when
+        inside the sandbox cgroup) in the cgroup version of the host's own metrics, else
+        the machine's; an empty Metrics when
         there is nothing to measure. A workload gone meanwhile is skipped; a sandbox
         whose init has exited is NotFound."""
         if self._init_exited.is_set():
@@ -308,6 +309,7 @@ class SandboxTask:
         got = await self.host.stats()
         if got is not None:
             parts.append(cgstats.unpack(got))
+            kind = type(parts[0])  # the host's cgroups (a VM's guest is cgroup v2)
         elif self.cgroups_path:
             try:
                 parts.append(cgstats.metrics_for_cgroups_path(self.cgroups_path))

@@ -224,8 +224,14 @@ class GuestContainer:
         self.ctx.publisher.publish(ev.TaskOOM(container_id=self.id))
 
     async def _monitor(self, p: GuestProcess) -> None:
-        """Wait for ``p``'s exit in the guest, then report it (the only exit path)."""
-        status = await self.agent.wait_pid(p.pid)
+        """Wait for ``p``'s exit in the guest, then report it (the only exit path but
+        :meth:`fail`). The channel gone (the VM died) is an exit with 255, as in fail."""
+        try:
+            status = await self.agent.wait_pid(p.pid)
+        except errdefs.Unavailable as exc:
+            self.log.warning("%s: %s: reported exited (255)", p.what, exc)
+            await self._report_exit(p, 255, time.time())
+            return
         at = time.time()
         try:
             if p is self.init and not self._own_pid_ns:
@@ -423,8 +429,8 @@ class GuestContainer:
                     await p.wait()
         try:
             await self.runc.run(runc_args.delete_args(self.id, False))
-        except errdefs.NotFound:
-            pass
+        except (errdefs.NotFound, errdefs.Unavailable):
+            pass  # Unavailable: the VM is gone, and the container with it
         except errdefs.ShimError:
             await self.runc.run(runc_args.delete_args(self.id, True))
         p.machine.fire(Verb.DELETE)

@@ -175,6 +175,20 @@ def test_build_initrd(tmp_path: Path) -> None:
         real = os.path.realpath(lib).lstrip("/")
         assert members[real].data == Path(lib).read_bytes(), lib
     assert not list(tmp_path.glob("initrd.tmp.*"))
+    # the debugging tools: the static busybox and its applets in /usr/bin
+    assert members["usr/bin/busybox"].data == Path(initramfs.BUSYBOX).read_bytes()
+    for tool in ("sh", "uname", "cat", "ps", "ip"):
+        assert members[f"usr/bin/{tool}"].mode == stat.S_IFLNK | 0o777, tool
+        assert members[f"usr/bin/{tool}"].data == b"busybox", tool
+
+
+def test_build_initrd_refuses_a_dynamic_busybox(tmp_path: Path) -> None:
+    runc = shutil.which("runc") or "/usr/sbin/runc"
+    if not os.path.isfile(runc):
+        pytest.skip("runc not installed")
+    with pytest.raises(errdefs.FailedPrecondition, match="busybox-static"):
+        initramfs.build_initrd(str(tmp_path / "i"), runc, runc=runc, busybox=runc)
+    assert not list(tmp_path.iterdir())
 
 
 def test_shared_libraries_of_a_static_binary(tmp_path: Path) -> None:

@@ -18,7 +18,8 @@ runs in the guest, plus the host paths to bind-mount into the pod's share direct
 * what needs a namespace the container no longer has of its own goes: ``hostname``
   and ``domainname`` (the guest's is the pod's), sysctls runc would refuse outside
   their namespace (the pod's sysctls are the guest's, set by the host), the AppArmor
-  profile (the guest kernel has no LSM; the VM is the boundary).
+  profile (the guest kernel has no LSM; the VM is the boundary), the memory swap limit
+  (the guest has no swap).
 * ``linux.cgroupsPath`` -> ``<parent>/<cid>`` in the guest's cgroup2 hierarchy.
 * refused with InvalidArgument naming the field: hooks (host programs), devices beyond
   the default set, other filesystem types, non-zero hugepage limits, net_cls/net_prio
@@ -217,10 +218,19 @@ def _devices(linux: dict[str, Any]) -> None:
             raise _refuse(f"linux.devices[{i}]", f"the host's device {path} cannot be passed")
 
 
+def drop_swap(res: dict[str, Any]) -> None:
+    """The guest kernel has no swap (and so no memory.swap.max, which runc would fail to
+    write): ``memory.swap`` goes from a resources object (a spec's or an update's)."""
+    memory = res.get("memory")
+    if isinstance(memory, dict):
+        memory.pop("swap", None)
+
+
 def _resources(linux: dict[str, Any]) -> None:
     res = linux.get("resources")
     if not isinstance(res, dict):
         return
+    drop_swap(res)
     pages = res.get("hugepageLimits")
     if pages:
         for i, p in enumerate(pages):

@@ -488,6 +488,7 @@ class GuestContainer:
             raise errdefs.InvalidArgument(f"task {self.id}: invalid resources: {exc}") from None
         if not isinstance(value, dict):
             raise errdefs.InvalidArgument(f"task {self.id}: resources must be a JSON object")
+        guestspec.drop_swap(value)
         self._n += 1
         name = f"update-{self._n}.json"
         path = self.dir.write(name, json.dumps(value).encode())

@@ -30,9 +30,25 @@ from typing import BinaryIO
 
 from podshim import errors as errdefs
 
-__all__ = ["DIRS", "LOADED_AGENT", "RUNC", "Archive", "build_initrd", "shared_libraries"]
+__all__ = [
+    "BUSYBOX", "DIRS", "LOADED_AGENT", "RUNC", "TOOLS", "Archive", "build_initrd",
+    "shared_libraries",
+]  # fmt: skip
 
 RUNC = "/usr/sbin/runc"
+#: the static busybox (Debian's busybox-static): the VM's debugging tools, for
+#: ``podshim diag exec <pod> -- ...``; in the guest at /usr/bin/busybox
+BUSYBOX = "/bin/busybox"
+#: its applets linked in /usr/bin (those this busybox has): a shell and what one looks
+#: at a VM with (processes, mounts, network, files)
+TOOLS = (
+    "sh", "ash", "cat", "ls", "ps", "top", "free", "uname", "dmesg", "mount", "umount",
+    "df", "du", "ip", "ping", "netstat", "nslookup", "hostname", "ifconfig", "route",
+    "nc", "wget", "grep", "sed", "awk", "head", "tail", "wc", "less", "find", "xargs",
+    "cut", "sort", "uniq", "tr", "echo", "printf", "sleep", "kill", "env", "id", "tty",
+    "stty", "stat", "date", "true", "false", "test", "mkdir", "rm", "cp", "mv", "ln",
+    "chmod", "touch", "vi", "which", "sysctl", "lsof", "watch",
+)  # fmt: skip
 #: where the agent is when a module loader is /init (the stock kernel's image)
 LOADED_AGENT = "/sbin/podshim-agent"
 #: directories of the guest's root (mount points of the agent and the usual ones)
@@ -231,6 +247,25 @@ def shared_libraries(binary: str) -> list[str]:
     return libs
 
 
+def _add_busybox(a: Archive, busybox: str) -> None:
+    if not os.path.isfile(busybox):
+        raise errdefs.FailedPrecondition(f"{busybox} not found: apt-get install busybox-static")
+    if shared_libraries(busybox):
+        raise errdefs.FailedPrecondition(
+            f"{busybox} is not statically linked: apt-get install busybox-static"
+        )
+    try:
+        listed = subprocess.run(
+            [busybox, "--list"], capture_output=True, check=True, timeout=30
+        ).stdout.decode().split()
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise errdefs.FailedPrecondition(f"{busybox} --list: {exc}") from None
+    a.host_file("/usr/bin/busybox", busybox, mode=0o755)
+    for tool in TOOLS:
+        if tool in listed and f"/usr/bin/{tool}" not in a:
+            a.symlink(f"/usr/bin/{tool}", "busybox")
+
+
 def build_initrd(
     out: str,
     agent: str,
@@ -239,13 +274,15 @@ def build_initrd(
     *,
     loader: str | None = None,
     files: Iterable[tuple[str, bytes]] = (),
+    busybox: str | None = BUSYBOX,
 ) -> int:
     """Write the guest initramfs to ``out`` (atomically); returns its size.
 
     ``agent`` becomes ``/init``; ``runc`` goes to :data:`RUNC` with its libraries;
     ``extra`` is (guest path, host file) pairs, e.g. kernel modules, ``files`` (guest
     path, contents) pairs. With a ``loader`` (the stock kernel's module loader), that is
-    ``/init`` and the agent is :data:`LOADED_AGENT`, which the loader execs.
+    ``/init`` and the agent is :data:`LOADED_AGENT`, which the loader execs. A static
+    ``busybox`` (None: none) goes to /usr/bin with :data:`TOOLS` linked to it.
     """
     if not os.path.isfile(runc):
         raise errdefs.FailedPrecondition(f"{runc} not found: apt-get install runc")
@@ -264,6 +301,8 @@ def build_initrd(
         a.host_path(lib)
     a.file("/etc/passwd", PASSWD)
     a.file("/etc/group", GROUP)
+    if busybox is not None:
+        _add_busybox(a, busybox)
     for guest, host in extra:
         a.host_file(guest, host)
     for guest, data in files:

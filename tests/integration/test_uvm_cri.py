@@ -8,6 +8,7 @@ Skipped, saying why, when ``podshim uvm prepare`` has not been run.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -164,6 +165,12 @@ def test_diag_exec_stacks_and_share_reach_the_vm(cri: vmlab.VmLab) -> None:
     out = _ok(_diag(cri, "exec", pod, "--", "uname", "-a"))
     assert guest_kernel in out, out
     assert _diag(cri, "exec", pod, "--", "sh", "-c", "exit 5").returncode == 5
+    # the shim's view: the sandbox's host is a VM, with the accelerator the probe chose
+    host = next(t["host"] for t in json.loads(_ok(_diag(cri, "tasks", "--json", pod)))
+                if t["id"] == pod)  # fmt: skip
+    assert host["kind"] == "uvm" and host["accel"] in ("tcg", "kvm"), host
+    assert int(host["qemu_pid"]) > 0 and float(host["boot_seconds"]) > 0, host
+    assert f"host of {pod}: " in _ok(_diag(cri, "tasks", pod))
     stacks = _ok(_diag(cri, "stacks", pod))
     assert "agent" in stacks and "runc" not in stacks.split("agent", 1)[0], stacks[:2000]
     with tempfile.TemporaryDirectory(prefix="vmshare-") as d:

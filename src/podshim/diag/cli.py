@@ -204,6 +204,9 @@ def _tasks(args: argparse.Namespace) -> int:
         for x in t.execs:
             rows.append([f"  exec {x.id}", "exec", x.state, x.pid, _exit(x.state, x.exit_status)])
     print(table(rows))
+    for t in resp.tasks:
+        if t.host:
+            print(f"host of {t.id}: " + " ".join(f"{k}={v}" for k, v in sorted(t.host.items())))
     return 0
 
 

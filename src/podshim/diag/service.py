@@ -89,6 +89,16 @@ def describe_task(tid: str, task: Task, kind: str, execs: bool) -> pb.DiagTask:
     return out
 
 
+def describe_host(pod: Pod) -> dict[str, str]:
+    """The pod host's kind and, where the kind reports more (an optional
+    ``describe() -> dict`` of the host, e.g. a VM's accelerator), that."""
+    out = {"kind": str(pod.host.kind)}
+    describe = getattr(pod.host, "describe", None)
+    if callable(describe):
+        out.update({str(k): str(v) for k, v in describe().items()})
+    return out
+
+
 def pod_total(items: list[any_pb2.Any]) -> any_pb2.Any | None:
     """The sum of metrics of one cgroup version, or None when there is nothing to add
     up (or versions are mixed)."""
@@ -188,7 +198,10 @@ class DiagService:
         pod = self.shim.pod
         resp = pb.TasksResponse()
         for tid, task in sorted(self.shim.tasks.items()):
-            resp.tasks.append(describe_task(tid, task, task_kind(pod, tid), req.execs))
+            item = describe_task(tid, task, task_kind(pod, tid), req.execs)
+            if pod is not None and tid == pod.id:
+                item.host.update(describe_host(pod))
+            resp.tasks.append(item)
         return resp
 
     async def Share(self, req: pb.ShareRequest, _: CallContext) -> pb.ShareResponse:

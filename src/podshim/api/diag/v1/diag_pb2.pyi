@@ -83,7 +83,14 @@ class TasksResponse(_message.Message):
     def __init__(self, tasks: _Optional[_Iterable[_Union[DiagTask, _Mapping]]] = ...) -> None: ...
 
 class DiagTask(_message.Message):
-    __slots__ = ("id", "kind", "state", "pid", "execs", "bundle", "exit_status")
+    __slots__ = ("id", "kind", "state", "pid", "execs", "bundle", "exit_status", "host")
+    class HostEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -91,6 +98,7 @@ class DiagTask(_message.Message):
     EXECS_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_FIELD_NUMBER: _ClassVar[int]
     EXIT_STATUS_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
     id: str
     kind: str
     state: str
@@ -98,7 +106,8 @@ class DiagTask(_message.Message):
     execs: _containers.RepeatedCompositeFieldContainer[DiagExec]
     bundle: str
     exit_status: int
-    def __init__(self, id: _Optional[str] = ..., kind: _Optional[str] = ..., state: _Optional[str] = ..., pid: _Optional[int] = ..., execs: _Optional[_Iterable[_Union[DiagExec, _Mapping]]] = ..., bundle: _Optional[str] = ..., exit_status: _Optional[int] = ...) -> None: ...
+    host: _containers.ScalarMap[str, str]
+    def __init__(self, id: _Optional[str] = ..., kind: _Optional[str] = ..., state: _Optional[str] = ..., pid: _Optional[int] = ..., execs: _Optional[_Iterable[_Union[DiagExec, _Mapping]]] = ..., bundle: _Optional[str] = ..., exit_status: _Optional[int] = ..., host: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class DiagExec(_message.Message):
     __slots__ = ("id", "state", "pid", "exit_status")

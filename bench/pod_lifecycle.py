@@ -144,6 +144,9 @@ def one_run(bench: Bench, cri: CriClient, ns: argparse.Namespace, run: int, erro
                         "mb_per_pod": fp.pss_kib / 1024 / k,
                         "processes": fp.processes,
                         "kinds": dict(fp.kinds),
+                        "mb_per_pod_by_kind": {
+                            kind: kib / 1024 / k for kind, kib in sorted(fp.pss_by_kind.items())
+                        },
                     }
                     for k, fp in ramp.items()
                 }
@@ -151,6 +154,12 @@ def one_run(bench: Bench, cri: CriClient, ns: argparse.Namespace, run: int, erro
                 progress(
                     f"memory {column}: {pss[column][str(top)]['mb_per_pod']:.2f} MB/pod at {top}"
                 )
+                for k, fp in sorted(ramp.items()):
+                    parts = ", ".join(
+                        f"{kind} {kib / 1024 / k:.1f}"
+                        for kind, kib in sorted(fp.pss_by_kind.items(), key=lambda x: -x[1])
+                    )
+                    progress(f"memory {column} at {k} pods, MB/pod by process: {parts}")
         out[net] = {"steps": steps, "bursts": bursts, "pss": pss}
     return out
 

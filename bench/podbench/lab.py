@@ -50,7 +50,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import nullshim
@@ -245,6 +245,8 @@ class Footprint:
     processes: int
     #: comm -> count, for the report
     kinds: Mapping[str, int]
+    #: comm -> PSS (KiB): where a column's memory goes (a VM pod's QEMU, its shim)
+    pss_by_kind: Mapping[str, int] = field(default_factory=dict)
 
 
 def footprint(bench: Bench, column: str, workloads: set[int]) -> Footprint:
@@ -272,6 +274,7 @@ def footprint(bench: Bench, column: str, workloads: set[int]) -> Footprint:
     total = 0
     count = 0
     kinds: dict[str, int] = {}
+    by_kind: dict[str, int] = {}
     for top in tops:
         todo = [top]
         while todo:
@@ -282,7 +285,9 @@ def footprint(bench: Bench, column: str, workloads: set[int]) -> Footprint:
             st = table[pid]
             if st.state == "Z":
                 continue
-            total += pss_kib(pid)
+            kib = pss_kib(pid)
+            total += kib
             count += 1
             kinds[st.comm] = kinds.get(st.comm, 0) + 1
-    return Footprint(total, count, kinds)
+            by_kind[st.comm] = by_kind.get(st.comm, 0) + kib
+    return Footprint(total, count, kinds, by_kind)

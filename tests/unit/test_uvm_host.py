@@ -201,6 +201,10 @@ def test_settings_from_env() -> None:
                          "PODSHIM_UVM_BOOT_TIMEOUT": "3"})  # fmt: skip
     assert (s.memory_mb, s.cpus, s.boot_deadline("tcg")) == (128, 2, 3.0)
     assert config.from_env({}).boot_deadline("tcg") == config.BOOT_TIMEOUT["tcg"]
+    assert config.from_env({}).tcg_tb_mb == config.TCG_TB_MB
+    assert config.from_env({"PODSHIM_UVM_TCG_TB_MB": "64"}).tcg_tb_mb == 64
+    with pytest.raises(errdefs.InvalidArgument, match="PODSHIM_UVM_TCG_TB_MB"):
+        config.from_env({"PODSHIM_UVM_TCG_TB_MB": "0"}).check()
     bad = config.from_env({"PODSHIM_UVM_MEMORY_MB": "lots"})
     with pytest.raises(errdefs.InvalidArgument, match="PODSHIM_UVM_MEMORY_MB"):
         bad.check()

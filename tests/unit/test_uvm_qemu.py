@@ -29,7 +29,8 @@ def _opt(argv: list[str], flag: str) -> list[str]:
 def test_minimal_vm() -> None:
     argv = qemu.qemu_argv(_cfg(), binary="/bin/qemu")
     assert argv[0] == "/bin/qemu"
-    assert _opt(argv, "-M") == ["microvm,acpi=off"]
+    assert _opt(argv, "-M") == ["microvm,acpi=off,memory-backend=ram"]
+    assert _opt(argv, "-object") == ["memory-backend-memfd,id=ram,size=256M"]
     assert _opt(argv, "-accel") == ["tcg"]
     assert "-cpu" not in argv
     assert _opt(argv, "-m") == ["256"] and _opt(argv, "-smp") == ["1"]
@@ -48,8 +49,13 @@ def test_minimal_vm() -> None:
     assert devices == [
         "virtio-serial-device",
         f"virtserialport,chardev=agent,name={agentapi.PORT_NAME}",
+        "virtio-balloon-device,free-page-reporting=on",
     ]
     assert "-fsdev" not in argv and "-netdev" not in argv
+    # anonymous guest RAM and no balloon, when asked
+    plain = qemu.qemu_argv(_cfg(memfd=False, free_page_reporting=False), binary="/bin/qemu")
+    assert _opt(plain, "-M") == ["microvm,acpi=off"] and "-object" not in plain
+    assert not [d for d in _opt(plain, "-device") if "balloon" in d]
 
 
 def test_full_vm() -> None:
@@ -140,8 +146,9 @@ def test_q35_for_a_stock_kernel() -> None:
         _cfg(machine="q35", share_dir="/s", tap="tap0", mac="02:00:00:00:00:01"),
         binary="/bin/qemu",
     )
-    assert _opt(argv, "-M") == ["q35"]
+    assert _opt(argv, "-M") == ["q35,memory-backend=ram"]
     devices = _opt(argv, "-device")
+    assert "virtio-balloon-pci,free-page-reporting=on" in devices
     assert devices[0] == "virtio-serial-pci"
     assert f"virtio-9p-pci,fsdev=share,mount_tag={agentapi.SHARE_TAG}" in devices
     assert "virtio-net-pci,netdev=n0,mac=02:00:00:00:00:01" in devices

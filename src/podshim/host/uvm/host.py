@@ -234,6 +234,7 @@ class UvmHost:
             memory_mb=self.settings.memory_mb,
             cpus=self.settings.cpus,
             accel=accel,
+            tb_size_mb=self.settings.tcg_tb_mb if accel == "tcg" else None,
             share_dir=self.share_dir,
             tap=tap,
             mac=mac,

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from podshim.errors import ShimError
 from podshim.host.uvm import agentapi, qemu
 from podshim.host.uvm.agentapi import SpawnSpec
 from podshim.host.uvm.agentclient import AgentClient
@@ -61,11 +62,12 @@ def _kill(proc: subprocess.Popen[bytes]) -> None:
 
 
 def _start(run: Path, **kw: object) -> tuple[subprocess.Popen[bytes], qemu.VmConfig]:
-    kernel, initrd = qemu.image_paths(str(IMAGE_DIR))
+    kernel, initrd, tools = qemu.image_paths(str(IMAGE_DIR))
     (run / "share").mkdir(exist_ok=True)
     cfg = qemu.VmConfig(
         kernel=kernel,
         initrd=initrd,
+        tools_dir=tools,
         agent_socket=str(run / "agent.sock"),
         console_log=str(run / "console.log"),
         share_dir=str(run / "share"),
@@ -152,9 +154,12 @@ def test_guest(run_dir: Path) -> None:
             assert got == b"hello guest"
             await vm.client.write_file(f"{agentapi.GUEST_SHARE}/from-guest", b"hello host")
             assert (vm.share / "from-guest").read_bytes() == b"hello host"
-            # runc and its libraries are in the initramfs
+            # runc and its libraries: links in the initramfs into the read-only tools
+            # share (every VM's); it cannot be written from the guest
             status, out = await run_in_guest(vm.client, "runc", "/usr/sbin/runc", "--version")
             assert status == 0 and "runc version" in out, out
+            with pytest.raises(ShimError, match=r"(?i)read-only"):
+                await vm.client.write_file(f"{agentapi.GUEST_TOOLS}/usr/sbin/runc", b"x")
             # Shutdown powers the VM off: QEMU exits by itself (-no-reboot)
             await vm.client.shutdown()
             deadline = time.monotonic() + BOOT_DEADLINE

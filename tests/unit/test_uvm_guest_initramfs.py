@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from podshim import errors as errdefs
+from podshim.host.uvm.agentapi import GUEST_TOOLS
 from podshim.host.uvm.guest import initramfs
 
 
@@ -180,6 +181,48 @@ def test_build_initrd(tmp_path: Path) -> None:
     for tool in ("sh", "uname", "cat", "ps", "ip"):
         assert members[f"usr/bin/{tool}"].mode == stat.S_IFLNK | 0o777, tool
         assert members[f"usr/bin/{tool}"].data == b"busybox", tool
+
+
+@pytest.mark.skipif(shutil.which("ldd") is None, reason="no ldd")
+def test_build_initrd_with_a_tools_dir(tmp_path: Path) -> None:
+    """runc, its libraries and busybox go to the tools directory; the initrd links there."""
+    agent = tmp_path / "agent"
+    agent.write_bytes(b"\x7fELF agent")
+    runc = shutil.which("runc") or "/usr/sbin/runc"
+    if not os.path.isfile(runc) or not os.path.isfile(initramfs.BUSYBOX):
+        pytest.skip("runc or busybox-static not installed")
+    link = tmp_path / "tools"
+    out = tmp_path / "initrd"
+    size = initramfs.build_initrd(str(out), str(agent), runc=runc, tools=str(link))
+    assert size < 2 << 20  # the agent and links, not runc's ~9 MB
+    members = {m.name: m for m in parse(out.read_bytes())}
+    assert stat.S_ISDIR(members[GUEST_TOOLS.lstrip("/")].mode)
+    first = os.path.realpath(link)
+    assert os.path.basename(first).startswith("tools-")
+    assert members["usr/sbin/runc"].data == f"{GUEST_TOOLS}/usr/sbin/runc".encode()
+    copied = Path(first, "usr/sbin/runc")
+    assert copied.read_bytes() == Path(runc).read_bytes()
+    assert stat.S_IMODE(copied.stat().st_mode) == 0o755
+    assert members["usr/bin/busybox"].data == f"{GUEST_TOOLS}/usr/bin/busybox".encode()
+    assert Path(first, "usr/bin/busybox").read_bytes() == Path(initramfs.BUSYBOX).read_bytes()
+    assert members["usr/bin/sh"].data == b"busybox"
+    for lib in initramfs.shared_libraries(runc):
+        # the host's symlinks on the way stay in the archive; the file is a link out
+        real = os.path.realpath(lib).lstrip("/")
+        assert members[real].data == f"{GUEST_TOOLS}/{real}".encode(), lib
+        assert Path(first, real).read_bytes() == Path(lib).read_bytes(), lib
+    # the same inputs again: the same directory, reused; other contents: a new one,
+    # and the old stays (a running VM may still serve from it)
+    initramfs.build_initrd(str(out), str(agent), runc=runc, tools=str(link))
+    assert os.path.realpath(link) == first
+    other = tmp_path / "runc2"
+    other.write_bytes(Path(runc).read_bytes() + b"\0")
+    other.chmod(0o755)
+    initramfs.build_initrd(str(out), str(agent), runc=str(other), tools=str(link))
+    assert os.path.realpath(link) != first and os.path.isdir(first)
+    assert sorted(p.name for p in tmp_path.glob("tools*")) == sorted(
+        ["tools", os.path.basename(first), os.path.basename(os.path.realpath(link))]
+    )
 
 
 def test_build_initrd_refuses_a_dynamic_busybox(tmp_path: Path) -> None:

@@ -59,11 +59,22 @@ def builds(monkeypatch: pytest.MonkeyPatch) -> Recorder:
         rec.calls.append("initrd")
         assert Path(agent).read_bytes() == b"agent"
         Path(out).write_bytes(b"initrd")
+        tools = kw["tools"]
+        assert isinstance(tools, str) and tools == str(Path(out).parent / "tools")
+        Path(tools + "-1").mkdir(exist_ok=True)
+        if not os.path.lexists(tools):
+            os.symlink("tools-1", tools)
         return 6
 
     def boot_probe(
-        k: str, i: str, accel: str, timeout: float, machine: str = "microvm"
+        k: str,
+        i: str,
+        accel: str,
+        timeout: float,
+        machine: str = "microvm",
+        tools: str | None = None,
     ) -> probe.BootResult:
+        assert tools is not None and os.path.basename(tools).startswith("tools-"), tools
         rec.calls.append(f"probe-{accel}" + ("" if machine == "microvm" else f"-{machine}"))
         if accel == "kvm":
             return probe.BootResult(False, timeout, "kvm: did not answer")

@@ -84,6 +84,9 @@ def image(tmp: Path) -> str:
     d.mkdir(exist_ok=True)
     for name in ("vmlinux", "initrd"):
         (d / name).write_bytes(b"x")
+    (d / "tools-1").mkdir(exist_ok=True)
+    if not (d / "tools").is_symlink():
+        (d / "tools").symlink_to("tools-1")
     return str(d)
 
 

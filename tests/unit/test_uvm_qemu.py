@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -68,6 +69,7 @@ def test_full_vm() -> None:
             mac="02:00:00:00:00:01",
             cmdline=("ip=10.0.0.2::10.0.0.1:255.255.255.0::eth0:off", "podshim.hostname=p"),
             tb_size_mb=32,
+            tools_dir="/img/tools-1",
         ),
         binary="/bin/qemu",
     )
@@ -79,11 +81,13 @@ def test_full_vm() -> None:
         "podshim.hostname=p",
     ]
     assert _opt(argv, "-fsdev") == [
-        "local,id=share,path=/run/x/share,security_model=none,multidevs=remap"
+        "local,id=share,path=/run/x/share,security_model=none,multidevs=remap",
+        "local,id=tools,path=/img/tools-1,security_model=none,readonly=on",
     ]
     assert _opt(argv, "-netdev") == ["tap,id=n0,ifname=tap0,script=no,downscript=no"]
     devices = _opt(argv, "-device")
     assert f"virtio-9p-device,fsdev=share,mount_tag={agentapi.SHARE_TAG}" in devices
+    assert f"virtio-9p-device,fsdev=tools,mount_tag={agentapi.TOOLS_TAG}" in devices
     assert "virtio-net-device,netdev=n0,mac=02:00:00:00:00:01" in devices
 
 
@@ -125,9 +129,15 @@ def test_image_paths(tmp_path: Path) -> None:
     with pytest.raises(errdefs.FailedPrecondition, match="initrd"):
         qemu.image_paths(str(tmp_path))
     (tmp_path / "initrd").write_bytes(b"i")
+    with pytest.raises(errdefs.FailedPrecondition, match="tools missing"):
+        qemu.image_paths(str(tmp_path))
+    (tmp_path / "tools-1").mkdir()
+    (tmp_path / "tools").symlink_to("tools-1")
+    # the link resolved: a VM keeps the tools it booted with when prepare moves it
     assert qemu.image_paths(str(tmp_path)) == (
         str(tmp_path / "vmlinux"),
         str(tmp_path / "initrd"),
+        os.path.realpath(tmp_path / "tools-1"),
     )
 
 

@@ -31,6 +31,10 @@ PORT_NAME = "podshim.agent"
 #: the 9p mount tag of the pod's share directory, and where the guest mounts it
 SHARE_TAG = "podshim"
 GUEST_SHARE = "/run/podshim/share"
+#: the 9p mount tag of the guest tools (runc, its libraries, busybox: read-only, shared
+#: by every VM), and where the guest mounts it (the initrd links into it)
+TOOLS_TAG = "podshim-tools"
+GUEST_TOOLS = "/.tools"
 #: the pod's /dev/shm in the guest (a tmpfs the agent mounts at boot)
 GUEST_SHM = "/run/podshim/shm"
 SERVICE = "podshim.agent.v1.Agent"

@@ -28,7 +28,15 @@ KILL_WAIT = 2.0
 def _gone(pid: int, start: int) -> bool:
     from podshim.linux.proc import start_time
 
-    return start_time(pid) != start
+    now = start_time(pid)
+    if now is not None:
+        return now != start  # still QEMU, or the pid names another process
+    # gone, or a zombie: a zombie leader's other threads may still be exiting, and
+    # until the last has, QEMU's files (the tap) are open: the tap cannot be removed
+    try:
+        return len(os.listdir(f"/proc/{pid}/task")) <= 1
+    except OSError:
+        return True
 
 
 def kill_qemu(run_dir: str, rec: state.Record) -> list[str]:

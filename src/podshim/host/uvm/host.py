@@ -167,29 +167,29 @@ class UvmHost:
     def vm_gone(self) -> bool:
         return self._gone
 
-    def _validate(self) -> tuple[VmPlan, str, str, str, str]:
+    def _validate(self) -> tuple[VmPlan, tuple[str, str, str], str, str]:
         self.settings.check()
         check_component(self.namespace, "namespace")
         check_component(self.pod_id, "pod id")
         plan = plan_from_spec(self._spec, self.pod_id)
         if plan.netns is not None:
             network.check_netns(plan.netns, self.pod_id)
-        kernel, initrd = qemu.image_paths(self.settings.image_dir)
+        image = qemu.image_paths(self.settings.image_dir)
         binary = qemu.qemu_binary() if self._argv_factory is None else ""
         accel = qemu.accel(self.settings.image_dir)
-        return plan, kernel, initrd, binary, accel
+        return plan, image, binary, accel
 
     async def create(self) -> None:
         if self.life.state is not HostState.NEW:
             raise errdefs.FailedPrecondition(f"VM host of pod {self.pod_id} already used")
-        plan, kernel, initrd, binary, accel = self._validate()
+        plan, image, binary, accel = self._validate()
         self.run_dir = self._run_dir_arg or state.run_dir(self.namespace, self.pod_id)
         if os.path.lexists(self.run_dir):
             raise errdefs.AlreadyExists(f"run directory {self.run_dir} of pod {self.pod_id} exists")
         self.life.fire(Verb.CREATE)
         self._plan, self.accel = plan, accel
         try:
-            await self._build(plan, kernel, initrd, binary, accel)
+            await self._build(plan, image, binary, accel)
         except BaseException as exc:
             log.warning("pod %s: VM create failed, undoing: %s", self.pod_id, exc)
             left = await self._teardown(graceful=False)
@@ -202,8 +202,9 @@ class UvmHost:
         log.info("pod %s: VM ready: accel %s, QEMU pid %d, agent answered %.3f s after start",
                  self.pod_id, accel, self.init_pid, self.boot_seconds)  # fmt: skip
 
-    async def _build(self, plan: VmPlan, kernel: str, initrd: str, binary: str,
+    async def _build(self, plan: VmPlan, image: tuple[str, str, str], binary: str,
                      accel: str) -> None:  # fmt: skip
+        kernel, initrd, tools = image
         os.makedirs(os.path.dirname(self.run_dir), mode=0o711, exist_ok=True)
         os.mkdir(self.run_dir, 0o700)
         self._made_dir = True
@@ -236,6 +237,7 @@ class UvmHost:
             accel=accel,
             tb_size_mb=self.settings.tcg_tb_mb if accel == "tcg" else None,
             share_dir=self.share_dir,
+            tools_dir=tools,
             tap=tap,
             mac=mac,
             cmdline=tuple(cmdline),

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from podshim import errors as errdefs
 from podshim.host.uvm import agentapi
-from podshim.host.uvm.guest import ACCEL, DEFAULT_DIR, INITRD, KERNEL, PREPARE_COMMAND
+from podshim.host.uvm.guest import ACCEL, DEFAULT_DIR, INITRD, KERNEL, PREPARE_COMMAND, TOOLS
 
 __all__ = [
     "BASE_CMDLINE",
@@ -71,6 +71,8 @@ class VmConfig:
     accel: str = "tcg"
     #: shared into the guest over 9p, tag agentapi.SHARE_TAG
     share_dir: str | None = None
+    #: the guest tools directory, shared read-only over 9p (tag agentapi.TOOLS_TAG)
+    tools_dir: str | None = None
     #: an existing tap device (QEMU runs in its network namespace) and the guest's MAC
     tap: str | None = None
     mac: str | None = None
@@ -161,6 +163,13 @@ def qemu_argv(cfg: VmConfig, binary: str | None = None) -> list[str]:
             "security_model=none,multidevs=remap",
             "-device", f"virtio-9p-{bus},fsdev=share,mount_tag={agentapi.SHARE_TAG}",
         ]  # fmt: skip
+    if cfg.tools_dir is not None:
+        argv += [
+            "-fsdev",
+            f"local,id=tools,path={_no_commas('tools dir', cfg.tools_dir)},"
+            "security_model=none,readonly=on",
+            "-device", f"virtio-9p-{bus},fsdev=tools,mount_tag={agentapi.TOOLS_TAG}",
+        ]  # fmt: skip
     if cfg.tap is not None and cfg.mac is not None:
         argv += [
             "-netdev",
@@ -170,17 +179,22 @@ def qemu_argv(cfg: VmConfig, binary: str | None = None) -> list[str]:
     return argv
 
 
-def image_paths(directory: str = DEFAULT_DIR) -> tuple[str, str]:
-    """The prepared kernel and initrd, or FailedPrecondition naming the command."""
+def image_paths(directory: str = DEFAULT_DIR) -> tuple[str, str, str]:
+    """The prepared kernel, initrd and guest tools directory (the ``tools`` symlink
+    resolved: a VM keeps the tools it booted with when ``prepare`` moves the link), or
+    FailedPrecondition naming the command."""
     kernel = os.path.join(directory, KERNEL)
     initrd = os.path.join(directory, INITRD)
+    tools = os.path.realpath(os.path.join(directory, TOOLS))
     missing = [p for p in (kernel, initrd) if not os.path.isfile(p)]
+    if not os.path.isdir(tools):
+        missing.append(os.path.join(directory, TOOLS))
     if missing:
         raise errdefs.FailedPrecondition(
             f"the utility VM image is not prepared ({', '.join(missing)} missing): "
             f"run `{PREPARE_COMMAND}`"
         )
-    return kernel, initrd
+    return kernel, initrd, tools
 
 
 def read_accel(directory: str = DEFAULT_DIR) -> dict[str, object]:

@@ -17,6 +17,8 @@
 #define GUEST_SHARE "/run/podshim/share"
 #define GUEST_SHM "/run/podshim/shm"
 #define SHARE_TAG "podshim"
+#define TOOLS_TAG "podshim-tools"
+#define GUEST_TOOLS "/.tools"
 #define PORT_NAME "podshim.agent"
 
 static void do_mount(const char *src, const char *dst, const char *type, unsigned long flags,
@@ -100,6 +102,12 @@ void boot(void)
 	if (mount(SHARE_TAG, GUEST_SHARE, "9p", 0,
 		  "trans=virtio,version=9p2000.L,msize=262144,access=any"))
 		logmsg(4, "no pod share at %s: %s (going on without it)", GUEST_SHARE,
+		       strerror(errno));
+	/* runc, its libraries and busybox: read-only from the host, shared by every VM
+	 * (the initrd holds symlinks into it); loose caching: the files never change */
+	if (mount(TOOLS_TAG, GUEST_TOOLS, "9p", MS_RDONLY | MS_NODEV | MS_NOSUID,
+		  "trans=virtio,version=9p2000.L,msize=262144,cache=loose"))
+		logmsg(3, "no guest tools at %s: %s (runc is missing)", GUEST_TOOLS,
 		       strerror(errno));
 	mkdir("/run/runc", 0700);
 	loopback_up();

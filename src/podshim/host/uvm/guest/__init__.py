@@ -23,6 +23,9 @@ import os
 DEFAULT_DIR = "/var/lib/podshim/uvm"
 KERNEL = "vmlinux"
 INITRD = "initrd"
+#: a symlink to the current guest tools directory (``tools-<hash>``: runc, its libraries,
+#: busybox), which every VM mounts read-only over 9p
+TOOLS = "tools"
 MANIFEST = "manifest.json"
 ACCEL = "accel.json"
 #: the command that makes a missing or stale image, as error messages name it

@@ -19,9 +19,11 @@ devtmpfs.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import posixpath
 import re
+import shutil
 import stat
 import subprocess
 from collections.abc import Iterable
@@ -29,10 +31,11 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from podshim import errors as errdefs
+from podshim.host.uvm.agentapi import GUEST_TOOLS
 
 __all__ = [
     "BUSYBOX", "DIRS", "LOADED_AGENT", "RUNC", "TOOLS", "Archive", "build_initrd",
-    "shared_libraries",
+    "install_tools", "shared_libraries",
 ]  # fmt: skip
 
 RUNC = "/usr/sbin/runc"
@@ -53,7 +56,7 @@ TOOLS = (
 LOADED_AGENT = "/sbin/podshim-agent"
 #: directories of the guest's root (mount points of the agent and the usual ones)
 DIRS = (
-    "/dev", "/etc", "/mnt", "/proc", "/root", "/run", "/sys", "/tmp",
+    GUEST_TOOLS, "/dev", "/etc", "/mnt", "/proc", "/root", "/run", "/sys", "/tmp",
     "/usr/bin", "/usr/sbin", "/var/tmp",
 )  # fmt: skip
 PASSWD = b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n"
@@ -76,10 +79,13 @@ class _Entry:
 class Archive:
     """A newc cpio archive being put together."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, external: bool = False) -> None:
         self._entries: dict[str, _Entry] = {}
         self._next_ino = 1
         self._by_source: dict[tuple[int, int], _Entry] = {}
+        #: with ``external``, :meth:`big_file` puts files here (guest path without the
+        #: leading "/" -> host file) and a symlink into GUEST_TOOLS in the archive
+        self.external: dict[str, tuple[str, int | None]] | None = {} if external else None
 
     @staticmethod
     def _norm(path: str) -> str:
@@ -154,6 +160,18 @@ class Archive:
         entry = self._add(self._norm(path), stat.S_IFREG | perm, source=src, size=st.st_size)
         self._by_source[key] = entry
 
+    def big_file(self, path: str, host_path: str, mode: int | None = None) -> None:
+        """A host file a VM needs but need not hold in RAM: in an external archive a
+        symlink to ``GUEST_TOOLS/path`` (the file goes to :attr:`external`), else a copy."""
+        if self.external is None:
+            self.host_file(path, host_path, mode)
+            return
+        name = self._norm(path)
+        if not os.path.isfile(host_path):
+            raise errdefs.InvalidArgument(f"{host_path}: not a regular file")
+        self.external[name] = (host_path, mode)
+        self.symlink(name, f"{GUEST_TOOLS}/{name}")
+
     def host_path(self, path: str, root: str = "/") -> None:
         """``path`` as the host resolves it: every symlink on the way, then the file.
 
@@ -185,7 +203,7 @@ class Archive:
                     raise errdefs.NotFound(f"{path}: {host} is not a directory")
                 self.directory(current)
             elif current not in self._entries:
-                self.host_file(current, host)
+                self.big_file(current, host)
             done = current
 
     def write(self, out: BinaryIO) -> int:
@@ -255,12 +273,14 @@ def _add_busybox(a: Archive, busybox: str) -> None:
             f"{busybox} is not statically linked: apt-get install busybox-static"
         )
     try:
-        listed = subprocess.run(
-            [busybox, "--list"], capture_output=True, check=True, timeout=30
-        ).stdout.decode().split()
+        listed = (
+            subprocess.run([busybox, "--list"], capture_output=True, check=True, timeout=30)
+            .stdout.decode()
+            .split()
+        )
     except (OSError, subprocess.SubprocessError) as exc:
         raise errdefs.FailedPrecondition(f"{busybox} --list: {exc}") from None
-    a.host_file("/usr/bin/busybox", busybox, mode=0o755)
+    a.big_file("/usr/bin/busybox", busybox, mode=0o755)
     for tool in TOOLS:
         if tool in listed and f"/usr/bin/{tool}" not in a:
             a.symlink(f"/usr/bin/{tool}", "busybox")
@@ -275,6 +295,7 @@ def build_initrd(
     loader: str | None = None,
     files: Iterable[tuple[str, bytes]] = (),
     busybox: str | None = BUSYBOX,
+    tools: str | None = None,
 ) -> int:
     """Write the guest initramfs to ``out`` (atomically); returns its size.
 
@@ -283,10 +304,15 @@ def build_initrd(
     path, contents) pairs. With a ``loader`` (the stock kernel's module loader), that is
     ``/init`` and the agent is :data:`LOADED_AGENT`, which the loader execs. A static
     ``busybox`` (None: none) goes to /usr/bin with :data:`TOOLS` linked to it.
+
+    With ``tools`` (the image's ``tools`` symlink), runc, its libraries and busybox are
+    not copied into the initrd but into a directory every VM mounts read-only at
+    ``GUEST_TOOLS`` (:func:`install_tools`), and the initrd links to them there: ~12 MB
+    less to load and unpack at each boot (~40 ms under TCG), and less RAM per VM.
     """
     if not os.path.isfile(runc):
         raise errdefs.FailedPrecondition(f"{runc} not found: apt-get install runc")
-    a = Archive()
+    a = Archive(external=tools is not None)
     a.directory("/tmp", 0o1777)
     a.directory("/var/tmp", 0o1777)
     for d in DIRS:
@@ -296,7 +322,7 @@ def build_initrd(
     else:
         a.host_file("/init", loader, mode=0o755)
         a.host_file(LOADED_AGENT, agent, mode=0o755)
-    a.host_file(RUNC, runc, mode=0o755)
+    a.big_file(RUNC, runc, mode=0o755)
     for lib in shared_libraries(runc):
         a.host_path(lib)
     a.file("/etc/passwd", PASSWD)
@@ -307,6 +333,8 @@ def build_initrd(
         a.host_file(guest, host)
     for guest, data in files:
         a.file(guest, data)
+    if tools is not None and a.external is not None:
+        install_tools(a.external, tools)
     tmp = f"{out}.tmp.{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
@@ -319,3 +347,40 @@ def build_initrd(
             pass
         raise
     return size
+
+
+def install_tools(files: dict[str, tuple[str, int | None]], link: str) -> str:
+    """Copy ``files`` (path in the tools tree -> host file, mode or None: the host's) into
+    ``<link>-<hash of the contents>`` and point the symlink ``link`` at it; returns the
+    directory. A directory already there is reused; older ones stay (a running VM may
+    still use one: QEMU serves it by path)."""
+    digest = hashlib.sha256()
+    for name in sorted(files):
+        src, mode = files[name]
+        digest.update(f"{name}\0{mode}\0{_sha256(src)}\n".encode())
+    target = f"{link}-{digest.hexdigest()[:16]}"
+    if not os.path.isdir(target):
+        tmp = f"{target}.tmp.{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        for name, (src, mode) in files.items():
+            dst = os.path.join(tmp, name)
+            os.makedirs(os.path.dirname(dst), mode=0o755, exist_ok=True)
+            shutil.copyfile(src, dst)
+            os.chmod(dst, stat.S_IMODE(os.stat(src).st_mode) if mode is None else mode)
+        os.makedirs(tmp, mode=0o755, exist_ok=True)
+        os.chmod(tmp, 0o755)
+        os.rename(tmp, target)
+    new_link = f"{link}.tmp.{os.getpid()}"
+    if os.path.lexists(new_link):
+        os.unlink(new_link)
+    os.symlink(os.path.basename(target), new_link)
+    os.replace(new_link, link)
+    return target
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -31,7 +31,7 @@ __all__ = [
 ]
 
 KERNEL_FORMAT = 1
-INITRD_FORMAT = 1
+INITRD_FORMAT = 2
 #: the guest agent's sources (C), next to this package
 AGENT_DIR = os.path.join(os.path.dirname(guest.HERE), "agent")
 

@@ -63,7 +63,8 @@ def probe_accel(directory: str, log: Log, machine: str = "microvm") -> dict[str,
     """
     vmlinux = os.path.join(directory, guest.KERNEL)
     initrd = os.path.join(directory, guest.INITRD)
-    tcg = probe.boot_probe(vmlinux, initrd, "tcg", TCG_PROBE_TIMEOUT, machine=machine)
+    tools = os.path.realpath(os.path.join(directory, guest.TOOLS))
+    tcg = probe.boot_probe(vmlinux, initrd, "tcg", TCG_PROBE_TIMEOUT, machine=machine, tools=tools)
     now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     record: dict[str, object] = {"probed": now, "machine": machine}
     if not tcg.ok:
@@ -76,7 +77,9 @@ def probe_accel(directory: str, log: Log, machine: str = "microvm") -> dict[str,
     if unusable is not None:
         record.update(accel="tcg", why=unusable)
     else:
-        kvm = probe.boot_probe(vmlinux, initrd, "kvm", KVM_PROBE_TIMEOUT, machine=machine)
+        kvm = probe.boot_probe(
+            vmlinux, initrd, "kvm", KVM_PROBE_TIMEOUT, machine=machine, tools=tools
+        )
         if kvm.ok:
             record.update(accel="kvm", why="a KVM boot reached the agent", kvm_boot_s=kvm.seconds)
         else:
@@ -125,7 +128,11 @@ def _prepare_locked(
         }
         iin = manifest.initrd_inputs(initramfs.RUNC, extra)
     kernel_ok = not force and manifest.current(directory, "kernel", kin)
-    initrd_ok = not force and manifest.current(directory, "initrd", iin)
+    initrd_ok = (
+        not force
+        and manifest.current(directory, "initrd", iin)
+        and os.path.isdir(os.path.join(directory, guest.TOOLS))
+    )
     accel_path = os.path.join(directory, guest.ACCEL)
     if kernel_ok and initrd_ok and (os.path.exists(accel_path) or not do_probe):
         log(f"the image in {directory} is current: nothing to do")
@@ -152,8 +159,9 @@ def _prepare_locked(
             agent = os.path.join(tmp, "init")
             _build_agent(agent)
             out = os.path.join(directory, guest.INITRD)
+            tools = os.path.join(directory, guest.TOOLS)
             if sk is None:
-                size = initramfs.build_initrd(out, agent)
+                size = initramfs.build_initrd(out, agent, tools=tools)
             else:
                 loader = os.path.join(tmp, "modload")
                 stock.build_loader(loader)
@@ -163,6 +171,7 @@ def _prepare_locked(
                     agent,
                     extra=[(f"{where}/{m}", os.path.join(sk.modules, m)) for m in modules],
                     loader=loader,
+                    tools=tools,
                     files=[
                         (stock.MODULE_LIST, "".join(f"{where}/{m}\n" for m in modules).encode())
                     ],

@@ -104,6 +104,7 @@ def boot_probe(
     memory_mb: int = PROBE_MEMORY_MB,
     cmdline: tuple[str, ...] = (),
     machine: str = "microvm",
+    tools: str | None = None,
 ) -> BootResult:
     """Boot ``kernel`` + ``initrd`` with ``accel`` and wait up to ``timeout`` s for Ping."""
     run = tempfile.mkdtemp(prefix="podshim-uvm-probe-")
@@ -117,6 +118,7 @@ def boot_probe(
         accel=accel,
         cmdline=cmdline,
         machine=machine,
+        tools_dir=tools,
     )
     start = time.monotonic()
     proc = subprocess.Popen(

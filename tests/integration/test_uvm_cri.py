@@ -1,5 +1,6 @@
 """VM pods through CRI: the ``podshim-vm`` handler (``default_host = "uvm"``), one QEMU
-utility VM per pod, its containers run by runc in the guest (issue 13's acceptance).
+utility VM per pod, its containers run by crun in the guest (``podshim-vm-runc``: runc;
+issue 13's acceptance).
 
 One private containerd serves the module (:mod:`vmlab`); every test's pods are stopped,
 removed and checked gone (QEMU, mounts, run-directory entries, bundles) after it.
@@ -125,6 +126,10 @@ def test_exec_sync_logs_and_stats(cri: vmlab.VmLab, tmp_path: Path) -> None:
     stats = wait_for(measured, timeout=cu.DEADLINE, interval=0.5,
                      message="memory stats of the guest container")  # fmt: skip
     assert stats.cpu.usage_core_nano_seconds.value > 0, stats
+    # the guest runtime's (crun's) own failure reaches CRI, naming the binary
+    with pytest.raises(cu.CriError) as err:
+        cri.container(pod, "missing", ["/no/such/binary"])
+    assert "crun " in err.value.details and "/no/such/binary" in err.value.details, err.value
 
 
 def test_oom_kill_in_the_guest_cgroup_v2(cri: vmlab.VmLab) -> None:
@@ -169,6 +174,7 @@ def test_diag_exec_stacks_and_share_reach_the_vm(cri: vmlab.VmLab) -> None:
     host = next(t["host"] for t in json.loads(_ok(_diag(cri, "tasks", "--json", pod)))
                 if t["id"] == pod)  # fmt: skip
     assert host["kind"] == "uvm" and host["accel"] in ("tcg", "kvm"), host
+    assert host["runtime"] == "crun", host
     assert int(host["qemu_pid"]) > 0 and float(host["boot_seconds"]) > 0, host
     assert f"host of {pod}: " in _ok(_diag(cri, "tasks", pod))
     stacks = _ok(_diag(cri, "stacks", pod))
@@ -181,6 +187,23 @@ def test_diag_exec_stacks_and_share_reach_the_vm(cri: vmlab.VmLab) -> None:
         )
         cri.stop_and_remove(pod)  # the share must not pin the host directory
         cri.wait_gone(pod)
+
+
+def test_runc_in_the_guest(cri: vmlab.VmLab, tmp_path: Path) -> None:
+    """The handler whose [uvm] table says runtime = "runc": the same pod, runc's errors."""
+    pod, _ = cri.pod("vm-runc", vmlab.VM_RUNC, log_directory=str(tmp_path))
+    box = cri.container(pod, "box", ["sh", "-c", "echo up; exec sleep 3600"], log_path="b.log")
+    assert cri.exec_ok(box.id, "cat", "/proc/1/cmdline") == "sleep\x003600\x00"
+    host = next(t["host"] for t in json.loads(_ok(_diag(cri, "tasks", "--json", pod)))
+                if t["id"] == pod)  # fmt: skip
+    assert host["runtime"] == "runc", host
+    log = tmp_path / "b.log"
+    wait_for(lambda: log.exists() and "stdout F up" in log.read_text(), timeout=cu.DEADLINE,
+             interval=0.2, message="the container's log line")  # fmt: skip
+    # the guest runtime's own failure reaches CRI: runc's message, naming the binary
+    with pytest.raises(cu.CriError) as err:
+        cri.container(pod, "missing", ["/no/such/binary"])
+    assert "runc " in err.value.details and "/no/such/binary" in err.value.details, err.value
 
 
 def test_host_network_pod_is_refused_naming_the_field(cri: vmlab.VmLab) -> None:

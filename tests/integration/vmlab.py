@@ -1,5 +1,5 @@
 """A CRI lab with the ``podshim-vm`` handler (``default_host = "uvm"``): one QEMU utility
-VM per pod, its containers run by runc inside the guest.
+VM per pod, its containers run by crun (``podshim-vm-runc``: runc) inside the guest.
 
 The leftover checks differ from :class:`criutil.CriLab`'s: a VM pod's container pids
 are the guest's, so only the shim and what runs below it on this machine (QEMU) are
@@ -31,6 +31,8 @@ else:  # pytest puts this directory (it has no __init__.py) on sys.path
     from criprocs import alive
 
 VM = "podshim-vm"
+#: the same with runc in the guest (its config's [uvm] table)
+VM_RUNC = "podshim-vm-runc"
 IMAGE_DIR = Path(os.environ.get("PODSHIM_UVM_DIR", "/var/lib/podshim/uvm"))
 
 
@@ -112,6 +114,9 @@ def open_vm_lab(home: Path) -> Iterator[VmLab]:
         runtimes={
             cu.PODSHIM: RuntimeHandler(cu.PODSHIM_RUNTIME, {"ConfigPath": str(config)}),
             VM: RuntimeHandler(cu.PODSHIM_RUNTIME, {"ConfigPath": str(config.with_name("uvm.toml"))}),
+            VM_RUNC: RuntimeHandler(
+                cu.PODSHIM_RUNTIME, {"ConfigPath": str(config.with_name("uvm-runc.toml"))}
+            ),
         },
         extra_path=[cu.BIN_DIR],
         cni_portmap=True,  # the host reaches pod IPs (the portmap chain's masquerade)
@@ -120,6 +125,10 @@ def open_vm_lab(home: Path) -> Iterator[VmLab]:
     cu.podshim_config(config, root)
     config.with_name("uvm.toml").write_text(
         f'runtime_root = "{root}"\nlog_level = "debug"\ndefault_host = "uvm"\n'
+    )
+    config.with_name("uvm-runc.toml").write_text(
+        f'runtime_root = "{root}"\nlog_level = "debug"\ndefault_host = "uvm"\n'
+        '[uvm]\nruntime = "runc"\n'
     )
     crilab: VmLab | None = None
     errors: list[str] = []

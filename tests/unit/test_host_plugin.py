@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,12 @@ class OnlyHereKind:
         self.cleanups: list[tuple[str, str]] = []
 
     def make(
-        self, pod_id: str, ctx: ShimContext, spec: Spec, runtime: RuntimeConfig
+        self,
+        pod_id: str,
+        ctx: ShimContext,
+        spec: Spec,
+        runtime: RuntimeConfig,
+        options: Mapping[str, object] | None = None,
     ) -> OnlyHereHost:
         host = OnlyHereHost(make=create_container)  # real Containers, the context's driver
         self.hosts.append(host)

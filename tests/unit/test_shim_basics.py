@@ -152,6 +152,21 @@ def test_config_defaults_and_file(tmp_path: Path) -> None:
     assert (cfg.runtime.binary, cfg.runtime.root, cfg.log_level) == ("crun", "/run/r", "debug")
 
 
+def test_host_kind_tables(tmp_path: Path) -> None:
+    """A table named after a host kind holds its options, passed on unchecked (the kind
+    checks them); a table of no kind is an unknown key."""
+    p = tmp_path / "vm.toml"
+    p.write_text('default_host = "uvm"\n[uvm]\nruntime = "runc"\nmemory_mb = 192\n')
+    cfg = config.load_file(str(p))
+    assert cfg.host_options == {"uvm": {"runtime": "runc", "memory_mb": 192}}
+    p.write_text('[vmm]\nruntime = "runc"\n')
+    with pytest.raises(errdefs.InvalidArgument, match=r"unknown keys \['vmm'\]"):
+        config.load_file(str(p))
+    p.write_text('uvm = "x"\n')  # a kind's name, but not a table
+    with pytest.raises(errdefs.InvalidArgument, match="unknown keys"):
+        config.load_file(str(p))
+
+
 def test_runc_options_override(tmp_path: Path) -> None:
     o = oci_pb2.Options(binary_name="/x/runc", root="/run/y", no_pivot_root=True)
     opts = any_pb2.Any(type_url="containerd.runc.v1.Options", value=o.SerializeToString())

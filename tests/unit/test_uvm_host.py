@@ -204,13 +204,37 @@ def test_settings_from_env() -> None:
                          "PODSHIM_UVM_BOOT_TIMEOUT": "3"})  # fmt: skip
     assert (s.memory_mb, s.cpus, s.boot_deadline("tcg")) == (128, 2, 3.0)
     assert config.from_env({}).boot_deadline("tcg") == config.BOOT_TIMEOUT["tcg"]
-    assert config.from_env({}).tcg_tb_mb == config.TCG_TB_MB
-    assert config.from_env({"PODSHIM_UVM_TCG_TB_MB": "64"}).tcg_tb_mb == 64
+    default = config.from_env({})
+    assert (default.runtime, default.tb_size_mb) == ("crun", config.TCG_TB_MB["crun"])
+    runc = config.from_env({"PODSHIM_UVM_RUNTIME": "runc"})
+    assert (runc.runtime, runc.tb_size_mb) == ("runc", config.TCG_TB_MB["runc"])
+    assert config.from_env({"PODSHIM_UVM_TCG_TB_MB": "64"}).tb_size_mb == 64
     with pytest.raises(errdefs.InvalidArgument, match="PODSHIM_UVM_TCG_TB_MB"):
         config.from_env({"PODSHIM_UVM_TCG_TB_MB": "0"}).check()
     bad = config.from_env({"PODSHIM_UVM_MEMORY_MB": "lots"})
     with pytest.raises(errdefs.InvalidArgument, match="PODSHIM_UVM_MEMORY_MB"):
         bad.check()
+    with pytest.raises(errdefs.InvalidArgument, match="runtime 'kata'"):
+        config.from_env({"PODSHIM_UVM_RUNTIME": "kata"}).check()
+
+
+def test_settings_from_the_uvm_table() -> None:
+    """The handler's [uvm] table wins over the environment; its errors name the key."""
+    env = {"PODSHIM_UVM_MEMORY_MB": "128", "PODSHIM_UVM_RUNTIME": "crun"}
+    s = config.from_env(env, {"runtime": "runc", "cpus": 2, "boot_timeout": 7.5})
+    assert (s.memory_mb, s.cpus, s.runtime, s.boot_deadline("tcg")) == (128, 2, "runc", 7.5)
+    assert s.tb_size_mb == config.TCG_TB_MB["runc"]
+    assert config.from_env({}, {"image_dir": "/srv/img"}).image_dir == "/srv/img"
+    for table, words in (
+        ({"memroy_mb": 1}, "unknown [uvm] keys ['memroy_mb']"),
+        ({"memory_mb": 1}, "[uvm] memory_mb=1 is outside"),
+        ({"cpus": True}, "[uvm] cpus=True is not a number"),
+        ({"runtime": 3}, "[uvm] runtime=3"),
+        ({"image_dir": ""}, "[uvm] image_dir=''"),
+    ):
+        with pytest.raises(errdefs.InvalidArgument) as err:
+            config.from_env({}, table).check()
+        assert words in str(err.value), (table, str(err.value))
 
 
 def test_registered_and_make_does_no_io(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -224,6 +248,15 @@ def test_registered_and_make_does_no_io(monkeypatch: pytest.MonkeyPatch) -> None
     ctx = type("Ctx", (), {"namespace": "default", "reaper": None})()
     host = KIND.make("p1", ctx, spec(), None)  # type: ignore[arg-type]
     assert host.kind == "uvm"
+    host = KIND.make("p1", ctx, spec(), None, {"runtime": "runc"})  # type: ignore[arg-type]
+    assert host.settings.runtime == "runc"
+
+
+@pytest.mark.parametrize("kind", ["namespaces", "none"])
+def test_kinds_without_options_refuse_a_table(kind: str) -> None:
+    ctx = type("Ctx", (), {"namespace": "default", "reaper": None})()
+    with pytest.raises(errdefs.InvalidArgument, match=rf"takes no options: \[{kind}\]"):
+        registry.get(kind).make("p1", ctx, spec(), None, {"x": 1})  # type: ignore[arg-type]
 
 
 # -- lifecycle with a stand-in QEMU --------------------------------------------------------

@@ -19,7 +19,7 @@ with explicit control, and the crash cleanup the ``delete`` action runs
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -163,11 +163,21 @@ class HostKind(Protocol):
     #: the name in podshim's config (``default_host``) and in the sandbox's bundle record
     name: str
 
-    def make(self, pod_id: str, ctx: ShimContext, spec: Spec, runtime: RuntimeConfig) -> Host:
+    def make(
+        self,
+        pod_id: str,
+        ctx: ShimContext,
+        spec: Spec,
+        runtime: RuntimeConfig,
+        options: Mapping[str, object] | None = None,
+    ) -> Host:
         """A new, not yet created host for the pod whose sandbox spec is ``spec``;
         ``runtime`` is the Create's OCI runtime configuration (a host that makes the
-        pod's cgroup MUST use its driver: ``systemd_cgroup``). MUST do no I/O
-        (``Host.create`` does)."""
+        pod's cgroup MUST use its driver: ``systemd_cgroup``); ``options`` is the table
+        named after the kind in podshim's config (``[uvm]``), unchecked: a kind that
+        takes none MUST refuse a non-empty one, and a kind MUST refuse a key it does
+        not know, with InvalidArgument naming it, here or at ``Host.create``. MUST do
+        no I/O (``Host.create`` does)."""
         ...
 
     def cleanup(self, namespace: str, pod_id: str, spec: Spec) -> list[str]:

@@ -134,6 +134,16 @@ _NOT_FOUND_HINTS = (
 _STATEFUL = frozenset({"start", "kill", "delete", "pause", "resume", "ps", "update", "state"})
 
 
+def runtime_error(name: str, args: Sequence[str], detail: str) -> errdefs.ShimError:
+    """The error kind of a failed ``<name> <args>`` (runc or crun) that said ``detail``:
+    NotFound when a subcommand about an existing container says it is gone."""
+    prefix = f"{name} {args[0]} failed"
+    msg = detail if detail.startswith(prefix) else f"{prefix}: {detail}"
+    if args[0] in _STATEFUL and any(h in detail for h in _NOT_FOUND_HINTS):
+        return errdefs.NotFound(msg)
+    return errdefs.Unknown(msg)
+
+
 class Runc:
     """One OCI runtime, bound to a containerd namespace and a bundle's log file
     (an :class:`~podshim.oci.runtime.OciRuntime`)."""
@@ -186,12 +196,7 @@ class Runc:
             detail = (
                 last_error(self.log_path, offset) or res.stderr.decode(errors="replace").strip()
             )
-            detail = detail or f"exit status {res.status}"
-            prefix = f"{self.name} {args[0]} failed"
-            msg = detail if detail.startswith(prefix) else f"{prefix}: {detail}"
-            if args[0] in _STATEFUL and any(h in detail for h in _NOT_FOUND_HINTS):
-                raise errdefs.NotFound(msg)
-            raise errdefs.Unknown(msg)
+            raise runtime_error(self.name, args, detail or f"exit status {res.status}")
         return res
 
     async def create(

@@ -18,7 +18,7 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 
 from podshim import errors as errdefs
@@ -62,10 +62,12 @@ class Pod:
         host_kind: str,
         host: Host | None = None,
         runtime: RuntimeConfig | None = None,
+        host_options: Mapping[str, object] | None = None,
     ) -> Pod:
         """Check the sandbox's annotations, build the host, and make the sandbox task.
         ``host`` (tests) replaces the host the kind would make; ``runtime`` is the
-        Create's OCI runtime configuration (its cgroup driver applies to the pod too).
+        Create's OCI runtime configuration (its cgroup driver applies to the pod too);
+        ``host_options`` the config's table of the host kind.
 
         Raises:
             FailedPrecondition: the annotations do not describe this sandbox.
@@ -78,7 +80,9 @@ class Pod:
                 f"sandbox id {ann.get(SANDBOX_ID_ANNOTATION)!r}"
             )
         if host is None:
-            host = registry.get(host_kind).make(tid, ctx, spec, runtime or RuntimeConfig())
+            host = registry.get(host_kind).make(
+                tid, ctx, spec, runtime or RuntimeConfig(), host_options
+            )
         _record_host(bundle, host.kind)  # first: a crash during create is cleaned up too
         pod = cls(ctx, tid, spec, host)
         try:

@@ -11,7 +11,7 @@ override the runtime settings. Example (every key optional; these are the defaul
     systemd_cgroup = false
     log_level = "info"            # debug | info | warn | error (-debug forces debug)
     log_format = "text"           # text (logrus-like) | json
-    default_host = "namespaces"   # pod host kind: namespaces | none | a registered plug-in
+    default_host = "namespaces"   # pod host kind: namespaces | none | uvm | a plug-in
     zygote = true                 # pod scope: fork shims from a pre-warmed parent (read by
                                   # `start`; false: each shim is a fresh Python process)
     shim_scope = "pod"            # "pod": one shim process per pod | "node": one resident
@@ -19,6 +19,9 @@ override the runtime settings. Example (every key optional; these are the defaul
     shards = 1                    # node scope: spread pods over N daemons (1-64)
     idle_exit_seconds = 60        # a daemon holding no task and no connection exits
                                   # after this long (0-3600)
+
+    [uvm]                         # a table named after a host kind: its options, checked
+    runtime = "crun"              # by the kind when a pod is made (uvm: README, "VM pods")
 """
 
 from __future__ import annotations
@@ -52,6 +55,8 @@ class Config:
     shim_scope: str = "pod"
     shards: int = 1
     idle_exit_seconds: float = 60.0
+    #: tables named after a host kind (``[uvm]``): its options, checked by the kind
+    host_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     source: str = ""  # the file it came from, "" for defaults
 
 
@@ -95,11 +100,12 @@ def load_file(path: str) -> Config:
         raise errdefs.InvalidArgument(f"podshim config {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise errdefs.InvalidArgument(f"podshim config {path}: {exc}") from None
-    unknown = set(table) - _KEYS
+    kinds = {k for k, v in table.items() if isinstance(v, dict) and registry.known(k)}
+    unknown = set(table) - _KEYS - kinds
     if unknown:
         raise errdefs.InvalidArgument(f"podshim config {path}: unknown keys {sorted(unknown)}")
     rt = RuntimeConfig()
-    cfg = Config(source=path)
+    cfg = Config(source=path, host_options={k: dict(table[k]) for k in kinds})
     if "runtime" in table:
         rt = replace(rt, binary=_expect(table, "runtime", str, path))
     if "runtime_root" in table:

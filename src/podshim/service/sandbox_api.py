@@ -159,8 +159,9 @@ class SandboxService:
             wrote = True
             write_spec(bundle, spec)  # for `delete`: this bundle is the pod's, as a seed's
             pod = await self._make_pod(
-                self.tasks.ctx, sid, bundle, spec, cfg.default_host, runtime=cfg.runtime
-            )
+                self.tasks.ctx, sid, bundle, spec, cfg.default_host, runtime=cfg.runtime,
+                host_options=cfg.host_options.get(cfg.default_host),
+            )  # fmt: skip
         except BaseException as exc:
             if wrote:  # nothing left behind
                 for name in (files.CONFIG, files.HOST_RECORD):

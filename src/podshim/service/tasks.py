@@ -126,8 +126,9 @@ class TaskService:
                     f"sandbox {req.id}: this shim already holds pod {self.pod.id}"
                 )
             pod = await self._make_pod(
-                self.ctx, req.id, req.bundle, spec, cfg.default_host, runtime=cfg.runtime
-            )
+                self.ctx, req.id, req.bundle, spec, cfg.default_host, runtime=cfg.runtime,
+                host_options=cfg.host_options.get(cfg.default_host),
+            )  # fmt: skip
             assert pod.sandbox is not None
             self.pod = pod
             return pod.sandbox

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+from podshim import errors as errdefs
 from podshim import rundir
 
 if TYPE_CHECKING:
@@ -20,8 +22,15 @@ class NamespacesKind:
     name = "namespaces"
 
     def make(
-        self, pod_id: str, ctx: ShimContext, spec: Spec, runtime: RuntimeConfig
+        self,
+        pod_id: str,
+        ctx: ShimContext,
+        spec: Spec,
+        runtime: RuntimeConfig,
+        options: Mapping[str, object] | None = None,
     ) -> NamespacesHost:
+        if options:
+            raise errdefs.InvalidArgument(f"host kind {self.name} takes no options: [{self.name}]")
         # imported here: the `delete` action imports this package for cleanup() only
         from podshim.host.namespaces.host import NamespacesHost
 

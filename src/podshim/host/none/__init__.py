@@ -8,6 +8,7 @@ asked for none of its own).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 
 from google.protobuf import any_pb2
 
@@ -78,8 +79,15 @@ class NoneKind:
     name = "none"
 
     def make(
-        self, pod_id: str, ctx: ShimContext, spec: Spec, runtime: RuntimeConfig
+        self,
+        pod_id: str,
+        ctx: ShimContext,
+        spec: Spec,
+        runtime: RuntimeConfig,
+        options: Mapping[str, object] | None = None,
     ) -> NoneHost:
+        if options:
+            raise errdefs.InvalidArgument(f"host kind {self.name} takes no options: [{self.name}]")
         return NoneHost(spec)
 
     def cleanup(self, namespace: str, pod_id: str, spec: Spec) -> list[str]:

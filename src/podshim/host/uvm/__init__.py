@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -18,12 +19,20 @@ class UvmKind:
 
     name = "uvm"
 
-    def make(self, pod_id: str, ctx: ShimContext, spec: Spec, runtime: RuntimeConfig) -> UvmHost:
+    def make(
+        self,
+        pod_id: str,
+        ctx: ShimContext,
+        spec: Spec,
+        runtime: RuntimeConfig,
+        options: Mapping[str, object] | None = None,
+    ) -> UvmHost:
         # imported here: the `delete` action imports this package for cleanup() only
         from podshim.host.uvm import config
         from podshim.host.uvm.host import UvmHost
 
-        return UvmHost(pod_id, ctx.namespace, spec, ctx.reaper, config.from_env())
+        settings = config.from_env(table=options)  # a bad one: create() refuses it
+        return UvmHost(pod_id, ctx.namespace, spec, ctx.reaper, settings)
 
     def cleanup(self, namespace: str, pod_id: str, spec: Spec) -> list[str]:
         from podshim.host.uvm import state

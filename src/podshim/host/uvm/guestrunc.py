@@ -14,22 +14,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import posixpath
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from podshim import errors as errdefs
 from podshim.host.uvm.agentapi import STDERR, STDOUT, AgentApi, SpawnSpec
-from podshim.oci.runc import last_error
+from podshim.oci.runc import last_error, runtime_error
 
-#: runc subcommands whose failure can mean "the container (or process) is gone"
-_STATEFUL = frozenset({"start", "kill", "delete", "pause", "resume", "ps", "update", "state"})
-_NOT_FOUND_HINTS = (
-    "container does not exist",
-    "container not running",
-    "process already finished",
-    "no such process",
-    "not exist",
-)
 #: how long a cancelled command is let finish before it is killed
 CANCEL_GRACE = 30.0
 LOG = "runc.log"
@@ -72,14 +64,11 @@ class GuestRunc:
             return 0
 
     def error(self, args: Sequence[str], status: int, stderr: bytes, offset: int) -> Exception:
-        """The error kind of a failed ``runc <args>`` (its message from runc's log)."""
+        """The error kind of a failed ``runc <args>`` (its message from the runtime's
+        log), as the host's driver maps it."""
         detail = last_error(os.path.join(self.host_dir, LOG), offset)
         detail = detail or stderr.decode(errors="replace").strip() or f"exit status {status}"
-        prefix = f"runc {args[0]} failed"
-        msg = detail if detail.startswith(prefix) else f"{prefix}: {detail}"
-        if args[0] in _STATEFUL and any(h in detail for h in _NOT_FOUND_HINTS):
-            return errdefs.NotFound(msg)
-        return errdefs.Unknown(msg)
+        return runtime_error(posixpath.basename(self.binary), args, detail)
 
     def key(self, what: str) -> str:
         self._n += 1

@@ -235,7 +235,7 @@ class UvmHost:
             memory_mb=self.settings.memory_mb,
             cpus=self.settings.cpus,
             accel=accel,
-            tb_size_mb=self.settings.tcg_tb_mb if accel == "tcg" else None,
+            tb_size_mb=self.settings.tb_size_mb if accel == "tcg" else None,
             share_dir=self.share_dir,
             tools_dir=tools,
             tap=tap,
@@ -455,8 +455,9 @@ class UvmHost:
 
         agent = self.agent  # fails closed unless the VM runs
         return await create_guest_container(
-            ctx, req, agent, share_dir=self.share_dir, sandbox_spec=self._spec
-        )
+            ctx, req, agent, share_dir=self.share_dir, sandbox_spec=self._spec,
+            runc=self.settings.runtime,
+        )  # fmt: skip
 
     async def exec_in_host(
         self,
@@ -481,4 +482,5 @@ class UvmHost:
     def describe(self) -> dict[str, Any]:
         """What diag can show of the VM."""
         return {"accel": self.accel, "qemu_pid": self.init_pid, "run_dir": self.run_dir,
-                "boot_seconds": round(self.boot_seconds, 3)}  # fmt: skip
+                "boot_seconds": round(self.boot_seconds, 3),
+                "runtime": self.settings.runtime}  # fmt: skip

@@ -34,11 +34,13 @@ from podshim import errors as errdefs
 from podshim.host.uvm.agentapi import GUEST_TOOLS
 
 __all__ = [
-    "BUSYBOX", "DIRS", "LOADED_AGENT", "RUNC", "TOOLS", "Archive", "build_initrd",
+    "BUSYBOX", "CRUN", "DIRS", "LOADED_AGENT", "RUNC", "TOOLS", "Archive", "build_initrd",
     "install_tools", "shared_libraries",
 ]  # fmt: skip
 
 RUNC = "/usr/sbin/runc"
+#: the guest's default OCI runtime (config.RUNTIMES): Debian's crun, with its libraries
+CRUN = "/usr/bin/crun"
 #: the static busybox (Debian's busybox-static): the VM's debugging tools, for
 #: ``podshim diag exec <pod> -- ...``; in the guest at /usr/bin/busybox
 BUSYBOX = "/bin/busybox"
@@ -291,6 +293,7 @@ def build_initrd(
     agent: str,
     runc: str = RUNC,
     extra: Iterable[tuple[str, str]] = (),
+    crun: str | None = CRUN,
     *,
     loader: str | None = None,
     files: Iterable[tuple[str, bytes]] = (),
@@ -299,7 +302,8 @@ def build_initrd(
 ) -> int:
     """Write the guest initramfs to ``out`` (atomically); returns its size.
 
-    ``agent`` becomes ``/init``; ``runc`` goes to :data:`RUNC` with its libraries;
+    ``agent`` becomes ``/init``; ``runc`` goes to :data:`RUNC` and ``crun`` (None:
+    none) to :data:`CRUN`, with their libraries;
     ``extra`` is (guest path, host file) pairs, e.g. kernel modules, ``files`` (guest
     path, contents) pairs. With a ``loader`` (the stock kernel's module loader), that is
     ``/init`` and the agent is :data:`LOADED_AGENT`, which the loader execs. A static
@@ -322,8 +326,13 @@ def build_initrd(
     else:
         a.host_file("/init", loader, mode=0o755)
         a.host_file(LOADED_AGENT, agent, mode=0o755)
+    if crun is not None and not os.path.isfile(crun):
+        raise errdefs.FailedPrecondition(f"{crun} not found: apt-get install crun")
     a.big_file(RUNC, runc, mode=0o755)
-    for lib in shared_libraries(runc):
+    if crun is not None:
+        a.big_file(CRUN, crun, mode=0o755)
+    libs = shared_libraries(runc) + (shared_libraries(crun) if crun is not None else [])
+    for lib in dict.fromkeys(libs):
         a.host_path(lib)
     a.file("/etc/passwd", PASSWD)
     a.file("/etc/group", GROUP)

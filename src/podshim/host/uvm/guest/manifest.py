@@ -16,7 +16,7 @@ from typing import Any
 
 from podshim import __version__
 from podshim.host.uvm import guest
-from podshim.host.uvm.guest.initramfs import BUSYBOX
+from podshim.host.uvm.guest.initramfs import BUSYBOX, CRUN
 
 __all__ = [
     "INITRD_FORMAT",
@@ -84,6 +84,7 @@ def initrd_inputs(runc: str, extra: Manifest | None = None) -> Manifest:
         "podshim": __version__,
         "agent": {os.path.basename(p): sha256_file(p) for p in agent_sources()},
         "runc": {"path": runc, "sha256": sha256_file(runc) if os.path.isfile(runc) else ""},
+        "crun": sha256_file(CRUN) if os.path.isfile(CRUN) else "",
         "busybox": sha256_file(BUSYBOX) if os.path.isfile(BUSYBOX) else "",
         **({"extra": extra} if extra else {}),
     }

@@ -48,24 +48,33 @@ class PodNet:
     pod_ip: str
 
 
-@pytest.fixture
-def pod_net() -> Iterator[PodNet]:
-    """A network namespace as CNI leaves it: eth0 (a veth whose peer is on this machine
-    with .1 of a /30) holds .2, default route via .1, MTU 1400 (an overlay's)."""
+@contextlib.contextmanager
+def _pod_netns(p2p: bool) -> Iterator[PodNet]:
     need_image()
     tag = secrets.token_hex(3)
     name, peer = f"psuvm-{tag}", f"psv{tag}"
     a, b = secrets.randbelow(50) + 200, secrets.randbelow(64) * 4  # not the labs' 10.88
     host_ip, pod_ip = f"10.{a}.{b}.1", f"10.{a}.{b}.2"
+    if p2p:  # a /32 pod and a link-local gateway, as Calico's CNI makes them
+        host_ip = "169.254.1.1"
+        addrs = [["ip", "addr", "add", f"{host_ip}/32", "dev", peer],
+                 ["ip", "-n", name, "addr", "add", f"{pod_ip}/32", "dev", "eth0"]]  # fmt: skip
+        routes = [["ip", "route", "add", f"{pod_ip}/32", "dev", peer],
+                  ["ip", "-n", name, "route", "add", f"{host_ip}/32", "dev", "eth0"],
+                  ["ip", "-n", name, "route", "add", "default", "via", host_ip, "dev", "eth0"]]  # fmt: skip
+    else:
+        addrs = [["ip", "addr", "add", f"{host_ip}/30", "dev", peer],
+                 ["ip", "-n", name, "addr", "add", f"{pod_ip}/30", "dev", "eth0"]]  # fmt: skip
+        routes = [["ip", "-n", name, "route", "add", "default", "via", host_ip]]
     subprocess.run(["ip", "netns", "add", name], check=True)
     try:
         cmds = [
             ["ip", "link", "add", peer, "type", "veth", "peer", "name", "eth0", "netns", name],
-            ["ip", "addr", "add", f"{host_ip}/30", "dev", peer],
+            addrs[0],
             ["ip", "link", "set", peer, "up"],
-            ["ip", "-n", name, "addr", "add", f"{pod_ip}/30", "dev", "eth0"],
+            addrs[1],
             ["ip", "-n", name, "link", "set", "eth0", "up", "mtu", "1400"],
-            ["ip", "-n", name, "route", "add", "default", "via", host_ip],
+            *routes,
         ]
         for cmd in cmds:
             subprocess.run(cmd, check=True)
@@ -73,6 +82,21 @@ def pod_net() -> Iterator[PodNet]:
     finally:
         subprocess.run(["ip", "link", "del", peer], capture_output=True)
         subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+@pytest.fixture
+def pod_net() -> Iterator[PodNet]:
+    """A network namespace as CNI leaves it: eth0 (a veth whose peer is on this machine
+    with .1 of a /30) holds .2, default route via .1, MTU 1400 (an overlay's)."""
+    with _pod_netns(p2p=False) as net:
+        yield net
+
+
+@pytest.fixture
+def p2p_net() -> Iterator[PodNet]:
+    """The same with a /32 pod address and an off-subnet gateway (169.254.1.1)."""
+    with _pod_netns(p2p=True) as net:
+        yield net
 
 
 @pytest.fixture(autouse=True)
@@ -213,6 +237,29 @@ def test_vm_pod(pod_net: PodNet, tmp_path: Path) -> None:
         assert await host.wait() in (0, 137)
         await host.close()
         assert leftovers(pod_net, run_dir, pid, start) == []
+
+    run(go)
+
+
+def test_off_subnet_gateway(p2p_net: PodNet, tmp_path: Path) -> None:
+    """A /32 pod whose gateway is not on its subnet: the agent routes to the gateway on
+    the link first, as CNI did in the pod's namespace."""
+
+    async def go(reaper: Reaper) -> None:
+        host = UvmHost("vmpod5", "default", vm_spec(p2p_net), reaper, settings())
+        await host.create()
+        try:
+            routes = (await host.agent.read_file("/proc/net/route")).decode()
+            assert "00000000\t0101FEA9" in routes, routes  # default via 169.254.1.1
+            await host.share(BUSYBOX, "/bin/busybox", True)
+            status, out = await exec_out(
+                host, tmp_path, ["/bin/busybox", "ping", "-c", "1", "-W", "5", p2p_net.host_ip]
+            )
+            assert status == 0, out
+            with pytest.raises(ConnectionRefusedError):  # the guest answers on the pod IP
+                socket.create_connection((p2p_net.pod_ip, 9), timeout=10).close()
+        finally:
+            await host.close()
 
     run(go)
 

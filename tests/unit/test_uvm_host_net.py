@@ -71,7 +71,7 @@ def test_setup_reads_eth0_and_redirects_both_ways(netns: str) -> None:
         got = await network.setup(reaper, path, "p1")
         assert got.error == "" and got.ingress
         assert got.net == network.PodNet("10.77.0.2", "255.255.255.0", "10.77.0.1", mac, 1400)
-        assert got.net.kernel_arg("h") == "ip=10.77.0.2::10.77.0.1:255.255.255.0:h:eth0:off"
+        assert got.net.kernel_arg() == "podshim.net=10.77.0.2,255.255.255.0,10.77.0.1,1400"
         assert "tap0" in links(netns)
         tap = ns_cmd(netns, "ip", "-j", "link", "show", "tap0")
         assert '"mtu":1400' in tap and "UP" in tap

@@ -48,7 +48,7 @@ def test_minimal_vm() -> None:
     assert chardev == "socket,id=agent,path=/run/x/agent.sock,server=on,wait=off"
     devices = _opt(argv, "-device")
     assert devices == [
-        "virtio-serial-device",
+        "virtio-serial-device,max_ports=2",
         f"virtserialport,chardev=agent,name={agentapi.PORT_NAME}",
         "virtio-balloon-device,free-page-reporting=on",
     ]
@@ -159,7 +159,7 @@ def test_q35_for_a_stock_kernel() -> None:
     assert _opt(argv, "-M") == ["q35,memory-backend=ram"]
     devices = _opt(argv, "-device")
     assert "virtio-balloon-pci,free-page-reporting=on" in devices
-    assert devices[0] == "virtio-serial-pci"
+    assert devices[0] == "virtio-serial-pci,max_ports=2"
     assert f"virtio-9p-pci,fsdev=share,mount_tag={agentapi.SHARE_TAG}" in devices
     assert "virtio-net-pci,netdev=n0,mac=02:00:00:00:00:01" in devices
     with pytest.raises(errdefs.InvalidArgument):

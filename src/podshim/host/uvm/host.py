@@ -53,8 +53,6 @@ log = logging.getLogger("podshim.host.uvm")
 KILL_TIMEOUT = 10.0
 #: how often the agent is asked again while the guest boots (its socket may not exist yet)
 PING_RETRY = 0.02
-#: the guest eth0's MTU as it boots (virtio-net's default)
-GUEST_MTU = 1500
 #: how much of the console and of QEMU's stderr a boot error quotes
 TAIL_BYTES = 2000
 
@@ -212,7 +210,6 @@ class UvmHost:
         os.mkdir(os.path.join(self.share_dir, state.SHARES), 0o755)
         cmdline: list[str] = []
         tap = mac = None
-        mtu = GUEST_MTU
         if plan.netns is not None:
             self._record = state.Record(netns=plan.netns, tap=network.TAP, ingress=True)
             state.write_record(self.run_dir, self._record)  # before anything is made there
@@ -223,8 +220,8 @@ class UvmHost:
                 raise errdefs.FailedPrecondition(
                     f"pod {self.pod_id}: network of {plan.netns}: {got.error}"
                 )
-            cmdline.append(got.net.kernel_arg(plan.hostname))
-            tap, mac, mtu = network.TAP, got.net.mac, got.net.mtu
+            cmdline.append(got.net.kernel_arg())
+            tap, mac = network.TAP, got.net.mac
         if plan.hostname:
             cmdline.append(f"podshim.hostname={plan.hostname}")
         cfg = qemu.VmConfig(
@@ -248,13 +245,6 @@ class UvmHost:
         self._agent = self._agent_factory(self._socket_path())
         await self._ping(self._agent, started, self.settings.boot_deadline(accel))
         self.boot_seconds = time.monotonic() - started
-        if mtu != GUEST_MTU:  # ip= cannot say it; the guest's eth0 takes CNI's MTU
-            try:
-                await self._agent.write_file("/sys/class/net/eth0/mtu", str(mtu).encode())
-            except errdefs.ShimError as exc:
-                raise errdefs.FailedPrecondition(
-                    f"pod {self.pod_id}: set the guest's eth0 MTU to {mtu}: {exc}"
-                ) from None
         for key, value in plan.sysctls:
             try:
                 await self._agent.write_file("/proc/sys/" + key.replace(".", "/"), value.encode())

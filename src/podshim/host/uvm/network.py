@@ -14,9 +14,11 @@ on a pipe, and then *becomes* ``tc -batch -`` (one exec for the whole set-up) re
     filter add dev tap0 parent ffff: protocol all u32 match u8 0 0 action mirred egress redirect dev eth0
 
 QEMU, started later in the same namespace, attaches to the tap; the guest gets
-``eth0``'s MAC on its virtio-net device and ``ip=<addr>::<gw>:<mask>:<host>:eth0:off``
-on its command line (:meth:`PodNet.kernel_arg`). The kernel's IP autoconfiguration sets
-the address and the default route; IPv6 addresses of the pod are not passed on.
+``eth0``'s MAC on its virtio-net device and ``podshim.net=<addr>,<mask>,<gw>,<mtu>`` on
+its command line (:meth:`PodNet.kernel_arg`), from which the agent sets the guest's
+``eth0`` (address, MTU, up, default route) before it first answers, or powers the VM off
+saying why (the pod then fails with the console's end). IPv6 addresses of the pod are
+not passed on.
 
 :func:`teardown` (and :func:`teardown_sync` for the ``delete`` action) undoes it in the
 same way: the tap is deleted (its own qdisc and filter go with it) and ``eth0``'s ingress
@@ -73,9 +75,9 @@ class PodNet:
     mac: str
     mtu: int
 
-    def kernel_arg(self, hostname: str = "") -> str:
-        """The guest kernel's ``ip=`` argument (static, on the guest's eth0)."""
-        return f"ip={self.address}::{self.gateway}:{self.netmask}:{hostname}:eth0:off"
+    def kernel_arg(self) -> str:
+        """The kernel argument the guest agent configures its ``eth0`` from."""
+        return f"podshim.net={self.address},{self.netmask},{self.gateway},{self.mtu}"
 
 
 def is_netns(path: str) -> bool:

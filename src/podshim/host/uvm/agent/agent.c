@@ -61,7 +61,10 @@ int main(int argc, char **argv)
 		prctl(PR_SET_CHILD_SUBREAPER, 1);
 		chan_listen(listen_path);
 	} else {
-		boot();
+		if (boot()) {
+			logmsg(2, "boot failed: powering off");
+			power_off();
+		}
 		int fd = open_port();
 		if (fd < 0) {
 			logmsg(3, "no virtio-serial port named podshim.agent: powering off");

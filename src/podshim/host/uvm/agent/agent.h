@@ -178,7 +178,8 @@ extern int g_shutdown;
 void rpc_stacks(uint32_t sid);
 
 /* boot.c */
-void boot(void);
+/* the boot steps of PID 1; -1: the guest cannot be what the pod needs (logged) */
+int boot(void);
 int open_port(void);
 
 #endif

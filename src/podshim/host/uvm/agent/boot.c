@@ -4,8 +4,12 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <arpa/inet.h>
 #include <net/if.h>
+#include <net/route.h>
+#include <netinet/in.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mount.h>
@@ -55,16 +59,99 @@ static void cgroups(void)
 		close(fd);
 }
 
-static void hostname(void)
+/* The podshim.* arguments of the kernel command line: podshim.hostname=<name> and
+ * podshim.net=<address>,<netmask>,<gateway>,<mtu> (IPv4; no gateway: no default route). */
+static int parse_cmdline(char *hostname, size_t hlen, char *net, size_t nlen)
 {
 	struct buf cmd = {0};
-	if (read_file_into("/proc/cmdline", &cmd, 8192) == 0) {
-		buf_append(&cmd, "", 1);
-		for (char *tok = strtok((char *)BUF_DATA(&cmd), " \n"); tok; tok = strtok(NULL, " \n"))
-			if (!strncmp(tok, "podshim.hostname=", 17) && sethostname(tok + 17, strlen(tok + 17)))
-				logmsg(3, "sethostname %s: %s", tok + 17, strerror(errno));
+	hostname[0] = net[0] = 0;
+	if (read_file_into("/proc/cmdline", &cmd, 8192)) {
+		buf_free(&cmd);
+		return -1;
+	}
+	buf_append(&cmd, "", 1);
+	for (char *tok = strtok((char *)BUF_DATA(&cmd), " \n"); tok; tok = strtok(NULL, " \n")) {
+		if (!strncmp(tok, "podshim.hostname=", 17))
+			snprintf(hostname, hlen, "%s", tok + 17);
+		else if (!strncmp(tok, "podshim.net=", 12))
+			snprintf(net, nlen, "%s", tok + 12);
 	}
 	buf_free(&cmd);
+	return 0;
+}
+
+static int ipv4(struct sockaddr *sa, const char *text)
+{
+	struct sockaddr_in *in = (struct sockaddr_in *)sa;
+	memset(in, 0, sizeof(*in));
+	in->sin_family = AF_INET;
+	return inet_pton(AF_INET, text, &in->sin_addr) == 1 ? 0 : -1;
+}
+
+static int route(int s, const char *gateway, int host)
+{
+	struct rtentry rt = {0};
+	char dev[] = "eth0";
+	if (host) { /* the gateway itself, on the link (an off-subnet gateway: /32 pods) */
+		ipv4(&rt.rt_dst, gateway);
+		ipv4(&rt.rt_genmask, "255.255.255.255");
+		ipv4(&rt.rt_gateway, "0.0.0.0");
+		rt.rt_flags = RTF_UP | RTF_HOST;
+	} else {
+		ipv4(&rt.rt_dst, "0.0.0.0");
+		ipv4(&rt.rt_genmask, "0.0.0.0");
+		ipv4(&rt.rt_gateway, gateway);
+		rt.rt_flags = RTF_UP | RTF_GATEWAY;
+	}
+	rt.rt_dev = dev;
+	return ioctl(s, SIOCADDRT, &rt) && errno != EEXIST ? -1 : 0;
+}
+
+/* eth0 as the pod's: address, netmask, MTU, up, default route. The kernel's ip= did the
+ * same but waited for a carrier (~30 ms under TCG) and could not set the MTU. -1 (with
+ * the reason logged): the pod's network cannot be what CRI made it. */
+static int net_up(const char *spec)
+{
+	char copy[160], *field[4] = {0};
+	snprintf(copy, sizeof(copy), "%s", spec);
+	char *p = copy;
+	for (int i = 0; i < 4; i++) {
+		field[i] = p;
+		p = strchr(p, ',');
+		if (!p && i < 3) {
+			logmsg(2, "podshim.net=%s: want address,netmask,gateway,mtu", spec);
+			return -1;
+		}
+		if (p)
+			*p++ = 0;
+	}
+	struct ifreq ifr = {0};
+	int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	const char *step = "socket";
+	int ok = s >= 0;
+	strcpy(ifr.ifr_name, "eth0");
+	if (ok && (step = "address", ipv4(&ifr.ifr_addr, field[0]) || ioctl(s, SIOCSIFADDR, &ifr)))
+		ok = 0;
+	if (ok && (step = "netmask", ipv4(&ifr.ifr_netmask, field[1]) ||
+				     ioctl(s, SIOCSIFNETMASK, &ifr)))
+		ok = 0;
+	ifr.ifr_mtu = atoi(field[3]);
+	if (ok && ifr.ifr_mtu != 1500 && (step = "mtu", ifr.ifr_mtu < 68 || ioctl(s, SIOCSIFMTU, &ifr)))
+		ok = 0;
+	if (ok && (step = "up", ioctl(s, SIOCGIFFLAGS, &ifr)))
+		ok = 0;
+	ifr.ifr_flags |= IFF_UP;
+	if (ok && ioctl(s, SIOCSIFFLAGS, &ifr))
+		ok = 0;
+	if (ok && field[2][0] && (step = "default route", route(s, field[2], 0))) {
+		if (errno != ENETUNREACH || route(s, field[2], 1) || route(s, field[2], 0))
+			ok = 0;
+	}
+	if (!ok)
+		logmsg(2, "eth0 %s (podshim.net=%s): %s", step, spec, strerror(errno));
+	if (s >= 0)
+		close(s);
+	return ok ? 0 : -1;
 }
 
 static void loopback_up(void)
@@ -79,7 +166,7 @@ static void loopback_up(void)
 		close(s);
 }
 
-void boot(void)
+int boot(void)
 {
 	leave_rootfs();
 	do_mount("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755");
@@ -111,7 +198,12 @@ void boot(void)
 		       strerror(errno));
 	mkdir("/run/runc", 0700);
 	loopback_up();
-	hostname();
+	char name[256], net[160];
+	if (parse_cmdline(name, sizeof(name), net, sizeof(net)))
+		logmsg(3, "/proc/cmdline: %s", strerror(errno));
+	if (name[0] && sethostname(name, strlen(name)))
+		logmsg(3, "sethostname %s: %s", name, strerror(errno));
+	return net[0] ? net_up(net) : 0;
 }
 
 static int find_port(char *dev, size_t len)

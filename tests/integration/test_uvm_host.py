@@ -199,6 +199,9 @@ def test_vm_pod(pod_net: PodNet, tmp_path: Path) -> None:
             assert (await agent.read_file("/proc/sys/kernel/hostname")).strip() == b"vm-pod"
             assert (await agent.read_file("/proc/sys/net/ipv4/ip_forward")).strip() == b"1"
             assert (await agent.read_file("/sys/class/net/eth0/mtu")).strip() == b"1400"
+            # a TSC clock (the host's rate, recorded by prepare), never 4 ms jiffies
+            clock = "/sys/devices/system/clocksource/clocksource0/current_clocksource"
+            assert (await agent.read_file(clock)).strip() in (b"tsc-early", b"tsc")
             # a file and a directory shared in; exec in the VM through FIFOs
             await host.share(BUSYBOX, "/bin/busybox", True)
             await host.share(str(data), "/mnt/data", True)

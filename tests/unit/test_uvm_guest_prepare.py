@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -15,7 +16,16 @@ import pytest
 
 from podshim import errors as errdefs
 from podshim.host.uvm import guest
-from podshim.host.uvm.guest import command, initramfs, kernel, manifest, prepare, probe, status
+from podshim.host.uvm.guest import (
+    command,
+    initramfs,
+    kernel,
+    manifest,
+    prepare,
+    probe,
+    status,
+    tsc,
+)  # fmt: skip
 
 
 @pytest.fixture
@@ -41,6 +51,7 @@ def inputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 class Recorder:
     def __init__(self) -> None:
         self.calls: list[str] = []
+        self.cmdlines: list[tuple[str, ...]] = []
 
 
 @pytest.fixture
@@ -73,7 +84,9 @@ def builds(monkeypatch: pytest.MonkeyPatch) -> Recorder:
         timeout: float,
         machine: str = "microvm",
         tools: str | None = None,
+        cmdline: tuple[str, ...] = (),
     ) -> probe.BootResult:
+        rec.cmdlines.append(cmdline)
         assert tools is not None and os.path.basename(tools).startswith("tools-"), tools
         rec.calls.append(f"probe-{accel}" + ("" if machine == "microvm" else f"-{machine}"))
         if accel == "kvm":
@@ -85,6 +98,7 @@ def builds(monkeypatch: pytest.MonkeyPatch) -> Recorder:
     monkeypatch.setattr(initramfs, "build_initrd", build_initrd)
     monkeypatch.setattr(probe, "boot_probe", boot_probe)
     monkeypatch.setattr(probe, "kvm_usable_device", lambda: None)
+    monkeypatch.setattr(tsc, "host_khz", lambda: (2_500_000, ""))
     return rec
 
 
@@ -99,6 +113,9 @@ def test_builds_once_then_nothing(tmp_path: Path, inputs: Path, builds: Recorder
     accel = json.loads((d / "accel.json").read_text())
     assert accel["accel"] == "tcg" and "cannot boot" in accel["why"]
     assert accel["tcg_boot_s"] == 0.5 and accel["guest_kernel"] == "6.1.0-test"
+    # the TCG probe boots as pods will: with the host's TSC rate, which is recorded
+    assert accel["tsc_khz"] == 2_500_000
+    assert builds.cmdlines[0] == ("tsc_early_khz=2500000",) and builds.cmdlines[1] == ()
     recorded = manifest.read(str(d))
     assert set(recorded) == {"kernel", "initrd"}
     builds.calls.clear()
@@ -248,3 +265,37 @@ def test_build_kernel_names_what_is_missing(
     with pytest.raises(errdefs.FailedPrecondition, match=r"apt-get install pkg-x$"):
         kernel.build_kernel(str(tmp_path / "v"), str(tmp_path), source=str(tmp_path / "src.tar.xz"))
     assert not (tmp_path / "v").exists()
+
+
+def test_an_accel_record_of_an_older_podshim_is_probed_again(
+    tmp_path: Path, inputs: Path, builds: Recorder
+) -> None:
+    d = tmp_path / "img"
+    assert _prepare(d)
+    record = json.loads((d / "accel.json").read_text())
+    del record["tsc_khz"]  # as written before the TSC was measured
+    (d / "accel.json").write_text(json.dumps(record))
+    builds.calls.clear()
+    assert _prepare(d)
+    assert builds.calls == ["probe-tcg", "probe-kvm"]  # the image itself is current
+    assert json.loads((d / "accel.json").read_text())["tsc_khz"] == 2_500_000
+
+
+def test_tsc_kernel_args_and_invariance(tmp_path: Path) -> None:
+    assert tsc.kernel_args("tcg", 2_596_146) == ("tsc_early_khz=2596146",)
+    assert tsc.kernel_args("kvm", 2_596_146) == ()  # kvmclock
+    for bad in (None, "2596146", True, 5, 99_000_000):
+        assert tsc.kernel_args("tcg", bad) == (), bad
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu tsc constant_tsc nonstop_tsc\n")
+    assert tsc.invariant(str(info))
+    info.write_text("processor\t: 0\nflags\t\t: fpu tsc constant_tsc\n")
+    assert not tsc.invariant(str(info))
+    assert not tsc.invariant(str(tmp_path / "none"))
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None or not tsc.invariant(), reason="gcc, invariant TSC")
+def test_host_khz_measures_the_tsc() -> None:
+    khz, why = tsc.host_khz()
+    assert khz is not None and why == "", why
+    assert tsc.LOW_KHZ <= khz <= tsc.HIGH_KHZ

@@ -18,7 +18,7 @@ from podshim import errors as errdefs
 AGENT_DIR = Path(__file__).resolve().parent / "agent"
 #: the compiler's flags: a static, stripped binary (it runs as PID 1 of an initramfs
 #: holding nothing else it could link against)
-CFLAGS = ("-static", "-O2", "-s", "-Wall", "-Wextra", "-Wno-unused-parameter")
+CFLAGS = ("-static", "-pthread", "-O2", "-s", "-Wall", "-Wextra", "-Wno-unused-parameter")
 
 
 def agent_sources() -> list[Path]:

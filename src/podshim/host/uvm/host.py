@@ -39,6 +39,7 @@ from podshim.host.control import ExecControl
 from podshim.host.uvm import network, qemu, state, vmops
 from podshim.host.uvm.agentapi import AgentApi
 from podshim.host.uvm.config import Settings
+from podshim.host.uvm.guest import tsc
 from podshim.host.uvm.plan import VmPlan, check_component, plan_from_spec
 from podshim.jobs import JobGroup
 from podshim.linux.proc import start_time
@@ -224,6 +225,7 @@ class UvmHost:
             tap, mac = network.TAP, got.net.mac
         if plan.hostname:
             cmdline.append(f"podshim.hostname={plan.hostname}")
+        cmdline += tsc.kernel_args(accel, qemu.tsc_khz(self.settings.image_dir))
         cfg = qemu.VmConfig(
             kernel=kernel,
             initrd=initrd,

@@ -215,6 +215,11 @@ def read_accel(directory: str = DEFAULT_DIR) -> dict[str, object]:
     return found if isinstance(found, dict) else {}
 
 
+def tsc_khz(directory: str = DEFAULT_DIR) -> object:
+    """The host TSC rate the probe recorded (kHz; :mod:`.guest.tsc` checks it), or None."""
+    return read_accel(directory).get("tsc_khz")
+
+
 def accel(directory: str = DEFAULT_DIR) -> str:
     """``"kvm"`` when the recorded boot probe booted a VM with KVM, else ``"tcg"``."""
     return "kvm" if read_accel(directory).get("accel") == "kvm" else "tcg"

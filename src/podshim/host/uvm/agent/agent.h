@@ -180,6 +180,8 @@ void rpc_stacks(uint32_t sid);
 /* boot.c */
 /* the boot steps of PID 1; -1: the guest cannot be what the pod needs (logged) */
 int boot(void);
+/* waits for what boot() left to a thread (the 9p mounts); then a no-op */
+void boot_settle(void);
 int open_port(void);
 
 #endif

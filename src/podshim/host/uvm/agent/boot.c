@@ -4,6 +4,7 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <arpa/inet.h>
 #include <net/if.h>
 #include <net/route.h>
@@ -78,6 +79,35 @@ static int parse_cmdline(char *hostname, size_t hlen, char *net, size_t nlen)
 	}
 	buf_free(&cmd);
 	return 0;
+}
+
+/* The two 9p mounts wait on QEMU's file server (~12 ms each under TCG): a thread makes
+ * them while PID 1 goes on to answer; boot_settle() waits for it before any request but
+ * Ping (anything else may use them). */
+static pthread_t g_mounter;
+static int g_mounting;
+
+static void *mount_shares(void *arg)
+{
+	if (mount(SHARE_TAG, GUEST_SHARE, "9p", 0,
+		  "trans=virtio,version=9p2000.L,msize=262144,access=any"))
+		logmsg(4, "no pod share at %s: %s (going on without it)", GUEST_SHARE,
+		       strerror(errno));
+	/* runc, crun, their libraries and busybox: read-only from the host, shared by
+	 * every VM (the initrd holds symlinks into it); loose caching: they never change */
+	if (mount(TOOLS_TAG, GUEST_TOOLS, "9p", MS_RDONLY | MS_NODEV | MS_NOSUID,
+		  "trans=virtio,version=9p2000.L,msize=262144,cache=loose"))
+		logmsg(3, "no guest tools at %s: %s (runc is missing)", GUEST_TOOLS,
+		       strerror(errno));
+	return arg;
+}
+
+void boot_settle(void)
+{
+	if (g_mounting) {
+		pthread_join(g_mounter, NULL);
+		g_mounting = 0;
+	}
 }
 
 static int ipv4(struct sockaddr *sa, const char *text)
@@ -186,16 +216,10 @@ int boot(void)
 	mkdirs("/run/podshim", 0755);
 	do_mount("shm", GUEST_SHM, "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777");
 	mkdir(GUEST_SHARE, 0755);
-	if (mount(SHARE_TAG, GUEST_SHARE, "9p", 0,
-		  "trans=virtio,version=9p2000.L,msize=262144,access=any"))
-		logmsg(4, "no pod share at %s: %s (going on without it)", GUEST_SHARE,
-		       strerror(errno));
-	/* runc, its libraries and busybox: read-only from the host, shared by every VM
-	 * (the initrd holds symlinks into it); loose caching: the files never change */
-	if (mount(TOOLS_TAG, GUEST_TOOLS, "9p", MS_RDONLY | MS_NODEV | MS_NOSUID,
-		  "trans=virtio,version=9p2000.L,msize=262144,cache=loose"))
-		logmsg(3, "no guest tools at %s: %s (runc is missing)", GUEST_TOOLS,
-		       strerror(errno));
+	if (pthread_create(&g_mounter, NULL, mount_shares, NULL) == 0)
+		g_mounting = 1;
+	else
+		mount_shares(NULL);
 	mkdir("/run/runc", 0700);
 	loopback_up();
 	char name[256], net[160];

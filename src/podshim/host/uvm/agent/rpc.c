@@ -345,6 +345,8 @@ void dispatch(uint32_t sid, const char *method, const uint8_t *p, size_t n, int6
 		fields_free(&f);
 		return;
 	}
+	if (i != 0)
+		boot_settle();
 	switch (i) {
 	case 0: rpc_ping(sid); break;
 	case 1: rpc_spawn(sid, &f); break;

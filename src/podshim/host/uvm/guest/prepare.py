@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 from podshim import errors as errdefs
 from podshim.host.uvm import guest
-from podshim.host.uvm.guest import initramfs, kernel, manifest, probe, stock
+from podshim.host.uvm.guest import initramfs, kernel, manifest, probe, stock, tsc
 
 __all__ = ["KVM_PROBE_TIMEOUT", "TCG_PROBE_TIMEOUT", "prepare", "probe_accel"]
 
@@ -56,6 +56,16 @@ def _write_json(path: str, value: dict[str, object]) -> None:
     os.replace(tmp, path)
 
 
+def qemu_accel_current(directory: str) -> bool:
+    """Whether accel.json is there and of this version (it says what became of the TSC)."""
+    try:
+        with open(os.path.join(directory, guest.ACCEL), encoding="utf-8") as f:
+            rec = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(rec, dict) and ("tsc_khz" in rec or "tsc_why" in rec)
+
+
 def probe_accel(directory: str, log: Log, machine: str = "microvm") -> dict[str, object]:
     """Boot the image (TCG, then KVM if there is a /dev/kvm) and record accel.json.
 
@@ -64,9 +74,15 @@ def probe_accel(directory: str, log: Log, machine: str = "microvm") -> dict[str,
     vmlinux = os.path.join(directory, guest.KERNEL)
     initrd = os.path.join(directory, guest.INITRD)
     tools = os.path.realpath(os.path.join(directory, guest.TOOLS))
-    tcg = probe.boot_probe(vmlinux, initrd, "tcg", TCG_PROBE_TIMEOUT, machine=machine, tools=tools)
+    khz, why = tsc.host_khz()
+    log(f"host TSC: {khz} kHz" if khz else f"host TSC: not passed on ({why})")
+    tcg = probe.boot_probe(
+        vmlinux, initrd, "tcg", TCG_PROBE_TIMEOUT, machine=machine, tools=tools,
+        cmdline=tsc.kernel_args("tcg", khz),
+    )  # fmt: skip
     now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     record: dict[str, object] = {"probed": now, "machine": machine}
+    record.update({"tsc_khz": khz} if khz else {"tsc_why": why})
     if not tcg.ok:
         record.update(accel="tcg", why=f"the image does not boot: {tcg.why}", tcg_ok=False)
         _write_json(os.path.join(directory, guest.ACCEL), record)
@@ -134,7 +150,8 @@ def _prepare_locked(
         and os.path.isdir(os.path.join(directory, guest.TOOLS))
     )
     accel_path = os.path.join(directory, guest.ACCEL)
-    if kernel_ok and initrd_ok and (os.path.exists(accel_path) or not do_probe):
+    probed = qemu_accel_current(directory)
+    if kernel_ok and initrd_ok and (probed or not do_probe):
         log(f"the image in {directory} is current: nothing to do")
         return False
     record = manifest.read(directory)

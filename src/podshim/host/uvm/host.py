@@ -141,6 +141,8 @@ class UvmHost:
         self._close_task: asyncio.Future[None] | None = None
         self.accel = ""
         self.boot_seconds = 0.0
+        #: of create: the network set-up, and from its start to QEMU spawned (logged)
+        self._net_seconds = self._spawn_seconds = 0.0
         #: set when close() begins: running execs in the VM are killed then
         self.closing = asyncio.Event()
         self.jobs = JobGroup(f"uvm host {pod_id}")
@@ -198,12 +200,15 @@ class UvmHost:
             self.life.fire(Verb.FAIL)
             raise
         self.life.fire(Verb.READY)
-        log.info("pod %s: VM ready: accel %s, QEMU pid %d, agent answered %.3f s after start",
-                 self.pod_id, accel, self.init_pid, self.boot_seconds)  # fmt: skip
+        log.info("pod %s: VM ready: accel %s, QEMU pid %d, agent answered %.3f s after start "
+                 "(before it: network %.3f s, QEMU spawned %.3f s after create began)",
+                 self.pod_id, accel, self.init_pid, self.boot_seconds, self._net_seconds,
+                 self._spawn_seconds)  # fmt: skip
 
     async def _build(self, plan: VmPlan, image: tuple[str, str, str], binary: str,
                      accel: str) -> None:  # fmt: skip
         kernel, initrd, tools = image
+        began = time.monotonic()
         os.makedirs(os.path.dirname(self.run_dir), mode=0o711, exist_ok=True)
         os.mkdir(self.run_dir, 0o700)
         self._made_dir = True
@@ -214,7 +219,9 @@ class UvmHost:
         if plan.netns is not None:
             self._record = state.Record(netns=plan.netns, tap=network.TAP, ingress=True)
             state.write_record(self.run_dir, self._record)  # before anything is made there
+            net_began = time.monotonic()
             got = await network.setup(self._reaper, plan.netns, self.pod_id)
+            self._net_seconds = time.monotonic() - net_began
             self._record.ingress = got.ingress
             state.write_record(self.run_dir, self._record)
             if got.net is None:
@@ -244,6 +251,7 @@ class UvmHost:
         argv = self._argv_factory(cfg) if self._argv_factory else qemu.qemu_argv(cfg, binary)
         started = time.monotonic()
         self._start_qemu(argv, plan.netns)
+        self._spawn_seconds = time.monotonic() - began
         self._agent = self._agent_factory(self._socket_path())
         await self._ping(self._agent, started, self.settings.boot_deadline(accel))
         self.boot_seconds = time.monotonic() - started

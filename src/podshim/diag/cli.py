@@ -52,7 +52,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 
     sp = add("list", "list every live podshim shim", _list)
     sp.add_argument("--json", action="store_true", help="JSON instead of a table")
-    sp = add("exec", "run a command in a pod's namespaces and sandbox cgroup", _exec)
+    sp = add("exec", "run a command in a pod's host: its namespaces and sandbox cgroup, or its VM", _exec)
     sp.add_argument("-t", "--tty", action="store_true", help="allocate a terminal")
     sp.add_argument("pod", help="pod id (unique prefix)")
     sp.add_argument("command", nargs=argparse.REMAINDER, help="-- command [args...]")

@@ -185,6 +185,14 @@ def test_diag_exec_stacks_and_share_reach_the_vm(cri: vmlab.VmLab) -> None:
         assert _ok(_diag(cri, "exec", pod, "--", "cat", "/mnt/shared/note.txt")) == (
             "shared-into-the-vm\n"
         )
+        # into a named container (by a prefix of its id), while it runs: its own mount
+        # namespace in the guest, read-only there too
+        _ok(_diag(cri, "share", "--ro", "--container", box.id[:12], pod, d, "/srv/from-host"))
+        assert cri.exec_ok(box.id, "cat", "/srv/from-host/note.txt") == "shared-into-the-vm\n"
+        res = cri.exec(box.id, "sh", "-c", "echo x > /srv/from-host/new")
+        assert res.exit_code != 0 and not Path(d, "new").exists(), res
+        bad = _diag(cri, "share", "--container", "no-such", pod, d, "/srv/x")
+        assert bad.returncode != 0 and "no containers of pod" in bad.stderr, bad.stderr
         cri.stop_and_remove(pod)  # the share must not pin the host directory
         cri.wait_gone(pod)
 

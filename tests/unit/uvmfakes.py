@@ -373,8 +373,10 @@ class FakeAgent:
         return False
 
     async def mount(self, source: str, target: str, fstype: str = "", flags: int = 0,
-                    data: str = "", mkdir: bool = False) -> None:  # fmt: skip
+                    data: str = "", mkdir: bool = False, pid: int = 0) -> None:  # fmt: skip
         self._check()
+        if pid:  # the real agent's move of a detached tree into pid's namespace
+            raise errdefs.NotImplemented("fake agent: no mounts into a process's namespace")
         if mkdir:
             os.makedirs(target, exist_ok=True)
         opts = [data] if data else []

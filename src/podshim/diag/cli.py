@@ -64,6 +64,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     sp.add_argument("pod", help="pod id (unique prefix)")
     sp = add("share", "make a host path visible in the pod", _share)
     sp.add_argument("--ro", action="store_true", help="read-only")
+    sp.add_argument("--container", default="", metavar="ID",
+                    help="into this running container (id or unique prefix) of the pod")  # fmt: skip
     sp.add_argument("pod", help="pod id (unique prefix)")
     sp.add_argument("host_path")
     sp.add_argument("pod_path")
@@ -217,7 +219,8 @@ def _exit(state: str, status: int) -> object:
 def _share(args: argparse.Namespace) -> int:
     from podshim.api.diag.v1 import diag_pb2 as pb
 
-    req = pb.ShareRequest(host_path=args.host_path, pod_path=args.pod_path, read_only=args.ro)
+    req = pb.ShareRequest(host_path=args.host_path, pod_path=args.pod_path, read_only=args.ro,
+                          container=args.container)  # fmt: skip
     call_sync(find(args), "Share", req, pb.ShareResponse)
     return 0
 

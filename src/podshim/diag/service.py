@@ -207,7 +207,19 @@ class DiagService:
     async def Share(self, req: pb.ShareRequest, _: CallContext) -> pb.ShareResponse:
         if not req.host_path or not req.pod_path:
             raise errdefs.InvalidArgument("share: host path and pod path are both needed")
-        await self._pod().host.share(req.host_path, req.pod_path, req.read_only)
+        pod = self._pod()
+        pid = 0
+        if req.container:
+            found = [c for cid, c in pod.workloads.items() if cid.startswith(req.container)]
+            if len(found) != 1:
+                raise errdefs.NotFound(
+                    f"share: {len(found) or 'no'} containers of pod {pod.id} match "
+                    f"{req.container!r}"
+                )
+            if not found[0].running or not found[0].pid:
+                raise errdefs.FailedPrecondition(f"share: container {req.container} is not running")
+            pid = found[0].pid
+        await pod.host.share(req.host_path, req.pod_path, req.read_only, pid)
         return pb.ShareResponse()
 
     async def Pid(self, req: pb.PidRequest, _: CallContext) -> pb.PidResponse:

@@ -147,9 +147,12 @@ class Host(Protocol):
         """The host's own stacks ("" when it has none)."""
         ...
 
-    async def share(self, host_path: str, guest_path: str, read_only: bool) -> None:
-        """Share a host path into the pod host; FailedPrecondition naming why when
-        the host kind cannot."""
+    async def share(
+        self, host_path: str, guest_path: str, read_only: bool, pid: int = 0
+    ) -> None:
+        """Share a host path into the pod host or, with ``pid`` (a process of one of
+        the pod's containers, as its task reports it), into that container at
+        ``guest_path``; FailedPrecondition naming why when the host kind cannot."""
         ...
 
     async def stats(self) -> any_pb2.Any | None:

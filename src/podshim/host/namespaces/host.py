@@ -424,7 +424,9 @@ class NamespacesHost:
     async def dump_stacks(self) -> str:
         return ""
 
-    async def share(self, host_path: str, guest_path: str, read_only: bool) -> None:
+    async def share(
+        self, host_path: str, guest_path: str, read_only: bool, pid: int = 0
+    ) -> None:
         raise errdefs.FailedPrecondition(
             "the namespaces host shares the host's mount namespace view: "
             "bind the path into the pod's containers instead"

@@ -64,7 +64,9 @@ class NoneHost:
     async def dump_stacks(self) -> str:
         return ""
 
-    async def share(self, host_path: str, guest_path: str, read_only: bool) -> None:
+    async def share(
+        self, host_path: str, guest_path: str, read_only: bool, pid: int = 0
+    ) -> None:
         raise errdefs.FailedPrecondition(
             "pod has no host (host kind 'none'): nothing to share into"
         )

@@ -138,6 +138,7 @@ class AgentApi(Protocol):
         flags: int = 0,
         data: str = "",
         mkdir: bool = False,
+        pid: int = 0,
     ) -> None: ...
 
     async def stacks(self) -> tuple[str, str]:

@@ -126,10 +126,12 @@ class AgentClient:
         flags: int = 0,
         data: str = "",
         mkdir: bool = False,
+        pid: int = 0,
     ) -> None:
         req = pb.MountRequest(
-            source=source, target=target, fstype=fstype, flags=flags, data=data, mkdir=mkdir
-        )
+            source=source, target=target, fstype=fstype, flags=flags, data=data, mkdir=mkdir,
+            pid=pid,
+        )  # fmt: skip
         await self._call("Mount", req, pb.Empty)
 
     async def stacks(self) -> tuple[str, str]:

@@ -473,8 +473,10 @@ class UvmHost:
     async def dump_stacks(self) -> str:
         return await self.ops.stacks()
 
-    async def share(self, host_path: str, guest_path: str, read_only: bool) -> None:
-        await self.ops.share(host_path, guest_path, read_only)
+    async def share(
+        self, host_path: str, guest_path: str, read_only: bool, pid: int = 0
+    ) -> None:
+        await self.ops.share(host_path, guest_path, read_only, pid)
 
     async def stats(self) -> any_pb2.Any | None:
         return vmops.qemu_stats(self.init_pid)

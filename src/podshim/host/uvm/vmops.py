@@ -139,7 +139,10 @@ class VmOps:
         own, tasks = await self.host.agent.stacks()
         return f"=== guest agent ===\n{own.rstrip()}\n=== guest tasks ===\n{tasks.rstrip()}\n"
 
-    async def share(self, host_path: str, guest_path: str, read_only: bool) -> None:
+    async def share(self, host_path: str, guest_path: str, read_only: bool, pid: int = 0) -> None:
+        """Bind ``host_path`` into the share on the host, then into the VM at
+        ``guest_path`` (with ``pid``: inside that guest process's mount namespace and root,
+        a container's init)."""
         agent = self.host.agent
         if not os.path.isabs(host_path) or not os.path.isabs(guest_path):
             raise errdefs.InvalidArgument(
@@ -160,7 +163,7 @@ class VmOps:
             mount.mount("", host_path, target, ["rbind", "ro"] if read_only else ["rbind"])
             flags = MS_BIND | (MS_RDONLY if read_only else 0)
             await agent.mount(f"{GUEST_SHARE}/{state.SHARES}/{name}", guest_path,
-                              flags=flags, mkdir=True)  # fmt: skip
+                              flags=flags, mkdir=True, pid=pid)  # fmt: skip
         except BaseException as exc:
             with contextlib.suppress(OSError):
                 mount.unmount_all(target)
@@ -168,8 +171,9 @@ class VmOps:
             if isinstance(exc, OSError):
                 raise errdefs.Internal(f"share {host_path}: {exc}") from None
             raise
-        log.info("pod %s: shared %s at %s in the VM%s", self.host.pod_id, host_path,
-                 guest_path, " (read-only)" if read_only else "")  # fmt: skip
+        where = f"in the VM's process {pid}" if pid else "in the VM"
+        log.info("pod %s: shared %s at %s %s%s", self.host.pod_id, host_path,
+                 guest_path, where, " (read-only)" if read_only else "")  # fmt: skip
 
 
 # -- stats -------------------------------------------------------------------------------

@@ -171,20 +171,22 @@ class WatchFileResponse(_message.Message):
     def __init__(self, changed: bool = ...) -> None: ...
 
 class MountRequest(_message.Message):
-    __slots__ = ("source", "target", "fstype", "flags", "data", "mkdir")
+    __slots__ = ("source", "target", "fstype", "flags", "data", "mkdir", "pid")
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
     FSTYPE_FIELD_NUMBER: _ClassVar[int]
     FLAGS_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     MKDIR_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
     source: str
     target: str
     fstype: str
     flags: int
     data: str
     mkdir: bool
-    def __init__(self, source: _Optional[str] = ..., target: _Optional[str] = ..., fstype: _Optional[str] = ..., flags: _Optional[int] = ..., data: _Optional[str] = ..., mkdir: bool = ...) -> None: ...
+    pid: int
+    def __init__(self, source: _Optional[str] = ..., target: _Optional[str] = ..., fstype: _Optional[str] = ..., flags: _Optional[int] = ..., data: _Optional[str] = ..., mkdir: bool = ..., pid: _Optional[int] = ...) -> None: ...
 
 class StacksResponse(_message.Message):
     __slots__ = ("agent", "tasks")

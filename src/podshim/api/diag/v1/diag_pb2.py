@@ -26,7 +26,7 @@ from google.protobuf import any_pb2 as google_dot_protobuf_dot_any__pb2
 from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1epodshim/api/diag/v1/diag.proto\x12\x0fpodshim.diag.v1\x1a\x19google/protobuf/any.proto\x1a\x1bgoogle/protobuf/empty.proto\"\xb0\x01\n\x11\x45xecInHostRequest\x12\x0c\n\x04\x61rgs\x18\x01 \x03(\t\x12\x0f\n\x07workdir\x18\x02 \x01(\t\x12\x10\n\x08terminal\x18\x03 \x01(\x08\x12\r\n\x05stdin\x18\x04 \x01(\t\x12\x0e\n\x06stdout\x18\x05 \x01(\t\x12\x0e\n\x06stderr\x18\x06 \x01(\t\x12\x0b\n\x03\x65nv\x18\x07 \x03(\t\x12\x0f\n\x07\x65xec_id\x18\x08 \x01(\t\x12\r\n\x05width\x18\t \x01(\r\x12\x0e\n\x06height\x18\n \x01(\r\"\'\n\x12\x45xecInHostResponse\x12\x11\n\texit_code\x18\x01 \x01(\x05\":\n\x17SignalExecInHostRequest\x12\x0f\n\x07\x65xec_id\x18\x01 \x01(\t\x12\x0e\n\x06signal\x18\x02 \x01(\r\"I\n\x17ResizeExecInHostRequest\x12\x0f\n\x07\x65xec_id\x18\x01 \x01(\t\x12\r\n\x05width\x18\x02 \x01(\r\x12\x0e\n\x06height\x18\x03 \x01(\r\"\x0f\n\rStacksRequest\"F\n\x0eStacksResponse\x12\x0e\n\x06stacks\x18\x01 \x01(\t\x12\x13\n\x0bhost_stacks\x18\x02 \x01(\t\x12\x0f\n\x07modules\x18\x03 \x03(\t\"\x1d\n\x0cTasksRequest\x12\r\n\x05\x65xecs\x18\x01 \x01(\x08\"9\n\rTasksResponse\x12(\n\x05tasks\x18\x01 \x03(\x0b\x32\x19.podshim.diag.v1.DiagTask\"\xef\x01\n\x08\x44iagTask\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0b\n\x03pid\x18\x04 \x01(\r\x12(\n\x05\x65xecs\x18\x05 \x03(\x0b\x32\x19.podshim.diag.v1.DiagExec\x12\x0e\n\x06\x62undle\x18\x06 \x01(\t\x12\x13\n\x0b\x65xit_status\x18\x07 \x01(\r\x12\x31\n\x04host\x18\x08 \x03(\x0b\x32#.podshim.diag.v1.DiagTask.HostEntry\x1a+\n\tHostEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"G\n\x08\x44iagExec\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\r\x12\x13\n\x0b\x65xit_status\x18\x04 \x01(\r\"F\n\x0cShareRequest\x12\x11\n\thost_path\x18\x01 \x01(\t\x12\x10\n\x08pod_path\x18\x02 \x01(\t\x12\x11\n\tread_only\x18\x03 \x01(\x08\"\x0f\n\rShareResponse\"\x0c\n\nPidRequest\"\x1a\n\x0bPidResponse\x12\x0b\n\x03pid\x18\x01 \x01(\x05\"\x0e\n\x0cStatsRequest\"_\n\rStatsResponse\x12#\n\x05stats\x18\x01 \x01(\x0b\x32\x14.google.protobuf.Any\x12)\n\x05tasks\x18\x02 \x03(\x0b\x32\x1a.podshim.diag.v1.TaskStats\"<\n\tTaskStats\x12\n\n\x02id\x18\x01 \x01(\t\x12#\n\x05stats\x18\x02 \x01(\x0b\x32\x14.google.protobuf.Any2\xee\x04\n\x04\x44iag\x12U\n\nExecInHost\x12\".podshim.diag.v1.ExecInHostRequest\x1a#.podshim.diag.v1.ExecInHostResponse\x12T\n\x10SignalExecInHost\x12(.podshim.diag.v1.SignalExecInHostRequest\x1a\x16.google.protobuf.Empty\x12T\n\x10ResizeExecInHost\x12(.podshim.diag.v1.ResizeExecInHostRequest\x1a\x16.google.protobuf.Empty\x12I\n\x06Stacks\x12\x1e.podshim.diag.v1.StacksRequest\x1a\x1f.podshim.diag.v1.StacksResponse\x12\x46\n\x05Tasks\x12\x1d.podshim.diag.v1.TasksRequest\x1a\x1e.podshim.diag.v1.TasksResponse\x12\x46\n\x05Share\x12\x1d.podshim.diag.v1.ShareRequest\x1a\x1e.podshim.diag.v1.ShareResponse\x12@\n\x03Pid\x12\x1b.podshim.diag.v1.PidRequest\x1a\x1c.podshim.diag.v1.PidResponse\x12\x46\n\x05Stats\x12\x1d.podshim.diag.v1.StatsRequest\x1a\x1e.podshim.diag.v1.StatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1epodshim/api/diag/v1/diag.proto\x12\x0fpodshim.diag.v1\x1a\x19google/protobuf/any.proto\x1a\x1bgoogle/protobuf/empty.proto\"\xb0\x01\n\x11\x45xecInHostRequest\x12\x0c\n\x04\x61rgs\x18\x01 \x03(\t\x12\x0f\n\x07workdir\x18\x02 \x01(\t\x12\x10\n\x08terminal\x18\x03 \x01(\x08\x12\r\n\x05stdin\x18\x04 \x01(\t\x12\x0e\n\x06stdout\x18\x05 \x01(\t\x12\x0e\n\x06stderr\x18\x06 \x01(\t\x12\x0b\n\x03\x65nv\x18\x07 \x03(\t\x12\x0f\n\x07\x65xec_id\x18\x08 \x01(\t\x12\r\n\x05width\x18\t \x01(\r\x12\x0e\n\x06height\x18\n \x01(\r\"\'\n\x12\x45xecInHostResponse\x12\x11\n\texit_code\x18\x01 \x01(\x05\":\n\x17SignalExecInHostRequest\x12\x0f\n\x07\x65xec_id\x18\x01 \x01(\t\x12\x0e\n\x06signal\x18\x02 \x01(\r\"I\n\x17ResizeExecInHostRequest\x12\x0f\n\x07\x65xec_id\x18\x01 \x01(\t\x12\r\n\x05width\x18\x02 \x01(\r\x12\x0e\n\x06height\x18\x03 \x01(\r\"\x0f\n\rStacksRequest\"F\n\x0eStacksResponse\x12\x0e\n\x06stacks\x18\x01 \x01(\t\x12\x13\n\x0bhost_stacks\x18\x02 \x01(\t\x12\x0f\n\x07modules\x18\x03 \x03(\t\"\x1d\n\x0cTasksRequest\x12\r\n\x05\x65xecs\x18\x01 \x01(\x08\"9\n\rTasksResponse\x12(\n\x05tasks\x18\x01 \x03(\x0b\x32\x19.podshim.diag.v1.DiagTask\"\xef\x01\n\x08\x44iagTask\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0b\n\x03pid\x18\x04 \x01(\r\x12(\n\x05\x65xecs\x18\x05 \x03(\x0b\x32\x19.podshim.diag.v1.DiagExec\x12\x0e\n\x06\x62undle\x18\x06 \x01(\t\x12\x13\n\x0b\x65xit_status\x18\x07 \x01(\r\x12\x31\n\x04host\x18\x08 \x03(\x0b\x32#.podshim.diag.v1.DiagTask.HostEntry\x1a+\n\tHostEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"G\n\x08\x44iagExec\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\r\x12\x13\n\x0b\x65xit_status\x18\x04 \x01(\r\"Y\n\x0cShareRequest\x12\x11\n\thost_path\x18\x01 \x01(\t\x12\x10\n\x08pod_path\x18\x02 \x01(\t\x12\x11\n\tread_only\x18\x03 \x01(\x08\x12\x11\n\tcontainer\x18\x04 \x01(\t\"\x0f\n\rShareResponse\"\x0c\n\nPidRequest\"\x1a\n\x0bPidResponse\x12\x0b\n\x03pid\x18\x01 \x01(\x05\"\x0e\n\x0cStatsRequest\"_\n\rStatsResponse\x12#\n\x05stats\x18\x01 \x01(\x0b\x32\x14.google.protobuf.Any\x12)\n\x05tasks\x18\x02 \x03(\x0b\x32\x1a.podshim.diag.v1.TaskStats\"<\n\tTaskStats\x12\n\n\x02id\x18\x01 \x01(\t\x12#\n\x05stats\x18\x02 \x01(\x0b\x32\x14.google.protobuf.Any2\xee\x04\n\x04\x44iag\x12U\n\nExecInHost\x12\".podshim.diag.v1.ExecInHostRequest\x1a#.podshim.diag.v1.ExecInHostResponse\x12T\n\x10SignalExecInHost\x12(.podshim.diag.v1.SignalExecInHostRequest\x1a\x16.google.protobuf.Empty\x12T\n\x10ResizeExecInHost\x12(.podshim.diag.v1.ResizeExecInHostRequest\x1a\x16.google.protobuf.Empty\x12I\n\x06Stacks\x12\x1e.podshim.diag.v1.StacksRequest\x1a\x1f.podshim.diag.v1.StacksResponse\x12\x46\n\x05Tasks\x12\x1d.podshim.diag.v1.TasksRequest\x1a\x1e.podshim.diag.v1.TasksResponse\x12\x46\n\x05Share\x12\x1d.podshim.diag.v1.ShareRequest\x1a\x1e.podshim.diag.v1.ShareResponse\x12@\n\x03Pid\x12\x1b.podshim.diag.v1.PidRequest\x1a\x1c.podshim.diag.v1.PidResponse\x12\x46\n\x05Stats\x12\x1d.podshim.diag.v1.StatsRequest\x1a\x1e.podshim.diag.v1.StatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -58,19 +58,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DIAGEXEC']._serialized_start=883
   _globals['_DIAGEXEC']._serialized_end=954
   _globals['_SHAREREQUEST']._serialized_start=956
-  _globals['_SHAREREQUEST']._serialized_end=1026
-  _globals['_SHARERESPONSE']._serialized_start=1028
-  _globals['_SHARERESPONSE']._serialized_end=1043
-  _globals['_PIDREQUEST']._serialized_start=1045
-  _globals['_PIDREQUEST']._serialized_end=1057
-  _globals['_PIDRESPONSE']._serialized_start=1059
-  _globals['_PIDRESPONSE']._serialized_end=1085
-  _globals['_STATSREQUEST']._serialized_start=1087
-  _globals['_STATSREQUEST']._serialized_end=1101
-  _globals['_STATSRESPONSE']._serialized_start=1103
-  _globals['_STATSRESPONSE']._serialized_end=1198
-  _globals['_TASKSTATS']._serialized_start=1200
-  _globals['_TASKSTATS']._serialized_end=1260
-  _globals['_DIAG']._serialized_start=1263
-  _globals['_DIAG']._serialized_end=1885
+  _globals['_SHAREREQUEST']._serialized_end=1045
+  _globals['_SHARERESPONSE']._serialized_start=1047
+  _globals['_SHARERESPONSE']._serialized_end=1062
+  _globals['_PIDREQUEST']._serialized_start=1064
+  _globals['_PIDREQUEST']._serialized_end=1076
+  _globals['_PIDRESPONSE']._serialized_start=1078
+  _globals['_PIDRESPONSE']._serialized_end=1104
+  _globals['_STATSREQUEST']._serialized_start=1106
+  _globals['_STATSREQUEST']._serialized_end=1120
+  _globals['_STATSRESPONSE']._serialized_start=1122
+  _globals['_STATSRESPONSE']._serialized_end=1217
+  _globals['_TASKSTATS']._serialized_start=1219
+  _globals['_TASKSTATS']._serialized_end=1279
+  _globals['_DIAG']._serialized_start=1282
+  _globals['_DIAG']._serialized_end=1904
 # @@protoc_insertion_point(module_scope)

@@ -122,14 +122,16 @@ class DiagExec(_message.Message):
     def __init__(self, id: _Optional[str] = ..., state: _Optional[str] = ..., pid: _Optional[int] = ..., exit_status: _Optional[int] = ...) -> None: ...
 
 class ShareRequest(_message.Message):
-    __slots__ = ("host_path", "pod_path", "read_only")
+    __slots__ = ("host_path", "pod_path", "read_only", "container")
     HOST_PATH_FIELD_NUMBER: _ClassVar[int]
     POD_PATH_FIELD_NUMBER: _ClassVar[int]
     READ_ONLY_FIELD_NUMBER: _ClassVar[int]
+    CONTAINER_FIELD_NUMBER: _ClassVar[int]
     host_path: str
     pod_path: str
     read_only: bool
-    def __init__(self, host_path: _Optional[str] = ..., pod_path: _Optional[str] = ..., read_only: bool = ...) -> None: ...
+    container: str
+    def __init__(self, host_path: _Optional[str] = ..., pod_path: _Optional[str] = ..., read_only: bool = ..., container: _Optional[str] = ...) -> None: ...
 
 class ShareResponse(_message.Message):
     __slots__ = ()

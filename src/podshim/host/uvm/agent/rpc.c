@@ -4,13 +4,17 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <libgen.h>
+#include <sched.h>
 #include <signal.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/inotify.h>
 #include <sys/ioctl.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
 #include <sys/utsname.h>
 #include <termios.h>
 #include <time.h>
@@ -293,22 +297,107 @@ static void rpc_watch_file(uint32_t sid, struct fields *f)
 	pending_add(p);
 }
 
+/* The mount point dst for src: a directory, or an empty file when src is not one. */
+static int make_target(const char *dst, int dir)
+{
+	if (dir)
+		return mkdirs(dst, 0755);
+	char *copy = strdup(dst);
+	int r = copy ? mkdirs(dirname(copy), 0755) : -1;
+	free(copy);
+	int fd = r ? -1 : open(dst, O_WRONLY | O_CREAT | O_CLOEXEC, 0644);
+	return fd < 0 ? -1 : close(fd);
+}
+
+#ifndef OPEN_TREE_CLONE
+#define OPEN_TREE_CLONE 1
+#endif
+#ifndef AT_RECURSIVE
+#define AT_RECURSIVE 0x8000
+#endif
+#ifndef MOVE_MOUNT_F_EMPTY_PATH
+#define MOVE_MOUNT_F_EMPTY_PATH 0x00000004
+#endif
+#ifndef MOUNT_ATTR_RDONLY
+#define MOUNT_ATTR_RDONLY 0x00000001
+#endif
+struct attr { uint64_t set, clr, propagation, userns; };
+
+/* A bind of src (taken here, in PID 1's mount namespace, as a detached tree: open_tree)
+ * attached at dst inside the mount namespace and root of process pid (a container's
+ * init) by a child that joins them: setns to a mount namespace needs a caller that
+ * shares no file-system state, so not PID 1 itself. */
+static void mount_into(uint32_t sid, int pid, const char *src, const char *dst, int mk,
+		       int ro)
+{
+	char path[64], why[256] = "";
+	struct stat st;
+	int dir = stat(src, &st) || S_ISDIR(st.st_mode);
+	snprintf(path, sizeof(path), "/proc/%d/ns/mnt", pid);
+	int ns = open(path, O_RDONLY | O_CLOEXEC);
+	snprintf(path, sizeof(path), "/proc/%d/root", pid);
+	int root = ns < 0 ? -1 : open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	int tree = root < 0 ? -1
+			    : (int)syscall(SYS_open_tree, AT_FDCWD, src,
+					   OPEN_TREE_CLONE | O_CLOEXEC | AT_RECURSIVE);
+	struct attr a = {MOUNT_ATTR_RDONLY, 0, 0, 0};
+	int p[2] = {-1, -1};
+	if (tree < 0 || (ro && syscall(SYS_mount_setattr, tree, "", AT_EMPTY_PATH | AT_RECURSIVE,
+				      &a, sizeof(a))) || pipe2(p, O_CLOEXEC)) {
+		int e = errno;
+		reply_err(sid, errno_code(e), "mount %s into process %d: %s", src, pid, strerror(e));
+		goto out;
+	}
+	pid_t child = fork();
+	if (child == 0) {
+		const char *step = "join its mount namespace";
+		int bad = setns(ns, CLONE_NEWNS);
+		if (!bad && (step = "enter its root", fchdir(root) || chroot(".")))
+			bad = 1;
+		if (!bad && mk && (step = "create the target", make_target(dst, dir)))
+			bad = 1;
+		if (!bad && (step = "attach",
+			     syscall(SYS_move_mount, tree, "", AT_FDCWD, dst, MOVE_MOUNT_F_EMPTY_PATH)))
+			bad = 1;
+		if (bad)
+			dprintf(p[1], "%s: %s", step, strerror(errno));
+		_exit(bad);
+	}
+	close(p[1]);
+	p[1] = -1;
+	int status = 0;
+	while (child > 0 && waitpid(child, &status, 0) < 0 && errno == EINTR)
+		;
+	ssize_t n = read(p[0], why, sizeof(why) - 1);
+	why[n > 0 ? n : 0] = 0;
+	if (child < 0 || !WIFEXITED(status) || WEXITSTATUS(status))
+		reply_err(sid, C_UNKNOWN, "mount %s at %s in process %d: %s", src, dst, pid,
+			  why[0] ? why : "the helper failed");
+	else
+		reply_ok(sid, NULL);
+out:
+	for (int i = 0; i < 2; i++)
+		if (p[i] >= 0)
+			close(p[i]);
+	if (tree >= 0)
+		close(tree);
+	if (root >= 0)
+		close(root);
+	if (ns >= 0)
+		close(ns);
+}
+
 static void rpc_mount(uint32_t sid, struct fields *f)
 {
 	const char *src = FSTR(f, 1), *dst = FSTR(f, 2), *type = FSTR(f, 3);
+	if (f->v[7]) {
+		mount_into(sid, (int)f->v[7], src, dst, (int)f->v[6],
+			   ((unsigned long)f->v[4] & MS_RDONLY) != 0);
+		return;
+	}
 	if (f->v[6]) {
 		struct stat st;
-		int r;
-		if (*src && !stat(src, &st) && !S_ISDIR(st.st_mode)) {
-			char *copy = strdup(dst);
-			r = mkdirs(dirname(copy), 0755);
-			free(copy);
-			int fd = r ? -1 : open(dst, O_WRONLY | O_CREAT | O_CLOEXEC, 0644);
-			r = fd < 0 ? -1 : close(fd);
-		} else {
-			r = mkdirs(dst, 0755);
-		}
-		if (r) {
+		if (make_target(dst, !*src || stat(src, &st) || S_ISDIR(st.st_mode))) {
 			reply_err(sid, errno_code(errno), "mount: create %s: %s", dst, strerror(errno));
 			return;
 		}
@@ -326,7 +415,7 @@ static const struct method {
 	{"Ping", ""}, {"Spawn", "sRRsBBBBBuu"}, {"Wait", "s"}, {"WaitPid", "i"},
 	{"Signal", "sii"}, {"ReadStream", "suu"}, {"WriteStdin", "sb"}, {"CloseStdin", "s"},
 	{"Resize", "suu"}, {"Release", "s"}, {"ReadFile", "su"}, {"WriteFile", "sbB"},
-	{"WatchFile", "su"}, {"Mount", "sssUsB"}, {"Stacks", ""}, {"Shutdown", ""},
+	{"WatchFile", "su"}, {"Mount", "sssUsBi"}, {"Stacks", ""}, {"Shutdown", ""},
 };
 
 void dispatch(uint32_t sid, const char *method, const uint8_t *p, size_t n, int64_t timeout_ms)

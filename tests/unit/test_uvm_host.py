@@ -266,6 +266,29 @@ def _net_less() -> dict[str, Any]:
     return spec(linux={"sysctl": {"net.ipv4.ip_forward": "1"}})
 
 
+def test_the_probed_machine_and_tsc_reach_qemu(run_root: Path, tmp_path: Path) -> None:
+    """A stock kernel's image was probed on q35: its pods boot there too; the recorded TSC
+    rate goes on the kernel command line (TCG)."""
+    seen: list[qemu.VmConfig] = []
+    inner = fake_qemu("import time; time.sleep(600)")
+
+    def argv(cfg: qemu.VmConfig) -> list[str]:
+        seen.append(cfg)
+        return inner(cfg)
+
+    async def go(reaper: Reaper) -> None:
+        d = image(tmp_path)
+        Path(d, "accel.json").write_text('{"accel": "tcg", "machine": "q35", "tsc_khz": 2500000}')
+        settings = config.Settings(image_dir=d, stop_timeout=0.5)
+        host = UvmHost("p1", "default", _net_less(), reaper, settings,
+                       agent_factory=factory(FakeAgent()), argv_factory=argv)  # fmt: skip
+        await host.create()
+        await host.close()
+
+    run(go)
+    assert seen[0].machine == "q35" and "tsc_early_khz=2500000" in seen[0].cmdline
+
+
 def test_lifecycle_record_wait_close(run_root: Path, tmp_path: Path) -> None:
     agent = FakeAgent(answer_after=0.1)
 

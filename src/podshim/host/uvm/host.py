@@ -244,6 +244,7 @@ class UvmHost:
             tb_size_mb=self.settings.tb_size_mb if accel == "tcg" else None,
             share_dir=self.share_dir,
             tools_dir=tools,
+            machine=qemu.machine(self.settings.image_dir),
             tap=tap,
             mac=mac,
             cmdline=tuple(cmdline),

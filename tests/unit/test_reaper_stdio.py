@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from podshim import errors as errdefs
-from podshim.linux.reaper import Reaper, exit_status
+from podshim.linux.reaper import Reaper, _write_all, exit_status
 from podshim.task.stdio import ProcessIO, fifo_path
 
 
@@ -25,6 +25,26 @@ def test_exit_status_mapping() -> None:
     assert exit_status(0) == 0
     assert exit_status(3 << 8) == 3
     assert exit_status(signal.SIGKILL) == 137
+
+
+def test_input_to_a_child_that_exits_unread() -> None:
+    """A child that exited before reading its stdin: the small input waits in the
+    writer's buffer and the broken pipe surfaces on close (flush), not write. The
+    caller gets the child's status and stderr, never a BrokenPipeError."""
+    r, w = os.pipe()
+    os.close(r)  # the child is gone
+    _write_all(open(w, "wb"), b'{"memory": {}}')  # noqa: SIM115 (it closes it; raised from close())
+
+    async def main() -> None:
+        reaper = Reaper()
+        reaper.start()
+        try:
+            res = await reaper.run(["sh", "-c", "exec 0<&-; echo nope >&2; exit 3"], input=b"x")
+            assert (res.status, res.stderr) == (3, b"nope\n")
+        finally:
+            reaper.stop()
+
+    run(main)
 
 
 def test_run_reports_real_exit_codes_and_output() -> None:

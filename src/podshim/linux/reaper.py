@@ -406,6 +406,9 @@ def _write_all(f: IO[bytes], data: bytes) -> None:
     try:
         f.write(data)
     except BrokenPipeError:
-        pass
+        pass  # the child exited without reading: its status and log say why
     finally:
-        f.close()
+        try:
+            f.close()  # flushes what write() buffered: the same broken pipe can surface here
+        except BrokenPipeError:
+            pass

@@ -11,8 +11,9 @@ their dependencies, from ``modules.dep``) and a small static loader as ``/init``
 (``modload.c``): it loads them, passing the command line's ``virtio_mmio.device=``
 arguments (QEMU's device list) on, and execs the agent.
 
-Slower than the own kernel (boot ~2 s under TCG, measured in the facts file) and without
-``CONFIG_IP_PNP``: the kernel does not configure eth0 from ``ip=``.
+Much slower than the own kernel (TCG boot 5.3 s against 0.40 s, medians of 7 boots
+here; q35 with ACPI and PCI, and modules). The agent configures eth0 itself
+(``podshim.net=``), so its pods have their network as the others do.
 """
 
 from __future__ import annotations

@@ -92,7 +92,9 @@ class FakeHost:
     async def dump_stacks(self) -> str:
         return ""
 
-    async def share(self, host_path: str, guest_path: str, read_only: bool) -> None:
+    async def share(
+        self, host_path: str, guest_path: str, read_only: bool, pid: int = 0
+    ) -> None:
         raise errdefs.FailedPrecondition("fake host cannot share")
 
     async def stats(self) -> any_pb2.Any | None:

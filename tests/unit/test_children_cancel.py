@@ -291,3 +291,36 @@ def test_subprocess_keeps_no_popen_of_ours() -> None:
     run(main)
     active = getattr(subprocess, "_active", None) or []
     assert [p for p in active if p.returncode is None] == []
+
+
+def test_a_runtime_call_cancelled_twice_is_awaited_to_its_end() -> None:
+    """A ttrpc deadline and then the lost connection cancel a Create twice: the second
+    must not end the wait for runc (the undo would look before runc made the container).
+    The first cancellation reaches the call (the reaper's grace), the second does not."""
+    from podshim.task.container import _to_its_end
+
+    async def main() -> None:
+        finished = asyncio.Event()
+        seen: list[str] = []
+
+        async def call() -> int:
+            try:
+                await asyncio.sleep(5)
+            except asyncio.CancelledError:
+                seen.append("cancelled")
+                await asyncio.sleep(0.2)  # the reaper lets the command finish
+                finished.set()
+                raise
+            return 1
+
+        task = asyncio.ensure_future(_to_its_end(call()))
+        await asyncio.sleep(0.05)
+        task.cancel()  # the deadline
+        await asyncio.sleep(0.05)
+        task.cancel()  # the connection
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert finished.is_set() and seen == ["cancelled"]
+        assert await _to_its_end(asyncio.sleep(0, result=7)) == 7
+
+    asyncio.run(main())

@@ -20,7 +20,7 @@ import logging
 import os
 import time
 from collections.abc import Coroutine, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from google.protobuf import any_pb2
 
@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 KILL_ANSWER_WAIT = 5.0
 
 log = logging.getLogger("podshim.container")
+T = TypeVar("T")
 
 
 class Container:
@@ -126,12 +127,14 @@ class Container:
             unlink(pid_file)  # a pid read from it is this Create's
             self._files.mount_rootfs()
             await self.init.io.open()
-            await self.runc.create(
-                self.id,
-                self.bundle,
-                pid_file,
-                self.init.io.child_fds,
-                self.init.io.console_socket,
+            await _to_its_end(
+                self.runc.create(
+                    self.id,
+                    self.bundle,
+                    pid_file,
+                    self.init.io.child_fds,
+                    self.init.io.console_socket,
+                )
             )
             await self.init.io.started()
             self.init.claim(self.ctx.reaper, pid_file, mark)
@@ -267,7 +270,7 @@ class Container:
             p.machine.check(Verb.START)
             if p is self.init:
                 try:
-                    await self.runc.start(self.id)
+                    await _to_its_end(self.runc.start(self.id))
                 except asyncio.CancelledError:  # runc is done: no stray process
                     await self._undo(self._undo_start(), "undoStart")
                     raise
@@ -313,7 +316,9 @@ class Container:
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(self.execs_spec[p.exec_id])
-            await self.runc.exec(self.id, spec_path, pid_file, p.io.child_fds, p.io.console_socket)
+            await _to_its_end(
+                self.runc.exec(self.id, spec_path, pid_file, p.io.child_fds, p.io.console_socket)
+            )
             await p.io.started()
             p.claim(self.ctx.reaper, pid_file, mark)
         except BaseException:
@@ -465,6 +470,24 @@ class Container:
 
     def resize(self, exec_id: str, width: int, height: int) -> None:
         self._proc(exec_id).resize(width, height)
+
+
+async def _to_its_end(call: Coroutine[Any, Any, T]) -> T:
+    """Await a runtime command (create, start, exec) to its end. A cancelled caller gets
+    its CancelledError only then: the first cancellation is passed on (the reaper lets
+    the command finish, killing it after its grace), later ones are absorbed. A call is
+    often cancelled twice (its ttrpc deadline, then the lost connection), and the second
+    used to end the wait early: the undo then looked before runc had made the container,
+    and runc made it after (tests/integration/test_cancelled_calls.py, ~1 run in 7)."""
+    fut = asyncio.ensure_future(call)
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        fut.cancel()
+        while not fut.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait({fut})
+        raise
 
 
 async def create_container(

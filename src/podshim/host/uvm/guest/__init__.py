@@ -17,6 +17,7 @@ This module is light (standard library only): :mod:`podshim.host.uvm.qemu` and
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 #: where ``podshim uvm prepare`` puts the image
@@ -42,3 +43,12 @@ PATCHES = os.path.join(HERE, "patches")
 def patch_files() -> list[str]:
     """The kernel patches of this package, in the order they are applied."""
     return sorted(os.path.join(PATCHES, n) for n in os.listdir(PATCHES) if n.endswith(".patch"))
+
+
+def sha256_file(path: str) -> str:
+    """The hex SHA-256 of a file's contents (the manifest's inputs, the tools' names)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()

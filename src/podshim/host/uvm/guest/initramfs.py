@@ -32,6 +32,7 @@ from typing import BinaryIO
 
 from podshim import errors as errdefs
 from podshim.host.uvm.agentapi import GUEST_TOOLS
+from podshim.host.uvm.guest import sha256_file
 
 __all__ = [
     "BUSYBOX", "CRUN", "DIRS", "LOADED_AGENT", "RUNC", "TOOLS", "Archive", "build_initrd",
@@ -366,7 +367,7 @@ def install_tools(files: dict[str, tuple[str, int | None]], link: str) -> str:
     digest = hashlib.sha256()
     for name in sorted(files):
         src, mode = files[name]
-        digest.update(f"{name}\0{mode}\0{_sha256(src)}\n".encode())
+        digest.update(f"{name}\0{mode}\0{sha256_file(src)}\n".encode())
     target = f"{link}-{digest.hexdigest()[:16]}"
     if not os.path.isdir(target):
         tmp = f"{target}.tmp.{os.getpid()}"
@@ -385,11 +386,3 @@ def install_tools(files: dict[str, tuple[str, int | None]], link: str) -> str:
     os.symlink(os.path.basename(target), new_link)
     os.replace(new_link, link)
     return target
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

@@ -9,13 +9,13 @@ when the way a part is built changes.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from typing import Any
 
 from podshim import __version__
 from podshim.host.uvm import guest
+from podshim.host.uvm.guest import sha256_file
 from podshim.host.uvm.guest.initramfs import BUSYBOX, CRUN
 
 __all__ = [
@@ -36,14 +36,6 @@ INITRD_FORMAT = 2
 AGENT_DIR = os.path.join(os.path.dirname(guest.HERE), "agent")
 
 Manifest = dict[str, Any]
-
-
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def kernel_inputs(source: str | None = None) -> Manifest:

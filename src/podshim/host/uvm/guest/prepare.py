@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 
 from podshim import errors as errdefs
-from podshim.host.uvm import guest
+from podshim.host.uvm import guest, qemu
 from podshim.host.uvm.guest import initramfs, kernel, manifest, probe, stock, tsc
 
 __all__ = ["KVM_PROBE_TIMEOUT", "TCG_PROBE_TIMEOUT", "prepare", "probe_accel"]
@@ -58,12 +58,8 @@ def _write_json(path: str, value: dict[str, object]) -> None:
 
 def qemu_accel_current(directory: str) -> bool:
     """Whether accel.json is there and of this version (it says what became of the TSC)."""
-    try:
-        with open(os.path.join(directory, guest.ACCEL), encoding="utf-8") as f:
-            rec = json.load(f)
-    except (OSError, ValueError):
-        return False
-    return isinstance(rec, dict) and ("tsc_khz" in rec or "tsc_why" in rec)
+    rec = qemu.read_accel(directory)  # {} when missing or unreadable
+    return "tsc_khz" in rec or "tsc_why" in rec
 
 
 def probe_accel(directory: str, log: Log, machine: str = "microvm") -> dict[str, object]:
@@ -140,7 +136,7 @@ def _prepare_locked(
         extra = {
             "release": sk.release,
             "modules": modules,
-            "modload": manifest.sha256_file(stock.LOADER_SOURCE),
+            "modload": guest.sha256_file(stock.LOADER_SOURCE),
         }
         iin = manifest.initrd_inputs(initramfs.RUNC, extra)
     kernel_ok = not force and manifest.current(directory, "kernel", kin)

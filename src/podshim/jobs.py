@@ -27,6 +27,24 @@ log = logging.getLogger("podshim.jobs")
 OnFailure = Callable[[BaseException, str], None]
 
 
+async def wait_through_cancels(fut: asyncio.Future[Any], timeout: float | None = None) -> bool:
+    """Wait up to ``timeout`` (None: no limit) for ``fut``, however often the caller is
+    cancelled meanwhile; whether it is done. For a caller that was cancelled while a
+    command it started runs: it must see the command end before it undoes the command's
+    work (a call is often cancelled twice: its ttrpc deadline, then the lost connection)."""
+    loop = asyncio.get_running_loop()
+    end = None if timeout is None else loop.time() + timeout
+    while not fut.done():
+        left = None if end is None else end - loop.time()
+        if left is not None and left <= 0:
+            break
+        try:
+            await asyncio.wait({fut}, timeout=left)
+        except asyncio.CancelledError:
+            pass
+    return fut.done()
+
+
 def _log_failure(exc: BaseException, name: str) -> None:
     log.error("background job %s failed", name, exc_info=exc)
 

@@ -324,3 +324,25 @@ def test_a_runtime_call_cancelled_twice_is_awaited_to_its_end() -> None:
         assert await _to_its_end(asyncio.sleep(0, result=7)) == 7
 
     asyncio.run(main())
+
+
+def test_wait_through_cancels() -> None:
+    """The one wait both runtime drivers use after a cancel (runc on the host, and in
+    the guest through the agent): cancellations do not end it, its timeout does."""
+    from podshim.jobs import wait_through_cancels
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[int] = loop.create_future()
+        loop.call_later(0.3, fut.set_result, 1)
+        waiter = asyncio.ensure_future(wait_through_cancels(fut))
+        for _ in range(3):
+            await asyncio.sleep(0.05)
+            waiter.cancel()
+        assert await waiter is True and fut.done()
+        never: asyncio.Future[int] = loop.create_future()
+        t0 = loop.time()
+        assert await wait_through_cancels(never, 0.2) is False
+        assert loop.time() - t0 >= 0.2
+
+    asyncio.run(main())

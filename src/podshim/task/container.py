@@ -29,6 +29,7 @@ from podshim import tracing
 from podshim.api.events import task_pb2 as ev
 from podshim.api.types import mount_pb2
 from podshim.cgroups.stats import metrics_for_pid, pack
+from podshim.jobs import wait_through_cancels
 from podshim.linux.reaper import Exit
 from podshim.logs import TaskLogger
 from podshim.oci import bundle as files
@@ -484,9 +485,7 @@ async def _to_its_end(call: Coroutine[Any, Any, T]) -> T:
         return await asyncio.shield(fut)
     except asyncio.CancelledError:
         fut.cancel()
-        while not fut.done():
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait({fut})
+        await wait_through_cancels(fut)
         raise
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from podshim import errors as errdefs
 from podshim.host.uvm.agentapi import STDERR, STDOUT, AgentApi, SpawnSpec
+from podshim.jobs import wait_through_cancels
 from podshim.oci.runc import last_error, runtime_error
 
 #: how long a cancelled command is let finish before it is killed
@@ -86,19 +87,17 @@ class GuestRunc:
     async def finish(self, spec: SpawnSpec, release: bool = True) -> Outcome:
         """Spawn ``spec``, wait for its end and (``release``) read what it captured and
         release its key; its status and output. Without ``release`` the key stays (runc
-        create and exec: its stdio are the container process's now). Cancelled, the
-        command is let finish first."""
+        create and exec: its stdio are the container process's now). Cancelled (however
+        often), the command is let finish first, killed after CANCEL_GRACE."""
         await self.agent.spawn(spec)
         job = asyncio.ensure_future(self._outcome(spec) if release else self._status(spec))
         try:
             return await asyncio.shield(job)
-        except asyncio.CancelledError:
-            with contextlib.suppress(asyncio.CancelledError):  # cancelled again: stop
-                await asyncio.wait({job}, timeout=CANCEL_GRACE)
-                if not job.done():
-                    with contextlib.suppress(errdefs.ShimError):
-                        await self.agent.signal(9, key=spec.key)
-                    await asyncio.wait({job})
+        except asyncio.CancelledError:  # however often: the undo must see the command end
+            if not await wait_through_cancels(job, CANCEL_GRACE):
+                with contextlib.suppress(errdefs.ShimError, asyncio.CancelledError):
+                    await self.agent.signal(9, key=spec.key)
+                await wait_through_cancels(job)
             raise
 
     async def _status(self, spec: SpawnSpec) -> Outcome:
